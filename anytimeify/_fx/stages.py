@@ -1,0 +1,188 @@
+"""Stage discovery: where in a traced graph the early exits go.
+
+A *boundary* is a set of tensor nodes that together are a stage's output: one node for a
+ResNet-like stage, one per branch for an HRNet stage. Boundaries are named either by a module's
+qualified name (all tensors that leave that module) or by a graph node name (that one tensor);
+:func:`anytimeify.inspect` lists both kinds and :func:`anytimeify.convert` accepts both.
+
+Adapters decide what ``exits="stages"`` means for a model family; they live in one registry,
+first match wins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+__all__ = ["Boundary", "register_stage_adapter", "module_boundary", "node_boundary",
+           "candidate_boundaries", "resolve_exits", "StageAdapter"]
+
+
+@dataclass
+class Boundary:
+    """A stage output where an exit can be attached.
+
+    Attributes:
+        name: the name ``convert(exits=[...])`` accepts (module path or node name).
+        nodes: the tensors leaving the stage, in branch order.
+        shapes: their shapes at the probe input.
+        stride: input size / size of the first (highest-resolution) tensor.
+    """
+
+    name: str
+    nodes: List[fx.Node]
+    shapes: List[Tuple[int, ...]] = field(default_factory=list)
+    stride: float = 1.0
+
+    @property
+    def channels(self) -> List[int]:
+        return [s[1] for s in self.shapes]
+
+    @property
+    def last(self) -> fx.Node:
+        """The boundary node that comes last in execution order."""
+        order = {n: i for i, n in enumerate(self.nodes[0].graph.nodes)}
+        return max(self.nodes, key=order.__getitem__)
+
+
+def _is_tensor_node(node: fx.Node) -> bool:
+    val = node.meta.get("tensor_meta")
+    return val is not None and hasattr(val, "shape") and len(val.shape) == 4
+
+
+def _inside(node: fx.Node, path: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    if node.op == "call_module" and (node.target == path or str(node.target).startswith(path + ".")):
+        return True
+    return path in stack
+
+
+def module_boundary(gm: fx.GraphModule, path: str) -> Optional[Boundary]:
+    """The tensors that leave module ``path`` (None if none does, or it is never called)."""
+    outputs = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr") or not _inside(node, path):
+            continue
+        if any(not _inside(user, path) for user in node.users) and _is_tensor_node(node):
+            outputs.append(node)
+    if not outputs:
+        return None
+    return _with_shapes(gm, Boundary(path, outputs))
+
+
+def node_boundary(gm: fx.GraphModule, name: str) -> Optional[Boundary]:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return _with_shapes(gm, Boundary(name, [node])) if _is_tensor_node(node) else None
+    return None
+
+
+def _with_shapes(gm: fx.GraphModule, b: Boundary) -> Boundary:
+    b.shapes = [tuple(n.meta["tensor_meta"].shape) for n in b.nodes]
+    # branch order: highest resolution first, then graph order (stable)
+    pairs = sorted(zip(b.nodes, b.shapes), key=lambda p: -p[1][-1] * p[1][-2])
+    b.nodes = [p[0] for p in pairs]
+    b.shapes = [p[1] for p in pairs]
+    in_h = gm.meta["input_shape"][-2]
+    b.stride = in_h / b.shapes[0][-2]
+    return b
+
+
+# -- adapters ------------------------------------------------------------------------------------
+
+StageAdapter = Callable[[nn.Module, fx.GraphModule], Optional[List[str]]]
+_ADAPTERS: List[Tuple[str, StageAdapter]] = []
+
+
+def register_stage_adapter(name: str) -> Callable[[StageAdapter], StageAdapter]:
+    """Decorator: register ``fn(model, graph_module) -> list of boundary names or None``.
+
+    Adapters are tried newest first; the first that returns a list decides ``exits="stages"``.
+    """
+
+    def deco(fn: StageAdapter) -> StageAdapter:
+        _ADAPTERS.insert(0, (name, fn))
+        return fn
+
+    return deco
+
+
+_HRNET_CHILDREN = ("layer1", "transition1", "stage2", "transition2", "stage3", "transition3", "stage4")
+
+
+@register_stage_adapter("hrnet")
+def _hrnet_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
+    """HRNet: after ``layer1``, ``stage2`` and ``stage3`` (timm's feature_info names are placeholders)."""
+    children = dict(model.named_children())
+    if all(name in children for name in _HRNET_CHILDREN):
+        return ["layer1", "stage2", "stage3"]
+    return None
+
+
+def stage_adapter_for(model: nn.Module, gm: fx.GraphModule) -> Tuple[str, List[str]]:
+    for name, fn in _ADAPTERS:
+        picked = fn(model, gm)
+        if picked is not None:
+            return name, picked
+    raise ValueError(
+        f"no stage adapter recognises {type(model).__name__}; pass explicit boundary names, e.g. "
+        f"convert(model, exits=[...]) with names from anytimeify.inspect(model)"
+    )
+
+
+def candidate_boundaries(gm: fx.GraphModule, max_depth: int = 2) -> List[Boundary]:
+    """Module boundaries of every module up to ``max_depth`` levels below the root, in graph order."""
+    seen = set()
+    found = []
+    for name, _ in gm.named_modules():
+        if not name or name.count(".") >= max_depth or name in seen:
+            continue
+        seen.add(name)
+        b = module_boundary(gm, name)
+        if b is not None:
+            found.append(b)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found.sort(key=lambda b: order[b.last])
+    return found
+
+
+def resolve_exits(model: nn.Module, gm: fx.GraphModule, exits) -> List[Boundary]:
+    """Turn ``exits`` ("stages" or a list of names) into boundaries, in execution order."""
+    if isinstance(exits, str):
+        if exits != "stages":
+            raise ValueError(f"exits must be 'stages' or a list of boundary names, got {exits!r}")
+        _, names = stage_adapter_for(model, gm)
+    else:
+        names = list(exits)
+        if not names:
+            raise ValueError("exits is an empty list; name at least one boundary")
+    boundaries = []
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"exit names must be strings, got {name!r}")
+        b = module_boundary(gm, name) if _is_module(gm, name) else node_boundary(gm, name)
+        if b is None:
+            valid = [c.name for c in candidate_boundaries(gm)]
+            raise ValueError(
+                f"{name!r} is not a stage boundary of {type(model).__name__}. Valid module boundaries: "
+                f"{', '.join(valid)}; any 4-D tensor node name is accepted too. "
+                f"anytimeify.inspect(model) lists them with shapes."
+            )
+        boundaries.append(b)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    boundaries.sort(key=lambda b: order[b.last])
+    for a, b in zip(boundaries, boundaries[1:]):
+        if a.last is b.last:
+            raise ValueError(f"exits {a.name!r} and {b.name!r} end at the same node; name each stage once")
+    return boundaries
+
+
+def _is_module(gm: fx.GraphModule, name: str) -> bool:
+    try:
+        gm.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

@@ -1,0 +1,274 @@
+"""``convert()``: trace a dense-prediction model, attach early exits at its stage boundaries, split it.
+
+The pass, in order: deep-copy the model, trace it with torch.fx (train and eval graphs), run a
+probe input through the graph to learn shapes, resolve the exit boundaries, insert one exit
+module right after each boundary's last node, make the graph return every exit, then split the
+graph at the exits into segments for :meth:`AnytimeModel.anytime`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ._fx.split import split_graph
+from ._fx.stages import Boundary, candidate_boundaries, resolve_exits, stage_adapter_for
+from ._fx.trace import LeafSpec, trace
+from .exits import HEAD_KINDS, Exit, original_head, redesigned_head
+from .model import AnytimeModel, Program
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["convert", "inspect", "Candidate"]
+
+DEFAULT_PROBE = (1, 3, 256, 256)
+
+
+def _probe_shape(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    if input_size is None:
+        return DEFAULT_PROBE
+    size = tuple(int(s) for s in input_size)
+    if len(size) == 2:
+        size = (1, 3) + size
+    if len(size) != 4 or min(size) <= 0:
+        raise ValueError(f"input_size must be (H, W) or (B, C, H, W) with positive sizes, got {input_size!r}")
+    return size
+
+
+def _traced(model: nn.Module, leaf_modules, autowrap_functions, training: bool) -> fx.GraphModule:
+    was = model.training
+    model.train(training)
+    try:
+        return trace(model, leaf_modules, autowrap_functions)
+    finally:
+        model.train(was)
+
+
+def _propagate_shapes(model: nn.Module, gm: fx.GraphModule, probe: Tuple[int, ...]) -> None:
+    """Record every node's shape at the probe input (``node.meta["tensor_meta"]``)."""
+    gm.meta["input_shape"] = probe
+    was = gm.training
+    gm.eval()  # probe without touching BN statistics
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.randn(probe, device=device, dtype=dtype)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(x)
+    except Exception as err:
+        raise ValueError(
+            f"{type(model).__name__} failed on a probe input of shape {probe}: {type(err).__name__}: {err}. "
+            f"Pass input_size=(H, W) with a size the model accepts."
+        ) from err
+    finally:
+        gm.train(was)
+
+
+def _output_node(gm: fx.GraphModule) -> Tuple[fx.Node, fx.Node]:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out.args[0]
+    if not isinstance(value, fx.Node):
+        raise TypeError(
+            "convert() needs a model whose forward returns one tensor of logits; this one returns "
+            f"{type(value).__name__}. Wrap it in a module that returns the logits tensor."
+        )
+    return out, value
+
+
+def _input_divisor(model: nn.Module, gm: fx.GraphModule, boundaries: List[Boundary], depths: List[int]) -> int:
+    declared = getattr(model, "input_divisor", None)
+    if isinstance(declared, int) and declared > 0:
+        divisor = declared
+    else:
+        in_h = gm.meta["input_shape"][-2]
+        divisor = 1
+        for node in gm.graph.nodes:
+            meta = node.meta.get("tensor_meta")
+            if meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4 and meta.shape[-2] > 0:
+                stride = in_h / meta.shape[-2]
+                divisor = max(divisor, 2 ** max(0, round(math.log2(stride))))
+    for b, depth in zip(boundaries, depths):
+        divisor = max(divisor, int(round(b.stride)) * 2 ** depth)
+    return divisor
+
+
+def _default_width(model: nn.Module) -> int:
+    return int(getattr(model, "default_exit_width", 64))
+
+
+def _insert_exits(gm: fx.GraphModule, boundaries: List[Boundary], num_classes: int, head: str,
+                  width: int, out_hw: Tuple[int, int], align_corners: bool) -> Tuple[nn.ModuleList, List[fx.Node], List[dict]]:
+    n_exits = len(boundaries) + 1
+    exits = nn.ModuleList()
+    nodes, info = [], []
+    for i, b in enumerate(boundaries):
+        channels = sum(b.channels)
+        depth = n_exits - (i + 1) if head == "redesigned" else 0
+        layers = (redesigned_head(channels, num_classes, width, depth, align_corners)
+                  if head == "redesigned" else original_head(channels, num_classes))
+        fused_hw = b.shapes[0][-2:]
+        scale = None
+        if tuple(fused_hw) != tuple(out_hw):
+            scale = (out_hw[0] / fused_hw[0], out_hw[1] / fused_hw[1])
+        exits.append(Exit(layers, head, depth, align_corners, scale))
+        info.append({"name": b.name, "channels": b.channels, "stride": b.stride, "depth": depth})
+    gm.add_module("exits", exits)
+    for i, b in enumerate(boundaries):
+        with gm.graph.inserting_after(b.last):
+            nodes.append(gm.graph.call_module(f"exits.{i}", args=(list(b.nodes),)))
+    return exits, nodes, info
+
+
+def _build_program(gm: fx.GraphModule, exit_nodes: List[fx.Node], final: fx.Node,
+                   out_node: fx.Node) -> Program:
+    results = list(exit_nodes) + [final]
+    out_node.args = (tuple(results),)
+    gm.graph.lint()
+    gm.recompile()
+    segment_of: Dict[fx.Node, int] = {}
+    seg = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        segment_of[node] = seg
+        if node in exit_nodes:
+            seg += 1
+    segments = split_graph(gm, gm.graph, segment_of, results)
+    input_name = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    return Program(gm, segments, input_name, [n.name for n in results], [(None, None)] * len(results))
+
+
+def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head: str = "redesigned",
+            width: Optional[int] = None, *, input_size: Optional[Sequence[int]] = None,
+            leaf_modules: Sequence[LeafSpec] = (), autowrap_functions: Sequence[Callable] = (),
+            align_corners: Optional[bool] = None, inplace: bool = False) -> AnytimeModel:
+    """Turn a dense-prediction network into an anytime model with early exits.
+
+    Args:
+        model: a module whose forward takes an image batch ``(B, C, H, W)`` and returns logits
+            ``(B, classes, h, w)``.
+        exits: ``"stages"`` (the stage boundaries found by the model family's adapter) or a list
+            of boundary names: module qualified names or graph node names, as
+            :func:`anytimeify.inspect` lists them.
+        head: ``"redesigned"`` (encoder-decoder exits with D = N - i pool-conv steps) or
+            ``"original"`` (1x1 conv, BN, ReLU, 1x1 classifier).
+        width: channel width of redesigned heads; default: the model's ``default_exit_width``
+            (128 for HRNet-W48, 64 otherwise).
+        input_size: ``(H, W)`` or ``(B, C, H, W)`` of a probe input the model accepts
+            (default 256x256); it only serves to learn shapes.
+        leaf_modules: module classes or qualified names not to trace through.
+        autowrap_functions: free functions to keep as single graph nodes.
+        align_corners: for the exits' bilinear resizing; default: the model's ``align_corners``
+            attribute, else True.
+        inplace: reuse ``model``'s modules instead of a deep copy.
+
+    Returns:
+        An :class:`AnytimeModel` with ``len(exits) + 1`` exits, the last being the model's own head.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    if head not in HEAD_KINDS:
+        raise ValueError(f"head must be one of {HEAD_KINDS}, got {head!r}")
+    if width is not None and (not isinstance(width, int) or width <= 0):
+        raise ValueError(f"width must be a positive int, got {width!r}")
+    base = model if inplace else copy.deepcopy(model)
+    probe = _probe_shape(base, input_size)
+    if align_corners is None:
+        align_corners = bool(getattr(base, "align_corners", True))
+    width = width or _default_width(base)
+
+    programs: Dict[bool, Program] = {}
+    exit_modules = None
+    info: List[dict] = []
+    divisor = 1
+    graphs = {mode: _traced(base, leaf_modules, autowrap_functions, mode) for mode in (False, True)}
+    if graphs[True].code == graphs[False].code:
+        del graphs[True]
+    else:
+        _logger.info("%s traces differently in train and eval mode; keeping both graphs", type(base).__name__)
+    for training, gm in graphs.items():
+        _propagate_shapes(base, gm, probe)
+        out_node, final = _output_node(gm)
+        out_shape = final.meta["tensor_meta"].shape
+        if len(out_shape) != 4:
+            raise TypeError(f"the model's output must be (B, classes, h, w) logits, got shape {tuple(out_shape)}")
+        boundaries = resolve_exits(base, gm, exits)
+        if exit_modules is None:
+            exit_modules, nodes, info = _insert_exits(
+                gm, boundaries, out_shape[1], head, width, tuple(out_shape[-2:]), align_corners)
+            depths = [e["depth"] for e in info]
+            divisor = _input_divisor(base, gm, boundaries, depths)
+        else:
+            gm.add_module("exits", exit_modules)
+            nodes = []
+            for i, b in enumerate(boundaries):
+                with gm.graph.inserting_after(b.last):
+                    nodes.append(gm.graph.call_module(f"exits.{i}", args=(list(b.nodes),)))
+        programs[training] = _build_program(gm, nodes, final, out_node)
+    if True not in programs:
+        programs[True] = programs[False]
+
+    modules = dict(base.named_children())
+    modules["exits"] = exit_modules
+    in_channels = probe[1]
+    converted = AnytimeModel(programs, modules, input_divisor=divisor, in_channels=in_channels,
+                             exit_info=info + [{"name": "output", "channels": [], "stride": None, "depth": 0}],
+                             base_class=type(base).__name__)
+    converted.train(base.training)
+    return converted
+
+
+@dataclass
+class Candidate:
+    """A place where an exit can go, as :func:`inspect` reports it."""
+
+    name: str
+    kind: str  # "module" or "node"
+    shapes: List[Tuple[int, ...]]
+    channels: List[int]
+    stride: float
+    picked: bool
+
+    def __str__(self) -> str:
+        mark = "*" if self.picked else " "
+        shapes = ", ".join("x".join(map(str, s[1:])) for s in self.shapes)
+        return f"{mark} {self.name:<40} {self.kind:<6} stride {self.stride:g}  [{shapes}]"
+
+
+def inspect(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, nodes: bool = False,
+            leaf_modules: Sequence[LeafSpec] = (), autowrap_functions: Sequence[Callable] = ()) -> List[Candidate]:
+    """List the stage boundaries of ``model`` in the names :func:`convert` accepts.
+
+    Args:
+        model: the base model.
+        input_size: probe input size, as for :func:`convert`.
+        nodes: also list every 4-D tensor node of the graph (long for big models).
+
+    Returns:
+        Candidates in execution order; ``picked`` marks what ``exits="stages"`` chooses.
+    """
+    probe = _probe_shape(model, input_size)
+    gm = _traced(model, leaf_modules, autowrap_functions, model.training)
+    _propagate_shapes(model, gm, probe)
+    try:
+        _, picked = stage_adapter_for(model, gm)
+    except ValueError:
+        picked = []
+    found = [Candidate(b.name, "module", b.shapes, b.channels, b.stride, b.name in picked)
+             for b in candidate_boundaries(gm)]
+    if nodes:
+        from ._fx.stages import node_boundary
+
+        for node in gm.graph.nodes:
+            b = node_boundary(gm, node.name) if node.op not in ("placeholder", "output") else None
+            if b is not None:
+                found.append(Candidate(b.name, "node", b.shapes, b.channels, b.stride, b.name in picked))
+    return found

@@ -1,0 +1,111 @@
+"""Early-exit heads: input fusion of a stage's branches, then an "original" or "redesigned" head.
+
+The layer order of both heads follows the reference implementation of ADP-C exactly (an
+``nn.Sequential`` whose indices are the checkpoint's), so its checkpoints map onto these modules by
+renaming ``exit{k}.`` to ``exits.{k-1}.``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Exit", "original_head", "redesigned_head", "HEAD_KINDS"]
+
+HEAD_KINDS = ("original", "redesigned")
+
+
+class Upsample2x(nn.Module):
+    """Bilinear x2 upsampling of a redesigned head's up step."""
+
+    def __init__(self, align_corners: bool = True):
+        super().__init__()
+        self.align_corners = align_corners
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=self.align_corners)
+
+    def extra_repr(self) -> str:
+        return f"align_corners={self.align_corners}"
+
+
+def original_head(in_channels: int, num_classes: int) -> List[nn.Module]:
+    """The "original" exit (EE): 1x1 conv C->C + BN + ReLU + 1x1 classifier, all at full exit resolution."""
+    return [
+        nn.Conv2d(in_channels, in_channels, 1, bias=True),
+        nn.BatchNorm2d(in_channels),
+        nn.ReLU(inplace=False),
+        nn.Conv2d(in_channels, num_classes, 1, bias=True),
+    ]
+
+
+def redesigned_head(in_channels: int, num_classes: int, width: int, depth: int,
+                    align_corners: bool = True) -> List[nn.Module]:
+    """The "redesigned" exit (RH): ``depth`` pool-conv down steps, then ``depth`` upsample-conv up steps.
+
+    Down step: 2x2 average pooling (stride 2), 1x1 conv, BN, ReLU (the first conv maps
+    ``in_channels`` to ``width``). Up step: bilinear x2, 1x1 conv, and BN + ReLU for every up step
+    but the last, whose conv is the classifier.
+    """
+    if depth < 1:
+        raise ValueError(f"a redesigned head needs at least one down step, got depth={depth}")
+    layers: List[nn.Module] = []
+    channels = in_channels
+    for _ in range(depth):
+        layers += [nn.AvgPool2d(2, 2), nn.Conv2d(channels, width, 1, bias=True),
+                   nn.BatchNorm2d(width), nn.ReLU(inplace=False)]
+        channels = width
+    for step in range(depth):
+        last = step == depth - 1
+        layers += [Upsample2x(align_corners), nn.Conv2d(width, num_classes if last else width, 1, bias=True)]
+        if not last:
+            layers += [nn.BatchNorm2d(width), nn.ReLU(inplace=False)]
+    return layers
+
+
+class Exit(nn.Sequential):
+    """An early exit: fuse the stage's feature maps, run the head, return logits.
+
+    Fusion upsamples every input bilinearly to the first (highest-resolution) input's size and
+    concatenates along channels, as the HRNetV2 head does. When ``output_size_from_input`` is set,
+    the logits are resized to the model's output resolution (a fixed ratio of the input size).
+
+    Args:
+        layers: the head's layers (see :func:`original_head`, :func:`redesigned_head`).
+        kind: ``"original"`` or ``"redesigned"``.
+        depth: the number of down steps D (0 for an original head).
+        align_corners: ``align_corners`` of the bilinear fusion.
+        output_scale: output size as a fraction of the fused input size, if not 1.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], kind: str, depth: int, align_corners: bool = True,
+                 output_scale: Optional[Tuple[float, float]] = None):
+        super().__init__(*layers)
+        self.kind = kind
+        self.depth = depth
+        self.align_corners = align_corners
+        self.output_scale = output_scale
+
+    def fuse(self, features: List[torch.Tensor]) -> torch.Tensor:
+        if len(features) == 1:
+            return features[0]
+        size = features[0].shape[-2:]
+        ups = [features[0]] + [
+            F.interpolate(f, size=size, mode="bilinear", align_corners=self.align_corners)
+            for f in features[1:]
+        ]
+        return torch.cat(ups, dim=1)
+
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        x = self.fuse(list(features))
+        for layer in self:
+            x = layer(x)
+        if self.output_scale is not None:
+            x = F.interpolate(x, scale_factor=self.output_scale, mode="bilinear",
+                              align_corners=self.align_corners)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, depth={self.depth}"

@@ -1,0 +1,114 @@
+"""FLOP counting with fvcore, per exit and cumulative, in GMACs and in the paper's unit.
+
+Convention (REFERENCE.md §4, the ADP-C paper's): multiply-accumulates of convolutions and linear
+layers (matrix products included), bias excluded; batch norm, pooling, resizing and softmax are
+not counted. ``gmacs`` = MACs / 1e9; ``paper_gflops`` = MACs / 2**30. Exit k's figure counts
+everything executed up to exit k's logits, earlier exits included.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["flops", "count_macs", "FlopReport", "ExitFlops", "PAPER_UNIT", "COUNTED_OPS"]
+
+PAPER_UNIT = 2 ** 30
+#: fvcore operator names that count: convolutions and linear maps
+COUNTED_OPS = ("conv", "linear", "addmm", "matmul", "bmm", "einsum")
+
+
+@dataclass
+class ExitFlops:
+    """Cumulative cost up to one exit."""
+
+    exit: int
+    macs: int
+    gmacs: float
+    paper_gflops: float
+
+
+@dataclass
+class FlopReport:
+    """Per-exit cumulative FLOPs of a model at one input size."""
+
+    model: str
+    input: List[int]
+    exits: List[ExitFlops]
+    params: int
+    base_paper_gflops: Optional[float] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+def count_macs(module: nn.Module, inputs: Tuple) -> int:
+    """MACs of one call of ``module`` on ``inputs`` by fvcore, conv and linear ops only."""
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(module, inputs)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    by_op = analysis.by_operator()
+    return int(sum(v for k, v in by_op.items() if k in COUNTED_OPS))
+
+
+def _input(x: Union[torch.Tensor, Sequence[int]], device, dtype) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    size = tuple(int(s) for s in x)
+    if len(size) == 2:
+        size = (1, 3) + size
+    if len(size) != 4 or min(size) <= 0:
+        raise ValueError(f"input must be a tensor, (H, W) or (B, C, H, W); got {x!r}")
+    return torch.randn(size, device=device, dtype=dtype)
+
+
+def flops(model: nn.Module, x: Union[torch.Tensor, Sequence[int]], name: Optional[str] = None) -> FlopReport:
+    """Count per-exit cumulative MACs of ``model`` on input ``x`` (a tensor or a size).
+
+    For an :class:`~anytimeify.AnytimeModel` every segment is counted separately on the values it
+    really receives; for any other module, the whole forward is one exit.
+    """
+    from .model import AnytimeModel
+
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    x = _input(x, device, dtype)
+    params = sum(q.numel() for q in model.parameters())
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(model, AnytimeModel):
+                model.check_input(x)
+                per_segment = _segment_macs(model, x)
+            else:
+                per_segment = [count_macs(model, (x,))]
+    finally:
+        model.train(was)
+    exits, total = [], 0
+    for i, macs in enumerate(per_segment):
+        total += macs
+        exits.append(ExitFlops(i + 1, total, total / 1e9, total / PAPER_UNIT))
+    return FlopReport(name or type(model).__name__, list(x.shape), exits, params)
+
+
+def _segment_macs(model, x: torch.Tensor) -> List[int]:
+    program = model.program
+    env = {program.input_name: x}
+    counts = []
+    for seg in program.segments:
+        args = tuple(env[n] for n in seg.inputs)
+        counts.append(count_macs(seg.module, args))
+        env.update(zip(seg.outputs, seg.module(*args)))
+    return counts

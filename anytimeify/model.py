@@ -1,0 +1,195 @@
+"""The converted model: ``forward`` returns every exit, ``anytime`` yields them one by one."""
+from __future__ import annotations
+
+import contextvars
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ._fx.split import Segment
+
+__all__ = ["AnytimeModel", "ExitOutput", "Program"]
+
+
+@dataclass
+class ExitOutput:
+    """One prediction of the anytime progression.
+
+    Attributes:
+        index: exit number, 1-based (the last exit is the model's own head).
+        logits: the exit's prediction (after copy aggregation when confidence adaptivity is on).
+        elapsed: seconds since ``anytime()`` started computing, up to this exit's logits.
+        macs: cumulative conv and linear multiply-accumulates executed up to this exit (bias
+            excluded, the paper's convention), for the whole batch.
+        mask: the "computed" mask this exit produced for the next segment (confidence
+            adaptivity only), ``(B, 1, h, w)`` bool at the logits' resolution, True = computed.
+        skipped: fraction of positions this exit marks confident (0.0 without confidence adaptivity).
+    """
+
+    index: int
+    logits: torch.Tensor
+    elapsed: float
+    macs: int
+    mask: Optional[torch.Tensor] = None
+    skipped: float = 0.0
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+
+# MACs executed by the segment running now; a context variable keeps interleaved generators apart
+_LEDGER: contextvars.ContextVar[Optional[List[int]]] = contextvars.ContextVar("anytimeify_ledger", default=None)
+
+
+def _conv_linear_hook(module: nn.Module, args, output) -> None:
+    ledger = _LEDGER.get()
+    if ledger is None or not isinstance(output, torch.Tensor):
+        return
+    if isinstance(module, nn.Conv2d):
+        w = module.weight
+        ledger[0] += output.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+    elif isinstance(module, nn.Linear):
+        ledger[0] += output.numel() * module.in_features
+
+
+def add_macs(macs: int) -> None:
+    """Report MACs executed outside plain Conv2d / Linear modules (masked convolutions)."""
+    ledger = _LEDGER.get()
+    if ledger is not None:
+        ledger[0] += int(macs)
+
+
+@dataclass
+class Program:
+    """A traced graph and its sequential split, for one of train / eval mode."""
+
+    graph_module: fx.GraphModule
+    segments: List[Segment]
+    input_name: str
+    exit_names: List[str]
+    extra_names: List[Tuple[Optional[str], Optional[str]]]  # per exit: (mask name, skipped name)
+
+
+class AnytimeModel(nn.Module):
+    """A dense-prediction network with early exits, made by :func:`anytimeify.convert`.
+
+    Its parameters and buffers keep the base model's names; exits add ``exits.<i>.*``.
+    ``forward(x)`` returns the logits of every exit as a tuple (for training and export);
+    ``anytime(x)`` yields one :class:`ExitOutput` per exit and computes nothing beyond the exit
+    the consumer last asked for.
+    """
+
+    def __init__(self, programs: Dict[bool, Program], modules: Dict[str, nn.Module], *,
+                 input_divisor: int, in_channels: int, exit_info: Sequence[dict],
+                 base_class: str):
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+        # the programs share this model's modules but must not register them a second time
+        object.__setattr__(self, "_programs", programs)
+        self.input_divisor = input_divisor
+        self.in_channels = in_channels
+        self.exit_info = list(exit_info)
+        self.base_class = base_class
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and type(module) in (nn.Conv2d, nn.Linear):
+                module.register_forward_hook(_conv_linear_hook)
+
+    # -- introspection -------------------------------------------------------------------------
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_info)
+
+    @property
+    def program(self) -> Program:
+        return self._programs[self.training] if self.training in self._programs else self._programs[False]
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The single graph whose forward returns every exit (for export and inspection)."""
+        return self.program.graph_module
+
+    @property
+    def segments(self) -> List[Segment]:
+        return self.program.segments
+
+    def extra_repr(self) -> str:
+        names = ", ".join(e["name"] for e in self.exit_info)
+        return f"base={self.base_class}, exits=[{names}]"
+
+    # -- execution -----------------------------------------------------------------------------
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError that says what to do when ``x`` is not an input this model takes."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected an image tensor of shape (B, {self.in_channels}, H, W), got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected an input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"expected a floating-point input, got dtype {x.dtype}; convert it with x.float()")
+        h, w = x.shape[-2:]
+        d = self.input_divisor
+        if h % d or w % d or h == 0 or w == 0:
+            fix_h, fix_w = max(d, -(-h // d) * d), max(d, -(-w // d) * d)
+            raise ValueError(
+                f"input size {h}x{w} is not supported: height and width must be positive multiples of "
+                f"{d} for this model (its stages and exits halve the resolution down to 1/{d}). "
+                f"Pad or resize the input, e.g. to {fix_h}x{fix_w}."
+            )
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Logits of every exit, in order (the last is the base model's own output)."""
+        self.check_input(x)
+        return self.program.graph_module(x)
+
+    def anytime(self, x: torch.Tensor) -> Iterator[ExitOutput]:
+        """Yield one :class:`ExitOutput` per exit; stop iterating to skip the rest of the network.
+
+        The work of exit k+1 starts only when the consumer asks for it, so a consumer that breaks
+        after exit k never runs the later segments. Wrap the loop in ``torch.no_grad()`` for
+        inference.
+        """
+        self.check_input(x)
+        return self._anytime(x, self.program)
+
+    def _anytime(self, x: torch.Tensor, program: Program) -> Iterator[ExitOutput]:
+        env: Dict[str, object] = {program.input_name: x}
+        macs = 0
+        elapsed = 0.0
+        for seg in program.segments:
+            ledger = [0]
+            token = _LEDGER.set(ledger)
+            start = time.perf_counter()
+            try:
+                values = seg.module(*[env[name] for name in seg.inputs])
+            finally:
+                _LEDGER.reset(token)
+            elapsed += time.perf_counter() - start
+            env.update(zip(seg.outputs, values))
+            macs += ledger[0]
+            mask_name, skipped_name = program.extra_names[seg.index]
+            mask = env.get(mask_name) if mask_name else None
+            skipped = float(env[skipped_name]) if skipped_name else 0.0
+            yield ExitOutput(seg.index + 1, env[program.exit_names[seg.index]], elapsed, macs, mask, skipped)
+            # drop what no later segment reads, so memory does not grow with the exits
+            later = {name for s in program.segments[seg.index + 1:] for name in s.inputs}
+            for name in [k for k in env if k not in later]:
+                del env[name]
+
+    def exits_until(self, x: torch.Tensor, deadline: float) -> ExitOutput:
+        """Run exits until ``deadline`` seconds have passed; return the last prediction made."""
+        last = None
+        for out in self.anytime(x):
+            last = out
+            if out.elapsed >= deadline:
+                break
+        assert last is not None
+        return last

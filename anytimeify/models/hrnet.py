@@ -1,0 +1,148 @@
+"""HRNet for dense prediction: timm's HRNet trunk with the HRNetV2 segmentation head or the pose head.
+
+The trunk modules are taken from ``timm.create_model("hrnet_*", pretrained=False)`` and keep the
+module names of HRNet-Semantic-Segmentation (``conv1``, ``bn1``, ``conv2``, ``bn2``, ``layer1``,
+``transition1..3``, ``stage2..4``, and ``last_layer`` for the segmentation head), so backbone
+checkpoints of timm, HRNet-Image-Classification and HRNet-Semantic-Segmentation load by name.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["HRNetSeg", "HRNetPose", "hrnet_seg", "hrnet_pose", "HRNET_VARIANTS"]
+
+# variant name -> (timm model name, default exit width of the redesigned heads)
+HRNET_VARIANTS: Dict[str, tuple] = {
+    "w18_small_v2": ("hrnet_w18_small_v2", 64),
+    "w18": ("hrnet_w18", 64),
+    "w32": ("hrnet_w32", 64),
+    "w48": ("hrnet_w48", 128),
+}
+
+#: Every spatial size in HRNet (branches down to H/32) must divide exactly.
+HRNET_INPUT_DIVISOR = 32
+
+
+def _variant(variant: str) -> tuple:
+    key = variant.replace("hrnet_", "")
+    if key not in HRNET_VARIANTS:
+        raise ValueError(
+            f"unknown HRNet variant {variant!r}; choose one of {sorted(HRNET_VARIANTS)}"
+        )
+    return key, *HRNET_VARIANTS[key]
+
+
+def fuse_branches(features: List[torch.Tensor], align_corners: bool = True) -> torch.Tensor:
+    """Upsample every branch bilinearly to branch 0's size and concatenate (HRNetV2 input fusion)."""
+    size = features[0].shape[-2:]
+    ups = [features[0]] + [
+        F.interpolate(f, size=size, mode="bilinear", align_corners=align_corners) for f in features[1:]
+    ]
+    return torch.cat(ups, dim=1)
+
+
+class _Trunk(nn.Module):
+    """The stem and the four stages of HRNet, with timm's modules under HRNet's names."""
+
+    input_divisor = HRNET_INPUT_DIVISOR
+
+    def _take_trunk(self, timm_name: str, multi_scale_output: bool) -> List[int]:
+        net = timm.create_model(timm_name, pretrained=False, head="")
+        for name in ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "layer1",
+                     "transition1", "stage2", "transition2", "stage3", "transition3", "stage4"):
+            setattr(self, name, getattr(net, name))
+        cfg = net.stage4_cfg
+        widths = [c * 1 for c in cfg["num_channels"]]  # BASIC blocks: expansion 1
+        if not multi_scale_output:
+            # the pose network's last module fuses into branch 0 only
+            self.stage4, _ = net._make_stage(cfg, list(widths), multi_scale_output=False)
+            HRNetPose._init_like_timm(self.stage4)
+        return widths
+
+    def stages(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.layer1(x)
+        xl = [t(x) for t in self.transition1]
+        yl = self.stage2(xl)
+        xl = [yl[i] if isinstance(t, nn.Identity) else t(yl[-1]) for i, t in enumerate(self.transition2)]
+        yl = self.stage3(xl)
+        xl = [yl[i] if isinstance(t, nn.Identity) else t(yl[-1]) for i, t in enumerate(self.transition3)]
+        return self.stage4(xl)
+
+
+class HRNetSeg(_Trunk):
+    """HRNetV2 semantic segmentation network.
+
+    Returns logits at a quarter of the input resolution, as HRNet-Semantic-Segmentation does;
+    upsample them to the label size for the loss and for evaluation.
+
+    Args:
+        variant: ``"w18_small_v2"``, ``"w18"``, ``"w32"`` or ``"w48"``.
+        num_classes: number of output classes.
+        align_corners: ``align_corners`` of the bilinear branch fusion (HRNet-Seg uses True).
+    """
+
+    def __init__(self, variant: str = "w48", num_classes: int = 19, align_corners: bool = True):
+        super().__init__()
+        self.variant, timm_name, self.default_exit_width = _variant(variant)
+        self.num_classes = num_classes
+        self.align_corners = align_corners
+        widths = self._take_trunk(timm_name, multi_scale_output=True)
+        channels = sum(widths)
+        self.last_layer = nn.Sequential(
+            nn.Conv2d(channels, channels, 1, bias=True),
+            nn.BatchNorm2d(channels, momentum=0.1),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(channels, num_classes, 1, bias=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        yl = self.stages(x)
+        return self.last_layer(fuse_branches(yl, self.align_corners))
+
+
+class HRNetPose(_Trunk):
+    """HRNet pose estimation network (SimpleBaseline-style heatmap head on branch 0).
+
+    Returns ``num_joints`` heatmaps at a quarter of the input resolution.
+    """
+
+    def __init__(self, variant: str = "w32", num_joints: int = 16):
+        super().__init__()
+        self.variant, timm_name, self.default_exit_width = _variant(variant)
+        self.num_classes = num_joints
+        self.align_corners = True
+        widths = self._take_trunk(timm_name, multi_scale_output=False)
+        self.final_layer = nn.Conv2d(widths[0], num_joints, 1, bias=True)
+
+    @staticmethod
+    def _init_like_timm(module: nn.Module) -> None:
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        yl = self.stages(x)
+        return self.final_layer(yl[0])
+
+
+def hrnet_seg(variant: str = "w48", num_classes: int = 19, **kwargs) -> HRNetSeg:
+    """Build an HRNetV2 segmentation network with random weights (see :class:`HRNetSeg`)."""
+    return HRNetSeg(variant, num_classes, **kwargs)
+
+
+def hrnet_pose(variant: str = "w32", num_joints: int = 16) -> HRNetPose:
+    """Build an HRNet pose network with random weights (see :class:`HRNetPose`)."""
+    return HRNetPose(variant, num_joints)
