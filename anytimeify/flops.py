@@ -8,6 +8,7 @@ everything executed up to exit k's logits, earlier exits included.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -57,7 +58,9 @@ def count_macs(module: nn.Module, inputs: Tuple) -> int:
     analysis = FlopCountAnalysis(module, inputs)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
-    by_op = analysis.by_operator()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit deprecation notices raised inside fvcore's tracer
+        by_op = analysis.by_operator()
     return int(sum(v for k, v in by_op.items() if k in COUNTED_OPS))
 
 

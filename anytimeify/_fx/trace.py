@@ -58,7 +58,7 @@ class AnytimeTracer(fx.Tracer):
         self._leaf_types = tuple(_LEAF_MODULES) + tuple(m for m in leaf_modules if isinstance(m, type))
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaves_used: dict = {}
-        self._module_stack_for_error: list = []
+        self.failed_module: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
@@ -70,11 +70,13 @@ class AnytimeTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args, kwargs):
-        self._module_stack_for_error.append(self.path_of_module(m) if m is not self.root else "")
+        path = self.path_of_module(m) if m is not self.root else ""
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            self._module_stack_for_error.pop()
+        except Exception:
+            if self.failed_module is None:  # the innermost module is the one to name
+                self.failed_module = path
+            raise
 
 
 def _user_frame(tb) -> str:
@@ -102,7 +104,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError, ... here
-        where = tracer._module_stack_for_error[-1] if tracer._module_stack_for_error else ""
+        where = tracer.failed_module or ""
         kind = type(model.get_submodule(where)).__name__ if where else type(model).__name__
         raise TraceError(
             f"torch.fx could not trace module {where or '<root>'!r} ({kind}) at "

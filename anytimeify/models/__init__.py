@@ -1,1 +1,40 @@
-from .hrnet import HRNetPose, HRNetSeg, hrnet_pose, hrnet_seg, HRNET_VARIANTS
+"""Built-in dense-prediction networks, by name.
+
+``create_model("hrnet_w48", num_classes=19)`` builds HRNetV2-W48 for segmentation;
+``create_model("hrnet_w32_pose")`` builds the HRNet-W32 pose network (16 joints).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch.nn as nn
+
+from .hrnet import HRNET_VARIANTS, HRNetPose, HRNetSeg, hrnet_pose, hrnet_seg
+
+__all__ = ["HRNetSeg", "HRNetPose", "hrnet_seg", "hrnet_pose", "create_model", "list_models", "HRNET_VARIANTS"]
+
+
+def _registry() -> Dict[str, Callable[..., nn.Module]]:
+    reg: Dict[str, Callable[..., nn.Module]] = {}
+    for variant in HRNET_VARIANTS:
+        reg[f"hrnet_{variant}"] = lambda num_classes=19, _v=variant: hrnet_seg(_v, num_classes)
+        reg[f"hrnet_{variant}_pose"] = lambda num_classes=16, _v=variant: hrnet_pose(_v, num_classes)
+    return reg
+
+
+def list_models() -> List[str]:
+    """Names :func:`create_model` accepts."""
+    return sorted(_registry())
+
+
+def create_model(name: str, num_classes: int | None = None) -> nn.Module:
+    """Build a built-in network by name with random weights.
+
+    Args:
+        name: one of :func:`list_models` (e.g. ``hrnet_w48``, ``hrnet_w18_small_v2``, ``hrnet_w32_pose``).
+        num_classes: classes (segmentation, default 19) or joints (pose, default 16).
+    """
+    reg = _registry()
+    if name not in reg:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    return reg[name]() if num_classes is None else reg[name](num_classes)

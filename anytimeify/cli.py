@@ -1,0 +1,201 @@
+"""The ``anytimeify`` command line: a thin layer over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import List, Optional, Sequence, Tuple
+
+__all__ = ["main"]
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """``"1024x2048"`` -> ``(1024, 2048)``."""
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like HxW (e.g. 512x1024), got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return h, w
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _emit(payload: dict, as_json: bool, output: Optional[str], table) -> None:
+    text = json.dumps(payload, indent=2)
+    if output:
+        write_atomic(output, text + "\n")
+    if as_json:
+        print(text)
+    else:
+        from rich.console import Console
+
+        Console().print(table)
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    import anytimeify
+    from anytimeify.models import create_model
+
+    net = create_model(args.model, args.num_classes).eval()
+    base = anytimeify.flops(net, args.input)
+    model = anytimeify.convert(net, head=args.head, width=args.width, input_size=args.input)
+    report = anytimeify.flops(model, args.input, name=args.model)
+    payload = {
+        "model": args.model,
+        "head": args.head,
+        "input": report.input,
+        "exits": [{"exit": e.exit, "gmacs": round(e.gmacs, 4), "paper_gflops": round(e.paper_gflops, 4)}
+                  for e in report.exits],
+        "base_paper_gflops": round(base.exits[-1].paper_gflops, 4),
+        "params": report.params,
+        "base_params": base.params,
+    }
+    from rich.table import Table
+
+    table = Table(title=f"{args.model} ({args.head} exits) at {args.input[0]}x{args.input[1]}")
+    for col in ("exit", "GMACs", "paper GFLOPs (MACs/2^30)"):
+        table.add_column(col, justify="right")
+    for e in payload["exits"]:
+        table.add_row(str(e["exit"]), f'{e["gmacs"]:.2f}', f'{e["paper_gflops"]:.2f}')
+    table.caption = (f'base model: {payload["base_paper_gflops"]:.2f} paper GFLOPs; '
+                     f'params {payload["params"] / 1e6:.2f}M (base {payload["base_params"] / 1e6:.2f}M)')
+    _emit(payload, args.json, args.output, table)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import anytimeify
+    from anytimeify.models import create_model
+
+    net = create_model(args.model, args.num_classes).eval()
+    found = anytimeify.inspect(net, input_size=args.input, nodes=args.nodes)
+    if args.json:
+        print(json.dumps([{"name": c.name, "kind": c.kind, "shapes": c.shapes, "channels": c.channels,
+                           "stride": c.stride, "picked": c.picked} for c in found], indent=2))
+    else:
+        print("  name                                     kind   stride  [C x H x W per tensor]   (* = exits='stages')")
+        for c in found:
+            print(c)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import anytimeify
+    from anytimeify.models import create_model
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net = create_model(args.model).eval()
+    model = anytimeify.convert(net, head=args.head).eval()
+    image = _demo_image(args.input, args.seed)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{args.model}[/] with {model.num_exits} exits ({args.head} heads), "
+                  f"input {args.input[0]}x{args.input[1]}, {torch.get_num_threads()} threads")
+    table = Table(title="anytime predictions, exit after exit")
+    for col in ("exit", "logits", "cumulative GMACs", "paper GFLOPs", "elapsed s"):
+        table.add_column(col, justify="right")
+    rows = []
+    with torch.no_grad():
+        model(image)  # warm-up, so the timings are not first-call overhead
+        for out in model.anytime(image):
+            shape = "x".join(map(str, out.logits.shape[1:]))
+            table.add_row(str(out.index), shape, f"{out.gmacs:.2f}", f"{out.macs / 2**30:.2f}", f"{out.elapsed:.3f}")
+            rows.append({"exit": out.index, "gmacs": out.gmacs, "paper_gflops": out.macs / 2 ** 30,
+                         "elapsed_s": out.elapsed})
+    if args.json:
+        print(json.dumps({"model": args.model, "input": [1, 3, *args.input], "exits": rows}, indent=2))
+    else:
+        console.print(table)
+    return 0
+
+
+def _demo_image(size: Tuple[int, int], seed: int):
+    """A generated street-like test image: smooth colour regions and edges, normalised like ImageNet."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    coarse = torch.rand(1, 3, max(2, h // 64), max(2, w // 64), generator=g)
+    image = F.interpolate(coarse, size=(h, w), mode="nearest")
+    image = image + 0.05 * torch.randn(1, 3, h, w, generator=g)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (image.clamp(0, 1) - mean) / std
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from anytimeify.models import list_models
+
+    parser = argparse.ArgumentParser(prog="anytimeify", description="Anytime dense prediction (ADP-C) tools.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="convert the default HRNet and stream exit after exit on a generated image")
+    demo.add_argument("--model", default="hrnet_w18_small_v2", choices=list_models())
+    demo.add_argument("--head", default="redesigned", choices=["redesigned", "original"])
+    demo.add_argument("--input", type=parse_size, default=(512, 1024), help="HxW (default 512x1024)")
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    demo.set_defaults(func=cmd_demo)
+
+    fl = sub.add_parser("flops", help="per-exit cumulative FLOPs (fvcore), GMACs and paper GFLOPs")
+    fl.add_argument("model", choices=list_models())
+    fl.add_argument("--head", default="redesigned", choices=["redesigned", "original"])
+    fl.add_argument("--width", type=int, default=None, help="redesigned exit width (default: 128 W48, 64 others)")
+    fl.add_argument("--input", type=parse_size, default=(1024, 2048), help="HxW (default 1024x2048)")
+    fl.add_argument("--num-classes", type=int, default=None)
+    fl.add_argument("--json", action="store_true", help="print JSON")
+    fl.add_argument("--output", help="also write the JSON to this file")
+    fl.set_defaults(func=cmd_flops)
+
+    ins = sub.add_parser("inspect", help="list the stage boundaries exits can attach to")
+    ins.add_argument("model", choices=list_models())
+    ins.add_argument("--input", type=parse_size, default=(256, 256))
+    ins.add_argument("--num-classes", type=int, default=None)
+    ins.add_argument("--nodes", action="store_true", help="also list every tensor node")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"anytimeify {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

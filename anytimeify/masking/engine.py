@@ -1,0 +1,449 @@
+"""The sparse execution engine of masked convolutions: index plans, a cost model, CPU kernels.
+
+A masked conv's output is ``y*m + I(y*m)*(1-m)`` (REFERENCE.md §3). The engine computes it
+without the dense conv where that pays, following what was measured on CPU (SPARSE-NOTES.md):
+
+* :class:`MaskPlan` holds the index lists of one mask (kept positions, skipped positions, the
+  interpolation halo and its neighbour lists, and per conv geometry the im2col gather lists).
+  They are built lazily, once, and reused by every conv governed by the same mask. A plan belongs
+  to one forward call: the caller creates it (directly or through an :class:`IndexCache`) and
+  passes it to every :class:`~anytimeify.masking.conv.MaskedConv2d` that shares the mask. Nothing
+  is stored on modules, so interleaved calls cannot corrupt each other.
+* Per layer, :func:`choose_strategy` compares the cost of the dense conv followed by the blend
+  with the cost of the gathered conv (im2col rows of the kept positions only, one GEMM run as a
+  channels-last 1x1 convolution, which oneDNN executes faster than MKL's ``addmm``).
+* Both strategies finish in the same way: a zero-initialised channels-last output holding ``y``
+  at the kept positions, and the interpolation computed only on the halo (skipped positions within
+  the support radius of a kept one); everywhere else the exact result is 0.
+* The halo stencil and the scatter into the output run in a small compiled C++/OpenMP kernel
+  (:mod:`anytimeify.masking._ext`) when it builds; the pure-PyTorch code here is the fallback and
+  the reference of the tests.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .interp import INTERP_RADIUS, kernel_offsets, rbf_kernel, support_radius
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MaskPlan", "IndexCache", "ConvGeometry", "CostModel", "DEFAULT_COST_MODEL", "choose_strategy",
+    "sparse_masked_conv2d", "halo_stencil", "STRATEGIES",
+]
+
+#: execution strategies of the sparse engine ("auto" lets the cost model choose)
+STRATEGIES = ("auto", "dense", "gather")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything about a convolution that the index lists depend on (weights excluded)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+    @property
+    def taps(self) -> int:
+        """Number of kernel taps (``kh * kw``)."""
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        """Output height and width for an input of ``height x width``."""
+        sizes = []
+        for size, k, s, p, d in zip((height, width), self.kernel_size, self.stride, self.padding, self.dilation):
+            sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        return sizes[0], sizes[1]
+
+    def macs_per_output(self) -> int:
+        """Multiply-adds of one output pixel over all output channels (bias excluded)."""
+        return self.out_channels * (self.in_channels // self.groups) * self.taps
+
+
+class MaskPlan:
+    """Index lists of one mask, built lazily and shared by every conv governed by the mask.
+
+    A plan is tied to one mask tensor (identity and in-place version) and to one forward call;
+    create it with ``MaskPlan(mask)`` or ``IndexCache().plan(mask)``. It also keeps scratch
+    buffers that consecutive layers reuse (SPARSE-NOTES fact 3: writing into preallocated buffers
+    avoids page faults on fresh large allocations); layer outputs are never scratch buffers.
+
+    Args:
+        mask: ``(B, 1, H, W)`` mask, bool or float (non-zero = computed).
+    """
+
+    def __init__(self, mask: Tensor) -> None:
+        if mask.dim() != 4 or mask.shape[1] != 1:
+            raise ValueError(f"a mask must have shape (B, 1, H, W); got {tuple(mask.shape)}")
+        self.mask = mask
+        self._version = mask._version
+        self.batch, _, self.height, self.width = (int(s) for s in mask.shape)
+        keep = mask.detach()
+        keep = keep if keep.dtype == torch.bool else keep != 0
+        self.keep = keep.reshape(self.batch, self.height, self.width)
+        self.positions = self.batch * self.height * self.width
+        self.kept_index = torch.nonzero(self.keep.reshape(-1)).reshape(-1)
+        self.kept = int(self.kept_index.numel())
+        self._kept_per_sample: Optional[List[int]] = None
+        self._skipped_index: Optional[Tensor] = None
+        self._gather: Dict[Tuple, Tuple[Tensor, Optional[Tensor]]] = {}
+        self._halo: Dict[int, Tuple[Tensor, Tensor]] = {}
+        self._scratch: Dict[Tuple, Tensor] = {}
+
+    # ----------------------------------------------------------------------------------- queries
+    def matches(self, mask: Tensor) -> bool:
+        """True when ``mask`` is the tensor this plan was built for, unchanged since."""
+        return mask is self.mask and mask._version == self._version
+
+    def check(self, mask: Tensor) -> None:
+        """Raise if this plan was not built for ``mask``."""
+        if not self.matches(mask):
+            raise ValueError(
+                f"the plan was built for another mask (plan mask shape {tuple(self.mask.shape)}, given "
+                f"{tuple(mask.shape)}, or the mask was modified in place); build one plan per mask tensor, "
+                "e.g. with IndexCache().plan(mask)")
+
+    @property
+    def density(self) -> float:
+        """Kept fraction of the whole batch."""
+        return self.kept / self.positions if self.positions else 0.0
+
+    @property
+    def kept_per_sample(self) -> List[int]:
+        """Number of kept positions of every sample."""
+        if self._kept_per_sample is None:
+            self._kept_per_sample = [int(v) for v in self.keep.reshape(self.batch, -1).sum(dim=1).tolist()]
+        return self._kept_per_sample
+
+    @property
+    def skipped_index(self) -> Tensor:
+        """Flat indices (into ``B*H*W``) of the skipped positions."""
+        if self._skipped_index is None:
+            self._skipped_index = torch.nonzero(~self.keep.reshape(-1)).reshape(-1)
+        return self._skipped_index
+
+    # ------------------------------------------------------------------------------ index lists
+    def gather_index(self, geometry: ConvGeometry, in_height: int, in_width: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """im2col gather lists of the kept output positions for a conv geometry.
+
+        Returns:
+            ``(index, outside)``: ``index`` is ``(N * taps,)`` rows of the flat NHWC input
+            (``B*H_in*W_in`` rows), row-major over (kept position, tap); taps that fall into the
+            zero padding point at row 0 and are listed in ``outside`` (rows of the gathered
+            matrix to zero), which is None when no tap falls outside.
+        """
+        key = (geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation, in_height, in_width)
+        cached = self._gather.get(key)
+        if cached is not None:
+            return cached
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation
+        plane = self.height * self.width
+        index = self.kept_index
+        b, rem = index // plane, index % plane
+        oy, ox = rem // self.width, rem % self.width
+        ky = torch.arange(kh).repeat_interleave(kw) * dh
+        kx = torch.arange(kw).repeat(kh) * dw
+        iy = (oy * sh - ph)[:, None] + ky[None, :]
+        ix = (ox * sw - pw)[:, None] + kx[None, :]
+        inside = (iy >= 0) & (iy < in_height) & (ix >= 0) & (ix < in_width)
+        rows = (b * (in_height * in_width))[:, None] + iy * in_width + ix
+        outside: Optional[Tensor] = None
+        if not bool(inside.all()):
+            rows = torch.where(inside, rows, torch.zeros_like(rows))
+            outside = torch.nonzero(~inside.reshape(-1)).reshape(-1)
+        result = (rows.reshape(-1).contiguous(), outside)
+        self._gather[key] = result
+        return result
+
+    def halo_index(self, radius: int) -> Tuple[Tensor, Tensor]:
+        """Interpolation halo for a support radius.
+
+        Returns:
+            ``(halo, neighbours)``: ``halo`` the ``(M,)`` flat indices of skipped positions with a
+            kept position within ``radius`` (Chebyshev distance); ``neighbours`` the ``(M, T)`` flat
+            indices of their non-centre taps (order of :func:`~anytimeify.masking.interp.kernel_offsets`).
+            Taps outside the map point at the halo position itself, which holds 0 when the stencil
+            reads it, so they contribute nothing (zero padding).
+        """
+        cached = self._halo.get(radius)
+        if cached is not None:
+            return cached
+        size = 2 * radius + 1
+        keep = self.keep[:, None].to(torch.float32)
+        near = F.max_pool2d(keep, size, stride=1, padding=radius)[:, 0] > 0
+        halo = torch.nonzero((near & ~self.keep).reshape(-1)).reshape(-1)
+        offsets = kernel_offsets(radius)
+        plane = self.height * self.width
+        b, rem = halo // plane, halo % plane
+        y, x = rem // self.width, rem % self.width
+        ny = y[:, None] + offsets[None, :, 0]
+        nx = x[:, None] + offsets[None, :, 1]
+        inside = (ny >= 0) & (ny < self.height) & (nx >= 0) & (nx < self.width)
+        neighbours = (b * plane)[:, None] + ny * self.width + nx
+        neighbours = torch.where(inside, neighbours, halo[:, None].expand_as(neighbours)).contiguous()
+        self._halo[radius] = (halo, neighbours)
+        return halo, neighbours
+
+    def scratch(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A reusable buffer of at least ``shape``'s size, returned as a contiguous ``shape`` view."""
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        key = (name, dtype, device)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._scratch[key] = buffer
+        return buffer[:numel].view(*shape)
+
+
+class IndexCache:
+    """Plans of one forward call, one per mask tensor (keyed by identity and size).
+
+    Create one per forward call (per image batch and segment), ask it for the plan of each mask
+    and pass that plan to every masked conv governed by the mask::
+
+        cache = IndexCache()
+        y = conv_a(x, mask, plan=cache.plan(mask))
+        y = conv_b(y, mask, plan=cache.plan(mask))   # same index lists, built once
+    """
+
+    def __init__(self) -> None:
+        self._plans: Dict[Tuple[int, Tuple[int, ...]], MaskPlan] = {}
+
+    def plan(self, mask: Tensor) -> MaskPlan:
+        """The plan of ``mask`` (built on first request)."""
+        key = (id(mask), tuple(mask.shape))
+        plan = self._plans.get(key)
+        if plan is None or not plan.matches(mask):
+            plan = MaskPlan(mask)
+            self._plans[key] = plan
+        return plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def clear(self) -> None:
+        """Forget every plan (and its scratch buffers)."""
+        self._plans.clear()
+
+
+# ------------------------------------------------------------------------------------ cost model
+@dataclass(frozen=True)
+class CostModel:
+    """Time estimates (nanoseconds, this CPU class, 2 threads) of the two strategies of one layer.
+
+    Constants were fitted on the density sweep of ``benchmarks/density_sweep.py``: dense conv and
+    gathered GEMM throughput per thread, and per-element costs of the memory-bound steps (im2col
+    gather, output zeroing and scatter, zeroing skipped rows of the dense output).
+
+    Args:
+        dense_gmacs: throughput of the dense channels-last conv (GMAC/s) at 2 threads.
+        gemm_gmacs: throughput of the gathered GEMM (GMAC/s) at 2 threads.
+        gather_ns: cost of gathering one input element into the im2col matrix.
+        zero_ns: cost of zero-initialising one output element.
+        scatter_ns: cost of scattering one computed output element.
+        fill_ns: cost of zeroing one skipped output element of the dense result.
+        margin: the gathered conv must be estimated at most ``margin`` times the dense cost.
+    """
+
+    dense_gmacs: float = 40.0
+    gemm_gmacs: float = 40.0
+    gather_ns: float = 0.5
+    zero_ns: float = 0.15
+    scatter_ns: float = 0.5
+    fill_ns: float = 0.3
+    margin: float = 0.9
+
+    def dense_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
+        """Estimated ns of the dense conv plus zeroing the skipped outputs."""
+        macs = positions * geometry.macs_per_output()
+        return macs / self.dense_gmacs + (positions - kept) * geometry.out_channels * self.fill_ns
+
+    def gather_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
+        """Estimated ns of the gathered conv at ``kept`` of ``positions`` output positions."""
+        macs = kept * geometry.macs_per_output()
+        gather = kept * geometry.taps * geometry.in_channels * self.gather_ns
+        output = positions * geometry.out_channels * self.zero_ns + kept * geometry.out_channels * self.scatter_ns
+        return macs / self.gemm_gmacs + gather + output
+
+
+DEFAULT_COST_MODEL = CostModel()
+
+
+def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
+                    cost_model: CostModel = DEFAULT_COST_MODEL) -> str:
+    """Pick "dense" (full conv + blend) or "gather" (kept positions only) for one layer.
+
+    Args:
+        geometry: the conv.
+        positions: output positions of the batch (``B*H_out*W_out``).
+        kept: kept output positions.
+        cost_model: the time estimates.
+
+    Returns:
+        ``"dense"`` or ``"gather"``.
+    """
+    if kept >= positions:
+        return "dense"
+    if kept == 0:
+        return "gather"
+    dense = cost_model.dense_cost(geometry, positions, kept)
+    gather = cost_model.gather_cost(geometry, positions, kept)
+    return "gather" if gather <= cost_model.margin * dense else "dense"
+
+
+# -------------------------------------------------------------------------------------- kernels
+def _extension():
+    """The compiled kernels, or None (not built, disabled with ``ANYTIMEIFY_NO_EXT=1``)."""
+    if os.environ.get("ANYTIMEIFY_NO_EXT", "") not in ("", "0"):
+        return None
+    from . import _ext
+
+    return _ext.load()
+
+
+def halo_stencil(out_flat: Tensor, halo: Tensor, neighbours: Tensor, weights: Tensor,
+                 plan: Optional[MaskPlan] = None, use_extension: bool = True) -> None:
+    """Write the interpolation into the halo rows of an NHWC output, in place.
+
+    ``out_flat`` (``(B*H*W, C)``) must hold ``y`` at the kept positions and 0 at every skipped
+    one; afterwards each halo row holds ``sum_t weights[t] * out_flat[neighbours[:, t]]``, computed
+    from the values before any halo row was written.
+
+    Args:
+        out_flat: ``(R, C)`` contiguous output rows.
+        halo: ``(M,)`` rows to fill.
+        neighbours: ``(M, T)`` rows read by each halo row.
+        weights: ``(T,)`` tap weights (cropped, normalised RBF kernel without its centre).
+        plan: optional plan whose scratch buffers are reused.
+        use_extension: use the compiled kernel if available.
+    """
+    count, taps = neighbours.shape
+    if count == 0:
+        return
+    ext = _extension() if use_extension else None
+    if ext is not None and out_flat.dtype == torch.float32 and out_flat.device.type == "cpu":
+        ext.halo_stencil(out_flat, halo, neighbours, weights.to(torch.float32).contiguous())
+        return
+    channels = out_flat.shape[1]
+    if plan is not None:
+        gathered = plan.scratch("halo", (count * taps, channels), out_flat.dtype, out_flat.device)
+        torch.index_select(out_flat, 0, neighbours.reshape(-1), out=gathered)
+    else:
+        gathered = out_flat.index_select(0, neighbours.reshape(-1))
+    gathered = gathered.view(count, taps, channels)
+    tap_weights = weights.tolist()
+    values = gathered[:, 0] * tap_weights[0]
+    for t in range(1, taps):
+        values.add_(gathered[:, t], alpha=tap_weights[t])
+    out_flat.index_copy_(0, halo, values)
+
+
+def _gemm_weight(weight: Tensor, groups: int) -> Tensor:
+    """Conv weight as a 1x1 conv weight over im2col rows ordered (group, tap, channel)."""
+    out_channels = weight.shape[0]
+    return weight.permute(0, 2, 3, 1).reshape(out_channels, -1, 1, 1).contiguous()
+
+
+def _gathered_conv(x_flat: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
+                   plan: MaskPlan, in_height: int, in_width: int, gemm_weight: Optional[Tensor]) -> Tensor:
+    """Conv outputs ``(N, C_out)`` at the kept positions, by im2col gather + one GEMM."""
+    rows, outside = plan.gather_index(geometry, in_height, in_width)
+    kept, taps, channels = plan.kept, geometry.taps, geometry.in_channels
+    cols = plan.scratch("cols", (kept * taps, channels), x_flat.dtype, x_flat.device)
+    torch.index_select(x_flat, 0, rows, out=cols)
+    if outside is not None:
+        cols.index_fill_(0, outside, 0)
+    groups = geometry.groups
+    if groups > 1:
+        # a grouped 1x1 conv needs each group's (tap, channel) block contiguous
+        per_group = channels // groups
+        cols = cols.view(kept, taps, groups, per_group).permute(0, 2, 1, 3).reshape(kept * taps, channels)
+    if gemm_weight is None:
+        gemm_weight = _gemm_weight(weight, groups)
+    # SPARSE-NOTES fact 1: a GEMM runs faster as a 1x1 conv on a channels-last (1, K, N, 1) view
+    view = cols.view(1, kept, 1, taps * channels).permute(0, 3, 1, 2)
+    y = F.conv2d(view, gemm_weight, bias, groups=groups)
+    return y.permute(0, 2, 3, 1).reshape(kept, geometry.out_channels)
+
+
+def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
+                         lam: Tensor, plan: MaskPlan, strategy: str = "auto",
+                         cost_model: CostModel = DEFAULT_COST_MODEL,
+                         gemm_weight: Optional[Tensor] = None, use_extension: bool = True) -> Tensor:
+    """Masked conv ``y*m + I(y*m)*(1-m)`` computing ``y`` only where the layer's strategy needs it.
+
+    Args:
+        x: ``(B, C_in, H, W)`` input (any memory format).
+        weight: conv weight ``(C_out, C_in/groups, kh, kw)``.
+        bias: conv bias or None.
+        geometry: the conv's hyper-parameters (explicit symmetric zero padding).
+        lam: interpolation ``lambda`` (scalar tensor).
+        plan: the mask's plan (its mask is ``(B, 1, H_out, W_out)``).
+        strategy: ``"auto"`` (cost model), ``"dense"`` or ``"gather"``.
+        cost_model: estimates used by ``"auto"``.
+        gemm_weight: optional precomputed :func:`_gemm_weight` of ``weight``.
+        use_extension: allow the compiled kernels.
+
+    Returns:
+        ``(B, C_out, H_out, W_out)`` output in channels-last memory format.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    batch, _, in_height, in_width = x.shape
+    out_height, out_width = plan.height, plan.width
+    positions = plan.positions
+    if plan.kept == positions:  # all kept: the plain conv, exactly
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x_cl, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+    out_channels = geometry.out_channels
+    if plan.kept == 0:  # all skipped: y*m = 0, so its interpolation is 0 too
+        return x.new_zeros(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+    if strategy == "auto":
+        strategy = choose_strategy(geometry, positions, plan.kept, cost_model)
+
+    if strategy == "dense":
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(x_cl, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+        y = y.contiguous(memory_format=torch.channels_last)
+        out_flat = y.permute(0, 2, 3, 1).view(positions, out_channels)
+        out_flat.index_fill_(0, plan.skipped_index, 0)
+    else:
+        x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
+        y_kept = _gathered_conv(x_flat, weight, bias, geometry, plan, in_height, in_width, gemm_weight)
+        ext = _extension() if use_extension else None
+        if ext is not None and y_kept.dtype == torch.float32 and y_kept.device.type == "cpu":
+            out_flat = ext.scatter_rows(y_kept.contiguous(), plan.kept_index, positions)
+        else:
+            out_flat = y_kept.new_zeros(positions, out_channels)
+            out_flat.index_copy_(0, plan.kept_index, y_kept)
+
+    radius = support_radius(lam)
+    kernel = rbf_kernel(lam.detach().to(torch.float64), radius=INTERP_RADIUS, support=radius).flatten()
+    centre = kernel.numel() // 2
+    weights = torch.cat([kernel[:centre], kernel[centre + 1:]]).to(out_flat.dtype)
+    halo, neighbours = plan.halo_index(radius)
+    halo_stencil(out_flat, halo, neighbours, weights, plan=plan, use_extension=use_extension)
+    return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+
+
+def executed_interp_macs(plan: MaskPlan, lam: Tensor, channels: int) -> int:
+    """Multiply-adds of the halo stencil for a plan and ``lambda`` (0 when all kept or skipped)."""
+    if plan.kept in (0, plan.positions):
+        return 0
+    radius = support_radius(lam)
+    halo, neighbours = plan.halo_index(radius)
+    return int(neighbours.numel()) * channels
