@@ -7,12 +7,13 @@
 from ._fx.stages import register_stage_adapter
 from ._fx.trace import TraceError, register_autowrap_function, register_leaf_module
 from .convert import Candidate, convert, inspect
+from .masking import Confidence, MaskedConv2d
 from .flops import ExitFlops, FlopReport, flops
 from .model import AnytimeModel, ExitOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "inspect", "flops", "AnytimeModel", "ExitOutput", "Candidate", "FlopReport", "ExitFlops",
+    "convert", "inspect", "Confidence", "MaskedConv2d", "flops", "AnytimeModel", "ExitOutput", "Candidate", "FlopReport", "ExitFlops",
     "register_leaf_module", "register_autowrap_function", "register_stage_adapter", "TraceError",
 ]

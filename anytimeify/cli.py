@@ -52,12 +52,15 @@ def _emit(payload: dict, as_json: bool, output: Optional[str], table) -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
+    import torch
+
     import anytimeify
     from anytimeify.models import create_model
 
     net = create_model(args.model, args.num_classes).eval()
+    model = anytimeify.convert(net, head=args.head, width=args.width)
+    model.check_input(torch.zeros(1, 3, *args.input))
     base = anytimeify.flops(net, args.input)
-    model = anytimeify.convert(net, head=args.head, width=args.width, input_size=args.input)
     report = anytimeify.flops(model, args.input, name=args.model)
     payload = {
         "model": args.model,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -20,9 +19,12 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ._fx.split import split_graph
-from ._fx.stages import Boundary, candidate_boundaries, resolve_exits, stage_adapter_for
-from ._fx.trace import LeafSpec, trace
+from ._fx.adapters import trace_for_conversion
+from ._fx.stages import Boundary, candidate_boundaries, resolve_exits, spatial_divisor, stage_adapter_for
+from ._fx.trace import LeafSpec
 from .exits import HEAD_KINDS, Exit, original_head, redesigned_head
+from ._fx.confidence import apply_confidence
+from .masking.criteria import Confidence
 from .model import AnytimeModel, Program
 
 _logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def _traced(model: nn.Module, leaf_modules, autowrap_functions, training: bool) 
     was = model.training
     model.train(training)
     try:
-        return trace(model, leaf_modules, autowrap_functions)
+        return trace_for_conversion(model, leaf_modules, autowrap_functions)
     finally:
         model.train(was)
 
@@ -88,13 +90,7 @@ def _input_divisor(model: nn.Module, gm: fx.GraphModule, boundaries: List[Bounda
     if isinstance(declared, int) and declared > 0:
         divisor = declared
     else:
-        in_h = gm.meta["input_shape"][-2]
-        divisor = 1
-        for node in gm.graph.nodes:
-            meta = node.meta.get("tensor_meta")
-            if meta is not None and hasattr(meta, "shape") and len(meta.shape) == 4 and meta.shape[-2] > 0:
-                stride = in_h / meta.shape[-2]
-                divisor = max(divisor, 2 ** max(0, round(math.log2(stride))))
+        divisor = spatial_divisor(gm)  # fixed-size tensors (global pooling) do not count
     for b, depth in zip(boundaries, depths):
         divisor = max(divisor, int(round(b.stride)) * 2 ** depth)
     return divisor
@@ -104,11 +100,11 @@ def _default_width(model: nn.Module) -> int:
     return int(getattr(model, "default_exit_width", 64))
 
 
-def _insert_exits(gm: fx.GraphModule, boundaries: List[Boundary], num_classes: int, head: str,
-                  width: int, out_hw: Tuple[int, int], align_corners: bool) -> Tuple[nn.ModuleList, List[fx.Node], List[dict]]:
+def _make_exits(boundaries: List[Boundary], num_classes: int, head: str, width: int,
+                out_hw: Tuple[int, int], align_corners: bool) -> Tuple[nn.ModuleList, List[dict]]:
     n_exits = len(boundaries) + 1
     exits = nn.ModuleList()
-    nodes, info = [], []
+    info = []
     for i, b in enumerate(boundaries):
         channels = sum(b.channels)
         depth = n_exits - (i + 1) if head == "redesigned" else 0
@@ -120,34 +116,44 @@ def _insert_exits(gm: fx.GraphModule, boundaries: List[Boundary], num_classes: i
             scale = (out_hw[0] / fused_hw[0], out_hw[1] / fused_hw[1])
         exits.append(Exit(layers, head, depth, align_corners, scale))
         info.append({"name": b.name, "channels": b.channels, "stride": b.stride, "depth": depth})
-    gm.add_module("exits", exits)
+    return exits, info
+
+
+def _insert_exit_nodes(graph: fx.Graph, boundaries: List[Boundary]) -> List[fx.Node]:
+    nodes = []
     for i, b in enumerate(boundaries):
-        with gm.graph.inserting_after(b.last):
-            nodes.append(gm.graph.call_module(f"exits.{i}", args=(list(b.nodes),)))
-    return exits, nodes, info
+        with graph.inserting_after(b.last):
+            nodes.append(graph.call_module(f"exits.{i}", args=(list(b.nodes),)))
+    return nodes
 
 
-def _build_program(gm: fx.GraphModule, exit_nodes: List[fx.Node], final: fx.Node,
-                   out_node: fx.Node) -> Program:
-    results = list(exit_nodes) + [final]
+def _build_program(root: nn.Module, graph: fx.Graph, results: List[fx.Node],
+                   mask_nodes: List[fx.Node]) -> Program:
+    """Make ``graph`` return ``results`` and split it after each exit (after its mask decision)."""
+    out_node = next(n for n in graph.nodes if n.op == "output")
     out_node.args = (tuple(results),)
-    gm.graph.lint()
-    gm.recompile()
+    graph.lint()
+    gm = fx.GraphModule(root, graph, "AnytimeGraph")
+    # a segment ends with its exit's result, or with the mask decision that follows it
+    ends = mask_nodes if mask_nodes else results[:-1]
     segment_of: Dict[fx.Node, int] = {}
     seg = 0
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
         segment_of[node] = seg
-        if node in exit_nodes:
+        if seg < len(ends) and node is ends[seg]:
             seg += 1
-    segments = split_graph(gm, gm.graph, segment_of, results)
+    keep = list(results) + list(mask_nodes)
+    segments = split_graph(gm, gm.graph, segment_of, keep)
     input_name = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
-    return Program(gm, segments, input_name, [n.name for n in results], [(None, None)] * len(results))
+    masks = [m.name for m in mask_nodes] + [None] * (len(results) - len(mask_nodes))
+    return Program(gm, segments, input_name, [n.name for n in results], masks)
 
 
 def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head: str = "redesigned",
-            width: Optional[int] = None, *, input_size: Optional[Sequence[int]] = None,
+            width: Optional[int] = None, *, confidence: Optional[Confidence] = None,
+            input_size: Optional[Sequence[int]] = None,
             leaf_modules: Sequence[LeafSpec] = (), autowrap_functions: Sequence[Callable] = (),
             align_corners: Optional[bool] = None, inplace: bool = False) -> AnytimeModel:
     """Turn a dense-prediction network into an anytime model with early exits.
@@ -162,6 +168,9 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
             ``"original"`` (1x1 conv, BN, ReLU, 1x1 classifier).
         width: channel width of redesigned heads; default: the model's ``default_exit_width``
             (128 for HRNet-W48, 64 otherwise).
+        confidence: confidence adaptivity settings (:class:`anytimeify.Confidence`); None: off.
+            With it, every convolution after early exit k (its next exit's head included) is
+            masked by exit k's confidence, and predictions are copy-aggregated.
         input_size: ``(H, W)`` or ``(B, C, H, W)`` of a probe input the model accepts
             (default 256x256); it only serves to learn shapes.
         leaf_modules: module classes or qualified names not to trace through.
@@ -179,49 +188,53 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
         raise ValueError(f"head must be one of {HEAD_KINDS}, got {head!r}")
     if width is not None and (not isinstance(width, int) or width <= 0):
         raise ValueError(f"width must be a positive int, got {width!r}")
+    if confidence is not None and not isinstance(confidence, Confidence):
+        raise TypeError(f"confidence must be an anytimeify.Confidence, got {type(confidence).__name__}")
     base = model if inplace else copy.deepcopy(model)
     probe = _probe_shape(base, input_size)
     if align_corners is None:
         align_corners = bool(getattr(base, "align_corners", True))
     width = width or _default_width(base)
 
-    programs: Dict[bool, Program] = {}
-    exit_modules = None
-    info: List[dict] = []
-    divisor = 1
     graphs = {mode: _traced(base, leaf_modules, autowrap_functions, mode) for mode in (False, True)}
     if graphs[True].code == graphs[False].code:
         del graphs[True]
     else:
         _logger.info("%s traces differently in train and eval mode; keeping both graphs", type(base).__name__)
+
+    root = nn.Module()  # the converted model's module tree: the base model's children + exits
+    for name, child in base.named_children():
+        root.add_module(name, child)
+    programs: Dict[bool, Program] = {}
+    info: List[dict] = []
+    divisor = 1
+    replaced: Dict[str, nn.Module] = {}
     for training, gm in graphs.items():
         _propagate_shapes(base, gm, probe)
-        out_node, final = _output_node(gm)
+        _, final = _output_node(gm)
         out_shape = final.meta["tensor_meta"].shape
         if len(out_shape) != 4:
             raise TypeError(f"the model's output must be (B, classes, h, w) logits, got shape {tuple(out_shape)}")
         boundaries = resolve_exits(base, gm, exits)
-        if exit_modules is None:
-            exit_modules, nodes, info = _insert_exits(
-                gm, boundaries, out_shape[1], head, width, tuple(out_shape[-2:]), align_corners)
-            depths = [e["depth"] for e in info]
-            divisor = _input_divisor(base, gm, boundaries, depths)
+        if not hasattr(root, "exits"):
+            exit_modules, info = _make_exits(boundaries, out_shape[1], head, width, tuple(out_shape[-2:]),
+                                             align_corners)
+            root.add_module("exits", exit_modules)
+            divisor = _input_divisor(base, gm, boundaries, [e["depth"] for e in info])
+        graph = gm.graph
+        graph.owning_module = root  # from here on the graph calls into the converted module tree
+        exit_nodes = _insert_exit_nodes(graph, boundaries)
+        if confidence is None:
+            results, mask_nodes = exit_nodes + [final], []
         else:
-            gm.add_module("exits", exit_modules)
-            nodes = []
-            for i, b in enumerate(boundaries):
-                with gm.graph.inserting_after(b.last):
-                    nodes.append(gm.graph.call_module(f"exits.{i}", args=(list(b.nodes),)))
-        programs[training] = _build_program(gm, nodes, final, out_node)
-    if True not in programs:
-        programs[True] = programs[False]
+            results, mask_nodes = apply_confidence(root, graph, exit_nodes, final, confidence, replaced)
+        programs[training] = _build_program(root, graph, results, mask_nodes)
+    programs.setdefault(True, programs[False])
 
-    modules = dict(base.named_children())
-    modules["exits"] = exit_modules
-    in_channels = probe[1]
-    converted = AnytimeModel(programs, modules, input_divisor=divisor, in_channels=in_channels,
+    modules = dict(root.named_children())
+    converted = AnytimeModel(programs, modules, input_divisor=divisor, in_channels=probe[1],
                              exit_info=info + [{"name": "output", "channels": [], "stride": None, "depth": 0}],
-                             base_class=type(base).__name__)
+                             base_class=type(base).__name__, confidence=confidence)
     converted.train(base.training)
     return converted
 
@@ -263,7 +276,7 @@ def inspect(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, nod
     except ValueError:
         picked = []
     found = [Candidate(b.name, "module", b.shapes, b.channels, b.stride, b.name in picked)
-             for b in candidate_boundaries(gm)]
+             for b in candidate_boundaries(gm, include=picked)]
     if nodes:
         from ._fx.stages import node_boundary
 

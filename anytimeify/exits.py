@@ -12,6 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .masking.conv import MaskedConv2d
+from .masking.masks import geometry_of, mask_for_conv, plan_for_conv
+
 __all__ = ["Exit", "original_head", "redesigned_head", "HEAD_KINDS"]
 
 HEAD_KINDS = ("original", "redesigned")
@@ -98,10 +101,15 @@ class Exit(nn.Sequential):
         ]
         return torch.cat(ups, dim=1)
 
-    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, features: List[torch.Tensor], masks=None) -> torch.Tensor:  # type: ignore[override]
+        """Logits from the stage's features; ``masks`` (a MaskSet) governs masked convs in the head."""
         x = self.fuse(list(features))
         for layer in self:
-            x = layer(x)
+            if masks is not None and isinstance(layer, MaskedConv2d):
+                geometry = geometry_of(layer)
+                x = layer(x, mask_for_conv(masks, x, geometry), plan_for_conv(masks, x, geometry))
+            else:
+                x = layer(x)
         if self.output_scale is not None:
             x = F.interpolate(x, scale_factor=self.output_scale, mode="bilinear",
                               align_corners=self.align_corners)

@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ._fx.split import Segment
+from .masking.conv import MaskedConv2d
 
 __all__ = ["AnytimeModel", "ExitOutput", "Program"]
 
@@ -25,6 +26,9 @@ class ExitOutput:
         elapsed: seconds since ``anytime()`` started computing, up to this exit's logits.
         macs: cumulative conv and linear multiply-accumulates executed up to this exit (bias
             excluded, the paper's convention), for the whole batch.
+        paper_macs: cumulative MACs in the paper's convention (a masked conv counts
+            ``dense * p + (1 - p) * p * C_out * 49 * H * W``, REFERENCE.md §4); equals ``macs``
+            without confidence adaptivity.
         mask: the "computed" mask this exit produced for the next segment (confidence
             adaptivity only), ``(B, 1, h, w)`` bool at the logits' resolution, True = computed.
         skipped: fraction of positions this exit marks confident (0.0 without confidence adaptivity).
@@ -34,6 +38,7 @@ class ExitOutput:
     logits: torch.Tensor
     elapsed: float
     macs: int
+    paper_macs: float = 0.0
     mask: Optional[torch.Tensor] = None
     skipped: float = 0.0
 
@@ -42,8 +47,18 @@ class ExitOutput:
         return self.macs / 1e9
 
 
-# MACs executed by the segment running now; a context variable keeps interleaved generators apart
-_LEDGER: contextvars.ContextVar[Optional[List[int]]] = contextvars.ContextVar("anytimeify_ledger", default=None)
+class Ledger:
+    """MACs of the segment running now: executed, and in the paper's convention for masked convs."""
+
+    __slots__ = ("executed", "paper")
+
+    def __init__(self) -> None:
+        self.executed = 0
+        self.paper = 0.0
+
+
+# a context variable keeps interleaved generators apart
+_LEDGER: contextvars.ContextVar[Optional[Ledger]] = contextvars.ContextVar("anytimeify_ledger", default=None)
 
 
 def _conv_linear_hook(module: nn.Module, args, output) -> None:
@@ -52,16 +67,37 @@ def _conv_linear_hook(module: nn.Module, args, output) -> None:
         return
     if isinstance(module, nn.Conv2d):
         w = module.weight
-        ledger[0] += output.numel() * w.shape[1] * w.shape[2] * w.shape[3]
-    elif isinstance(module, nn.Linear):
-        ledger[0] += output.numel() * module.in_features
+        macs = output.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+    else:
+        macs = output.numel() * module.in_features
+    ledger.executed += macs
+    ledger.paper += macs
 
 
-def add_macs(macs: int) -> None:
-    """Report MACs executed outside plain Conv2d / Linear modules (masked convolutions)."""
+def _masked_conv_hook(module: MaskedConv2d, args, output) -> None:
     ledger = _LEDGER.get()
-    if ledger is not None:
-        ledger[0] += int(macs)
+    if ledger is None:
+        return
+    x = args[0]
+    mask = args[1] if len(args) > 1 else None
+    plan = args[2] if len(args) > 2 else None
+    if mask is None:
+        macs = module.dense_macs(x.shape)
+        ledger.executed += macs
+        ledger.paper += macs
+    else:
+        ledger.executed += module.executed_macs(x.shape, mask, plan)
+        ledger.paper += module.paper_macs(x.shape, mask)
+
+
+def run_segment(segment: Segment, args) -> Tuple[tuple, Ledger]:
+    """Run one segment, counting its MACs."""
+    ledger = Ledger()
+    token = _LEDGER.set(ledger)
+    try:
+        return segment.module(*args), ledger
+    finally:
+        _LEDGER.reset(token)
 
 
 @dataclass
@@ -72,7 +108,7 @@ class Program:
     segments: List[Segment]
     input_name: str
     exit_names: List[str]
-    extra_names: List[Tuple[Optional[str], Optional[str]]]  # per exit: (mask name, skipped name)
+    mask_names: List[Optional[str]]  # per exit: the MaskSet it decides (None without confidence)
 
 
 class AnytimeModel(nn.Module):
@@ -86,7 +122,7 @@ class AnytimeModel(nn.Module):
 
     def __init__(self, programs: Dict[bool, Program], modules: Dict[str, nn.Module], *,
                  input_divisor: int, in_channels: int, exit_info: Sequence[dict],
-                 base_class: str):
+                 base_class: str, confidence=None):
         super().__init__()
         for name, module in modules.items():
             self.add_module(name, module)
@@ -96,8 +132,11 @@ class AnytimeModel(nn.Module):
         self.in_channels = in_channels
         self.exit_info = list(exit_info)
         self.base_class = base_class
+        self.confidence = confidence
         for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and type(module) in (nn.Conv2d, nn.Linear):
+            if isinstance(module, MaskedConv2d):
+                module.register_forward_hook(_masked_conv_hook)
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.register_forward_hook(_conv_linear_hook)
 
     # -- introspection -------------------------------------------------------------------------
@@ -124,6 +163,18 @@ class AnytimeModel(nn.Module):
         return f"base={self.base_class}, exits=[{names}]"
 
     # -- execution -----------------------------------------------------------------------------
+
+    def set_execution(self, execution: str) -> "AnytimeModel":
+        """Switch every masked conv between ``"dense"`` (training) and ``"sparse"`` (inference)."""
+        if self.confidence is None:
+            raise ValueError("this model has no confidence adaptivity; convert it with confidence=Confidence(...)")
+        if execution not in ("dense", "sparse"):
+            raise ValueError(f"execution must be 'dense' or 'sparse', got {execution!r}")
+        self.confidence.execution = execution
+        for module in self.modules():
+            if isinstance(module, MaskedConv2d):
+                module.execution = execution
+        return self
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError that says what to do when ``x`` is not an input this model takes."""
@@ -162,23 +213,20 @@ class AnytimeModel(nn.Module):
 
     def _anytime(self, x: torch.Tensor, program: Program) -> Iterator[ExitOutput]:
         env: Dict[str, object] = {program.input_name: x}
-        macs = 0
+        macs, paper = 0, 0.0
         elapsed = 0.0
         for seg in program.segments:
-            ledger = [0]
-            token = _LEDGER.set(ledger)
             start = time.perf_counter()
-            try:
-                values = seg.module(*[env[name] for name in seg.inputs])
-            finally:
-                _LEDGER.reset(token)
+            values, ledger = run_segment(seg, [env[name] for name in seg.inputs])
             elapsed += time.perf_counter() - start
             env.update(zip(seg.outputs, values))
-            macs += ledger[0]
-            mask_name, skipped_name = program.extra_names[seg.index]
-            mask = env.get(mask_name) if mask_name else None
-            skipped = float(env[skipped_name]) if skipped_name else 0.0
-            yield ExitOutput(seg.index + 1, env[program.exit_names[seg.index]], elapsed, macs, mask, skipped)
+            macs += ledger.executed
+            paper += ledger.paper
+            mask_name = program.mask_names[seg.index]
+            masks = env[mask_name] if mask_name else None
+            yield ExitOutput(seg.index + 1, env[program.exit_names[seg.index]], elapsed, macs, paper,
+                             masks.computed if masks is not None else None,
+                             masks.skipped if masks is not None else 0.0)
             # drop what no later segment reads, so memory does not grow with the exits
             later = {name for s in program.segments[seg.index + 1:] for name in s.inputs}
             for name in [k for k in env if k not in later]:

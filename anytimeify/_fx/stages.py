@@ -10,6 +10,8 @@ first match wins.
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -17,8 +19,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+_logger = logging.getLogger(__name__)
+
 __all__ = ["Boundary", "register_stage_adapter", "module_boundary", "node_boundary",
-           "candidate_boundaries", "resolve_exits", "StageAdapter"]
+           "candidate_boundaries", "resolve_exits", "StageAdapter", "spatial_divisor"]
 
 
 @dataclass
@@ -110,19 +114,12 @@ def register_stage_adapter(name: str) -> Callable[[StageAdapter], StageAdapter]:
     return deco
 
 
-_HRNET_CHILDREN = ("layer1", "transition1", "stage2", "transition2", "stage3", "transition3", "stage4")
-
-
-@register_stage_adapter("hrnet")
-def _hrnet_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
-    """HRNet: after ``layer1``, ``stage2`` and ``stage3`` (timm's feature_info names are placeholders)."""
-    children = dict(model.named_children())
-    if all(name in children for name in _HRNET_CHILDREN):
-        return ["layer1", "stage2", "stage3"]
-    return None
-
-
 def stage_adapter_for(model: nn.Module, gm: fx.GraphModule) -> Tuple[str, List[str]]:
+    """The first registered adapter that recognises ``model``, and the boundary names it picks.
+
+    Raises:
+        ValueError: no adapter recognises the model; the message says how to name exits instead.
+    """
     for name, fn in _ADAPTERS:
         picked = fn(model, gm)
         if picked is not None:
@@ -133,12 +130,19 @@ def stage_adapter_for(model: nn.Module, gm: fx.GraphModule) -> Tuple[str, List[s
     )
 
 
-def candidate_boundaries(gm: fx.GraphModule, max_depth: int = 2) -> List[Boundary]:
-    """Module boundaries of every module up to ``max_depth`` levels below the root, in graph order."""
+def candidate_boundaries(gm: fx.GraphModule, max_depth: int = 2, include: Sequence[str] = ()) -> List[Boundary]:
+    """Module boundaries of every module up to ``max_depth`` levels below the root, in graph order.
+
+    Args:
+        gm: the traced model, after shape propagation.
+        max_depth: how deep below the root modules are listed.
+        include: module names listed whatever their depth (e.g. what an adapter picked).
+    """
     seen = set()
     found = []
+    deeper = set(include)
     for name, _ in gm.named_modules():
-        if not name or name.count(".") >= max_depth or name in seen:
+        if not name or (name.count(".") >= max_depth and name not in deeper) or name in seen:
             continue
         seen.add(name)
         b = module_boundary(gm, name)
@@ -186,3 +190,68 @@ def _is_module(gm: fx.GraphModule, name: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+# -- input divisor ---------------------------------------------------------------------------------
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a graph and keeps the spatial size of every 4-D tensor it makes."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.sizes: Dict[str, Tuple[int, int]] = {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor) and result.dim() == 4:
+            self.sizes[n.name] = (int(result.shape[-2]), int(result.shape[-1]))
+        return result
+
+
+def _meta_sizes(gm: fx.GraphModule, shape: Tuple[int, ...]) -> Dict[str, Tuple[int, int]]:
+    """Spatial sizes of every node at input ``shape``, computed on the meta device (no arithmetic)."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    tensors = {name: torch.empty_like(t, device="meta")
+               for name, t in list(gm.named_parameters()) + list(gm.named_buffers())}
+    recorder = _ShapeRecorder(gm)
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad(), _reparametrize_module(gm, tensors):
+            recorder.run(torch.empty(shape, device="meta"))
+    finally:
+        gm.train(was)
+    return recorder.sizes
+
+
+def spatial_divisor(gm: fx.GraphModule) -> int:
+    """The largest power-of-two stride of any 4-D tensor whose size follows the input size.
+
+    Tensors of a fixed size (global pooling in squeeze-excitation blocks, PSPNet's pyramid,
+    ASPP's image pooling) say nothing about which inputs the model accepts, so they are told
+    apart from the others by running the graph once more on the meta device at twice the probe
+    size. Needs ``gm.meta["input_shape"]`` and the probe's ``tensor_meta`` (shape propagation).
+    """
+    probe = tuple(gm.meta["input_shape"])
+    in_h = probe[-2]
+    try:
+        doubled = _meta_sizes(gm, probe[:-2] + (2 * probe[-2], 2 * probe[-1]))
+    except Exception as err:  # an op without a meta kernel: count every node, as before
+        _logger.debug("meta probe of %s failed (%s); every 4-D tensor counts for the divisor",
+                      type(gm).__name__, err)
+        doubled = None
+    divisor = 1
+    for node in gm.graph.nodes:
+        if not _is_tensor_node(node) or node.meta["tensor_meta"].shape[-2] <= 0:
+            continue
+        h, w = node.meta["tensor_meta"].shape[-2:]
+        if doubled is not None and doubled.get(node.name) != (2 * h, 2 * w):
+            continue  # fixed size, or not a function of the input size alone
+        divisor = max(divisor, 2 ** max(0, round(math.log2(in_h / h))))
+    return divisor
+
+
+# the built-in adapters (HRNet, timm, segmentation-models-pytorch) register themselves on import
+from . import adapters  # noqa: E402,F401  (import at the end: adapters use this module's API)

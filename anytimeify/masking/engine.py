@@ -72,6 +72,11 @@ class ConvGeometry:
         return self.out_channels * (self.in_channels // self.groups) * self.taps
 
 
+def _version_of(tensor: Tensor) -> Optional[int]:
+    """In-place version counter of ``tensor`` (None for inference tensors, which have none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
 class MaskPlan:
     """Index lists of one mask, built lazily and shared by every conv governed by the mask.
 
@@ -88,7 +93,7 @@ class MaskPlan:
         if mask.dim() != 4 or mask.shape[1] != 1:
             raise ValueError(f"a mask must have shape (B, 1, H, W); got {tuple(mask.shape)}")
         self.mask = mask
-        self._version = mask._version
+        self._version = _version_of(mask)
         self.batch, _, self.height, self.width = (int(s) for s in mask.shape)
         keep = mask.detach()
         keep = keep if keep.dtype == torch.bool else keep != 0
@@ -98,14 +103,14 @@ class MaskPlan:
         self.kept = int(self.kept_index.numel())
         self._kept_per_sample: Optional[List[int]] = None
         self._skipped_index: Optional[Tensor] = None
-        self._gather: Dict[Tuple, Tuple[Tensor, Optional[Tensor]]] = {}
+        self._gather: Dict[Tuple, object] = {}
         self._halo: Dict[int, Tuple[Tensor, Tensor]] = {}
         self._scratch: Dict[Tuple, Tensor] = {}
 
     # ----------------------------------------------------------------------------------- queries
     def matches(self, mask: Tensor) -> bool:
         """True when ``mask`` is the tensor this plan was built for, unchanged since."""
-        return mask is self.mask and mask._version == self._version
+        return mask is self.mask and _version_of(mask) == self._version
 
     def check(self, mask: Tensor) -> None:
         """Raise if this plan was not built for ``mask``."""
@@ -147,7 +152,7 @@ class MaskPlan:
         key = (geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation, in_height, in_width)
         cached = self._gather.get(key)
         if cached is not None:
-            return cached
+            return cached  # type: ignore[return-value]
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation
         plane = self.height * self.width
         index = self.kept_index
@@ -166,6 +171,33 @@ class MaskPlan:
         result = (rows.reshape(-1).contiguous(), outside)
         self._gather[key] = result
         return result
+
+    def gather_chunks(self, geometry: ConvGeometry, in_height: int, in_width: int,
+                      chunk: int) -> List[Tuple[int, int, Tensor, Optional[Tensor]]]:
+        """The im2col gather lists split into chunks of at most ``chunk`` kept positions.
+
+        Returns:
+            A list of ``(start, end, index, outside)``: kept positions ``start:end``, their gather
+            rows and the rows of the chunk's gathered matrix that lie in the zero padding (or None).
+        """
+        key = ("chunks", geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation,
+               in_height, in_width, chunk)
+        cached = self._gather.get(key)
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        rows, outside = self.gather_index(geometry, in_height, in_width)
+        taps = geometry.taps
+        chunks = []
+        for start in range(0, self.kept, chunk):
+            end = min(self.kept, start + chunk)
+            local: Optional[Tensor] = None
+            if outside is not None:
+                lo, hi = torch.searchsorted(outside, torch.tensor([start * taps, end * taps])).tolist()
+                if hi > lo:
+                    local = outside[lo:hi] - start * taps
+            chunks.append((start, end, rows[start * taps:end * taps], local))
+        self._gather[key] = chunks  # type: ignore[assignment]
+        return chunks
 
     def halo_index(self, radius: int) -> Tuple[Tensor, Tensor]:
         """Interpolation halo for a support radius.
@@ -358,26 +390,36 @@ def _gemm_weight(weight: Tensor, groups: int) -> Tensor:
     return weight.permute(0, 2, 3, 1).reshape(out_channels, -1, 1, 1).contiguous()
 
 
-def _gathered_conv(x_flat: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
-                   plan: MaskPlan, in_height: int, in_width: int, gemm_weight: Optional[Tensor]) -> Tensor:
-    """Conv outputs ``(N, C_out)`` at the kept positions, by im2col gather + one GEMM."""
-    rows, outside = plan.gather_index(geometry, in_height, in_width)
-    kept, taps, channels = plan.kept, geometry.taps, geometry.in_channels
-    cols = plan.scratch("cols", (kept * taps, channels), x_flat.dtype, x_flat.device)
-    torch.index_select(x_flat, 0, rows, out=cols)
-    if outside is not None:
-        cols.index_fill_(0, outside, 0)
-    groups = geometry.groups
-    if groups > 1:
-        # a grouped 1x1 conv needs each group's (tap, channel) block contiguous
-        per_group = channels // groups
-        cols = cols.view(kept, taps, groups, per_group).permute(0, 2, 1, 3).reshape(kept * taps, channels)
-    if gemm_weight is None:
-        gemm_weight = _gemm_weight(weight, groups)
-    # SPARSE-NOTES fact 1: a GEMM runs faster as a 1x1 conv on a channels-last (1, K, N, 1) view
-    view = cols.view(1, kept, 1, taps * channels).permute(0, 3, 1, 2)
-    y = F.conv2d(view, gemm_weight, bias, groups=groups)
-    return y.permute(0, 2, 3, 1).reshape(kept, geometry.out_channels)
+#: bytes of im2col rows gathered per chunk: the GEMM then reads them from cache, not memory
+CHUNK_BYTES = 8 << 20
+
+
+def _gathered_conv_into(out_flat: Tensor, x_flat: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
+                        plan: MaskPlan, in_height: int, in_width: int, gemm_weight: Tensor) -> None:
+    """Write the conv outputs at the kept positions into their rows of ``out_flat``.
+
+    Kept positions are processed in chunks: gather their im2col rows into a reused buffer, run
+    one GEMM as a channels-last 1x1 conv (SPARSE-NOTES fact 1: oneDNN beats MKL's ``addmm`` here),
+    and copy the result rows into the output.
+    """
+    taps, channels, groups = geometry.taps, geometry.in_channels, geometry.groups
+    width = taps * channels
+    chunk = max(1024, CHUNK_BYTES // (width * x_flat.element_size()))
+    chunks = plan.gather_chunks(geometry, in_height, in_width, chunk)
+    buffer = plan.scratch("cols", (min(chunk, plan.kept) * taps, channels), x_flat.dtype, x_flat.device)
+    for start, end, rows, outside in chunks:
+        count = end - start
+        cols = buffer[:count * taps]
+        torch.index_select(x_flat, 0, rows, out=cols)
+        if outside is not None:
+            cols.index_fill_(0, outside, 0)
+        if groups > 1:
+            # a grouped 1x1 conv needs each group's (tap, channel) block contiguous
+            per_group = channels // groups
+            cols = cols.view(count, taps, groups, per_group).permute(0, 2, 1, 3).reshape(count * taps, channels)
+        view = cols.view(1, count, 1, width).permute(0, 3, 1, 2)
+        y = F.conv2d(view, gemm_weight, bias, groups=groups)
+        out_flat.index_copy_(0, plan.kept_index[start:end], y.permute(0, 2, 3, 1).reshape(count, geometry.out_channels))
 
 
 def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
@@ -423,13 +465,14 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         out_flat.index_fill_(0, plan.skipped_index, 0)
     else:
         x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
-        y_kept = _gathered_conv(x_flat, weight, bias, geometry, plan, in_height, in_width, gemm_weight)
         ext = _extension() if use_extension else None
-        if ext is not None and y_kept.dtype == torch.float32 and y_kept.device.type == "cpu":
-            out_flat = ext.scatter_rows(y_kept.contiguous(), plan.kept_index, positions)
+        if ext is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            out_flat = ext.masked_output(positions, out_channels, plan.kept_index)
         else:
-            out_flat = y_kept.new_zeros(positions, out_channels)
-            out_flat.index_copy_(0, plan.kept_index, y_kept)
+            out_flat = x.new_zeros(positions, out_channels)
+        if gemm_weight is None:
+            gemm_weight = _gemm_weight(weight, geometry.groups)
+        _gathered_conv_into(out_flat, x_flat, bias, geometry, plan, in_height, in_width, gemm_weight)
 
     radius = support_radius(lam)
     kernel = rbf_kernel(lam.detach().to(torch.float64), radius=INTERP_RADIUS, support=radius).flatten()

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List
 import torch.nn as nn
 
 from .hrnet import HRNET_VARIANTS, HRNetPose, HRNetSeg, hrnet_pose, hrnet_seg
+from .timm_seg import TimmSegmenter, timm_segmenter  # noqa: F401  (public API)
 
 __all__ = ["HRNetSeg", "HRNetPose", "hrnet_seg", "hrnet_pose", "create_model", "list_models", "HRNET_VARIANTS"]
 

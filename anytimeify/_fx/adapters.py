@@ -1,0 +1,317 @@
+"""Built-in stage adapters (HRNet, timm, segmentation-models-pytorch) and their tracing fixes.
+
+``exits="stages"`` asks the first adapter that recognises a model where its stages end. The
+order they are tried in, first to last:
+
+1. **HRNet** (anywhere in the model: :class:`anytimeify.models.HRNetSeg`, a timm HRNet backbone):
+   after ``layer1``, ``stage2`` and ``stage3``. timm's ``feature_info`` names for HRNet are
+   placeholders (``incre.0``, ``stage1``, ...), hence this rule of its own.
+2. **segmentation-models-pytorch**: the encoder's stage outputs, i.e. the tensors its
+   ``forward`` returns, matched to the modules (or graph nodes) that make them.
+3. **timm**: the first module carrying a ``feature_info`` (a timm classifier or a
+   ``features_only`` backbone inside the model); each reduction level's module is resolved to
+   the model's real module names (``features_only`` wrappers rename ``stages.0`` to ``stages_0``).
+
+Every adapter keeps the levels at stride 4 or more and leaves out the deepest one, whose output
+feeds the model's own head (the last exit): a four-stage trunk gets three early exits, as HRNet.
+
+:func:`trace_for_conversion` is the tracing step of :func:`anytimeify.convert` and
+:func:`anytimeify.inspect`: it switches off smp's input-shape check while tracing (the converted
+model checks input sizes itself), keeps an smp decoder that torch.fx cannot trace as one leaf
+module (with a warning), and warns when a leaf hides convolutions that confidence adaptivity
+therefore cannot mask.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .stages import Boundary, module_boundary, node_boundary, register_stage_adapter
+from .trace import LeafSpec, TraceError, register_leaf_module, trace
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["trace_for_conversion", "timm_feature_modules", "select_stage_levels", "MIN_STAGE_STRIDE"]
+
+#: Levels finer than this (the stride-2 stem) are not stages worth an exit.
+MIN_STAGE_STRIDE = 4
+
+
+def select_stage_levels(boundaries: Sequence[Boundary]) -> List[str]:
+    """Names of the boundaries that get an exit: stride >= 4, deepest level left out, one per node.
+
+    Args:
+        boundaries: one boundary per reduction level, in execution order.
+    """
+    kept: List[Boundary] = []
+    for b in boundaries:
+        if b.stride < MIN_STAGE_STRIDE - 1e-6:
+            continue
+        if kept and kept[-1].last is b.last:
+            continue  # two levels that end at the same tensor are one stage
+        kept.append(b)
+    return [b.name for b in kept[:-1]]
+
+
+# -- HRNet -----------------------------------------------------------------------------------------
+
+_HRNET_CHILDREN = ("layer1", "transition1", "stage2", "transition2", "stage3", "transition3", "stage4")
+
+
+def _hrnet_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
+    """HRNet: after ``layer1``, ``stage2`` and ``stage3`` of the first module that has HRNet's stages."""
+    for path, module in model.named_modules():
+        children = dict(module.named_children())
+        if all(name in children for name in _HRNET_CHILDREN):
+            prefix = f"{path}." if path else ""
+            return [prefix + name for name in ("layer1", "stage2", "stage3")]
+    return None
+
+
+# -- timm ------------------------------------------------------------------------------------------
+
+
+def _feature_levels(module: nn.Module) -> Optional[List[Tuple[str, int]]]:
+    """``(module name, reduction)`` per level of a timm ``feature_info``, or None if it has none."""
+    info = getattr(module, "feature_info", None)
+    if info is None:
+        return None
+    try:
+        if hasattr(info, "module_name") and hasattr(info, "reduction"):  # timm.models.FeatureInfo
+            return list(zip(info.module_name(), info.reduction()))
+        if isinstance(info, (list, tuple)) and all(isinstance(d, dict) for d in info):
+            return [(d["module"], int(d["reduction"])) for d in info]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def _name_variants(name: str) -> Iterator[str]:
+    """``stages.0.blocks`` as a timm ``features_only`` wrapper may have renamed it: ``stages_0.blocks``, ..."""
+    parts = name.split(".")
+    for joined in range(1, len(parts) + 1):
+        yield "_".join(parts[:joined]) + ("." + ".".join(parts[joined:]) if joined < len(parts) else "")
+
+
+def timm_feature_modules(model: nn.Module) -> Optional[List[Tuple[str, int]]]:
+    """The real module name and reduction of each ``feature_info`` level of the first timm model in ``model``.
+
+    Returns:
+        ``(qualified module name, reduction)`` per level, or None when no module of ``model``
+        carries a ``feature_info`` whose levels all resolve to modules of ``model``.
+    """
+    names = {name for name, _ in model.named_modules()}
+    for path, module in model.named_modules():
+        levels = _feature_levels(module)
+        if not levels:
+            continue
+        prefix = f"{path}." if path else ""
+        resolved = []
+        for name, reduction in levels:
+            real = next((prefix + v for v in _name_variants(name) if prefix + v in names), None)
+            if real is None:
+                _logger.debug("feature_info level %r of %s resolves to no module", name, path or "<root>")
+                break
+            resolved.append((real, reduction))
+        else:
+            return resolved
+    return None
+
+
+def _timm_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
+    """timm: the module of each ``feature_info`` reduction level, as a boundary of the traced graph."""
+    levels = timm_feature_modules(model)
+    if levels is None:
+        return None
+    boundaries = [b for b in (module_boundary(gm, name) for name, _ in levels) if b is not None]
+    return select_stage_levels(boundaries) if boundaries else None
+
+
+# -- segmentation-models-pytorch -------------------------------------------------------------------
+
+
+def _smp_base():
+    try:
+        from segmentation_models_pytorch.base import SegmentationModel
+    except ImportError:
+        return None
+    return SegmentationModel
+
+
+def _is_smp(model: nn.Module) -> bool:
+    base = _smp_base()
+    return base is not None and isinstance(model, base) and hasattr(model, "encoder")
+
+
+def _encoder_features(model: nn.Module, probe: Tuple[int, ...]) -> Tuple[torch.Tensor, List[torch.Tensor], Dict[int, str]]:
+    """Run the smp encoder eagerly; return its input, its feature list, and which module made each tensor.
+
+    The map goes from ``id(tensor)`` to the outermost encoder module (called exactly once) that
+    returned that very tensor object.
+    """
+    encoder = model.encoder
+    made_by: Dict[int, str] = {}
+    calls: Dict[str, int] = {}
+    keep: List[torch.Tensor] = []  # keep outputs alive so that ids stay unique
+
+    def hook(name: str) -> Callable:
+        def record(module, args, output) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(output, torch.Tensor):
+                keep.append(output)
+                known = made_by.get(id(output))
+                if known is None or known.count(".") > name.count("."):
+                    made_by[id(output)] = name
+        return record
+
+    handles = [m.register_forward_hook(hook(f"encoder.{name}"))
+               for name, m in encoder.named_modules() if name]
+    param = next(model.parameters(), None)
+    x = torch.randn(probe, generator=torch.Generator().manual_seed(0))
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            features = list(encoder(x))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    once = {key: name for key, name in made_by.items() if calls.get(name) == 1}
+    return x, features, once
+
+
+def _node_making(gm: fx.GraphModule, x: torch.Tensor, feature: torch.Tensor) -> Optional[str]:
+    """The last node inside ``encoder`` whose value equals ``feature`` (when no module returns it)."""
+    values: Dict[str, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor) and result.shape == feature.shape and "encoder" in (
+                    n.meta.get("nn_module_stack") or {}):
+                values[n.name] = result
+            return result
+
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            Recorder(gm).run(x)
+    finally:
+        gm.train(was)
+    equal = [name for name, value in values.items() if torch.equal(value, feature)]
+    return equal[-1] if equal else None
+
+
+def _smp_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
+    """smp: the encoder's stage outputs, named by the module that returns each (else by graph node)."""
+    if not _is_smp(model):
+        return None
+    x, features, made_by = _encoder_features(model, tuple(gm.meta["input_shape"]))
+    boundaries: List[Boundary] = []
+    for feature in features[1:]:  # features[0] is the input image
+        if not isinstance(feature, torch.Tensor) or feature.dim() != 4 or feature.shape[1] == 0:
+            continue  # smp's placeholder for a missing level (Mix Transformer's stride 2)
+        name = made_by.get(id(feature))
+        b = module_boundary(gm, name) if name is not None else None
+        if b is None or len(b.nodes) != 1 or tuple(b.shapes[0]) != tuple(feature.shape):
+            node = _node_making(gm, x, feature)
+            b = node_boundary(gm, node) if node is not None else None
+        if b is None:
+            _logger.debug("no graph node of %s makes its encoder feature of shape %s",
+                          type(model).__name__, tuple(feature.shape))
+            continue
+        boundaries.append(b)
+    return select_stage_levels(boundaries) if boundaries else None
+
+
+# registered last = tried first: HRNet, then smp, then timm
+register_stage_adapter("timm")(_timm_stages)
+register_stage_adapter("smp")(_smp_stages)
+register_stage_adapter("hrnet")(_hrnet_stages)
+
+
+def _register_smp_leaves() -> None:
+    """Mix Transformer's LayerNorm branches on ``x.ndim``; it holds no convolution, so a leaf costs nothing."""
+    try:
+        from segmentation_models_pytorch.encoders.mix_transformer import LayerNorm
+    except ImportError:
+        return
+    register_leaf_module(LayerNorm)
+
+
+_register_smp_leaves()
+
+
+# -- tracing ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _smp_shape_check_off(model: nn.Module) -> Iterator[None]:
+    """smp models check ``H % output_stride`` in Python, which fx cannot trace; the converted model
+    checks input sizes itself (``AnytimeModel.check_input``), so the check is off while tracing."""
+    if not _is_smp(model) or "requires_divisible_input_shape" in vars(model):
+        yield
+        return
+    model.requires_divisible_input_shape = False
+    try:
+        yield
+    finally:
+        del model.requires_divisible_input_shape
+
+
+def _hidden_convs(leaves: Dict[str, nn.Module]) -> Dict[str, int]:
+    counts = {}
+    for name, module in leaves.items():
+        n = sum(isinstance(m, nn.Conv2d) for m in module.modules())
+        if n:
+            counts[name or type(module).__name__] = n
+    return counts
+
+
+def trace_for_conversion(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
+                         autowrap_functions: Sequence[Callable] = ()) -> fx.GraphModule:
+    """Trace ``model`` as :func:`anytimeify.convert` needs it, with the model families' tracing fixes.
+
+    An smp model is traced whole where it can be; where its decoder cannot be traced, the
+    encoder is traced and the decoder kept as one leaf module, with a warning saying so. Any
+    leaf that contains ``nn.Conv2d`` modules triggers a warning that those convolutions run
+    unmasked under confidence adaptivity.
+
+    Raises:
+        TraceError: the model (or, for smp, its encoder) cannot be traced; the message names the
+            module and source line and suggests ``leaf_modules``.
+    """
+    with _smp_shape_check_off(model):
+        try:
+            gm = trace(model, leaf_modules, autowrap_functions)
+        except TraceError as err:
+            failed = re.match(r"torch.fx could not trace module '([^']*)'", str(err))
+            in_decoder = failed is not None and (failed.group(1) + ".").startswith("decoder.")
+            if not _is_smp(model) or not in_decoder or "decoder" in leaf_modules:
+                raise
+            warnings.warn(
+                f"the decoder of {type(model).__name__} cannot be traced by torch.fx "
+                f"({str(err).splitlines()[0]}); it is kept as one leaf module named 'decoder': exits "
+                f"go in the encoder and the decoder runs as one call",
+                UserWarning, stacklevel=4)
+            gm = trace(model, list(leaf_modules) + ["decoder"], autowrap_functions)
+    hidden = _hidden_convs(gm.meta.get("leaves_used", {}))
+    if hidden:
+        listed = ", ".join(f"{name!r} ({n} Conv2d)" for name, n in hidden.items())
+        warnings.warn(
+            f"leaf modules of {type(model).__name__} hide convolutions: {listed}. They run as "
+            f"opaque calls, so confidence adaptivity will not mask them; make them traceable "
+            f"to have them masked.",
+            UserWarning, stacklevel=4)
+    return gm

@@ -1,0 +1,295 @@
+"""MaskedConv2d: a convolution computed only where a confidence mask says so (ADP-C, REFERENCE.md §3).
+
+The output of a masked conv is ``y' = y*m + I(y*m)*(1 - m)``: ``y`` the conv output (bias
+included, before any BN), ``m`` the mask at the conv's output size (1 = computed), ``I`` the RBF
+interpolation of :mod:`anytimeify.masking.interp`. Two executions give the same result:
+
+* ``"dense"``: the full conv, then the blend; differentiable (weight, bias, ``interp_lambda``,
+  input; never the mask). Training, export, and the oracle of the tests.
+* ``"sparse"``: inference only; the engine (:mod:`anytimeify.masking.engine`) computes the conv
+  where ``m = 1`` (or densely, where its cost model says that is faster) and the interpolation
+  only on the halo of the kept set.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .engine import (
+    DEFAULT_COST_MODEL, STRATEGIES, ConvGeometry, CostModel, MaskPlan, choose_strategy, executed_interp_macs,
+    sparse_masked_conv2d, _gemm_weight,
+)
+from .interp import INTERP_RADIUS, interpolate
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["MaskedConv2d", "conv_output_size", "conv_geometry", "EXECUTIONS", "INIT_LAMBDA"]
+
+#: executions of a masked conv
+EXECUTIONS = ("dense", "sparse")
+#: initial value of the learnable interpolation parameter (the paper's)
+INIT_LAMBDA = 3.0
+
+
+def _explicit_padding(conv: nn.Conv2d) -> Tuple[int, int]:
+    """Symmetric per-side zero padding of ``conv`` (resolving ``"valid"`` / ``"same"``)."""
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise ValueError(
+                    f"padding='same' with kernel_size={conv.kernel_size}, dilation={conv.dilation} pads asymmetrically, "
+                    "which masked convs do not support; give an explicit symmetric padding")
+            pads.append(total // 2)
+        return pads[0], pads[1]
+    return int(padding[0]), int(padding[1])
+
+
+def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
+    """The hyper-parameters of ``conv`` that the masked engine needs."""
+    return ConvGeometry(
+        in_channels=conv.in_channels, out_channels=conv.out_channels,
+        kernel_size=(int(conv.kernel_size[0]), int(conv.kernel_size[1])),
+        stride=(int(conv.stride[0]), int(conv.stride[1])), padding=_explicit_padding(conv),
+        dilation=(int(conv.dilation[0]), int(conv.dilation[1])), groups=int(conv.groups),
+    )
+
+
+def conv_output_size(conv: nn.Conv2d, height: int, width: int) -> Tuple[int, int]:
+    """Output ``(H_out, W_out)`` of ``conv`` for an input of ``height x width``.
+
+    This is the size a mask governing ``conv`` must have (REFERENCE.md §3).
+    """
+    return conv_geometry(conv).output_size(int(height), int(width))
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A ``Conv2d`` whose output is computed where a mask is 1 and interpolated elsewhere.
+
+    Build it from an existing conv with :meth:`from_conv`: it shares the conv's ``weight`` and
+    ``bias`` parameters (so state-dict names do not change) and adds one learnable scalar,
+    ``interp_lambda``, initialised to 3.0.
+
+    Attributes:
+        execution: ``"dense"`` (differentiable oracle) or ``"sparse"`` (inference engine).
+        strategy: the sparse engine's per-layer choice: ``"auto"`` (cost model), ``"dense"`` or
+            ``"gather"``; a test and benchmarking knob, ``"auto"`` is right for real use.
+        cost_model: the estimates ``"auto"`` decides with.
+    """
+
+    def __init__(self, *args, execution: str = "dense", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros":
+            raise ValueError(f"MaskedConv2d supports padding_mode='zeros' only, got {self.padding_mode!r}")
+        _explicit_padding(self)
+        self.interp_lambda = nn.Parameter(torch.tensor(INIT_LAMBDA, dtype=self.weight.dtype, device=self.weight.device))
+        self.execution = execution
+        self.strategy = "auto"
+        self.cost_model: CostModel = DEFAULT_COST_MODEL
+        self._gemm_weight_cache: Optional[Tuple[Tuple, Tensor]] = None
+
+    # -------------------------------------------------------------------------------- building
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, execution: str = "dense") -> "MaskedConv2d":
+        """A masked conv that shares ``conv``'s weight and bias parameter objects.
+
+        Args:
+            conv: a ``nn.Conv2d`` with ``padding_mode="zeros"``.
+            execution: ``"dense"`` or ``"sparse"``.
+
+        Returns:
+            The new module, in ``conv``'s training mode, on its device and dtype.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects a torch.nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"MaskedConv2d supports padding_mode='zeros' only; {conv} has {conv.padding_mode!r}")
+        masked = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                     bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta",
+                     execution=execution)
+        masked.weight = conv.weight
+        if conv.bias is not None:
+            masked.bias = conv.bias
+        masked.interp_lambda = nn.Parameter(
+            torch.tensor(INIT_LAMBDA, dtype=conv.weight.dtype, device=conv.weight.device))
+        masked.train(conv.training)
+        return masked
+
+    @property
+    def execution(self) -> str:
+        """``"dense"`` or ``"sparse"``."""
+        return self._execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        if value not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {value!r}")
+        self._execution = value
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", execution={self.execution!r}"
+
+    @property
+    def geometry(self) -> ConvGeometry:
+        """The conv's hyper-parameters as the engine sees them."""
+        return conv_geometry(self)
+
+    # -------------------------------------------------------------------------------- forward
+    def check_mask(self, x_shape: Sequence[int], mask: Tensor) -> None:
+        """Raise ``ValueError`` unless ``mask`` is ``(B, 1, H_out, W_out)`` for an input of ``x_shape``."""
+        if len(x_shape) != 4:
+            raise ValueError(f"MaskedConv2d expects a (B, C, H, W) input, got shape {tuple(x_shape)}")
+        out_height, out_width = conv_output_size(self, x_shape[2], x_shape[3])
+        expected = (int(x_shape[0]), 1, out_height, out_width)
+        if tuple(mask.shape) != expected:
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match the conv output: expected {expected} "
+                f"(batch, 1, H_out, W_out) for input shape {tuple(x_shape)}; build masks with conv_output_size()")
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, plan: Optional[MaskPlan] = None) -> Tensor:
+        """Masked convolution.
+
+        Args:
+            x: ``(B, C_in, H, W)`` input.
+            mask: ``(B, 1, H_out, W_out)`` bool or 0/1 float mask at the output size, 1 = computed;
+                None means every position is computed (the plain conv). Never differentiated.
+            plan: optional :class:`~anytimeify.masking.engine.MaskPlan` of ``mask``, shared by every
+                conv governed by the same mask (sparse execution only; built here when None).
+
+        Returns:
+            ``(B, C_out, H_out, W_out)``; channels-last memory format from the sparse execution.
+        """
+        if mask is None:
+            return self._conv_forward(x, self.weight, self.bias)
+        self.check_mask(x.shape, mask)
+        if self._execution == "dense":
+            return self._dense_forward(x, mask)
+        return self._sparse_forward(x, mask, plan)
+
+    def _dense_forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        y = self._conv_forward(x, self.weight, self.bias)
+        m = mask.detach().to(dtype=y.dtype)
+        y_masked = y * m
+        return y_masked + interpolate(y_masked, self.interp_lambda, radius=INTERP_RADIUS) * (1 - m)
+
+    def _requires_grad(self, x: Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in (self.weight, self.bias, self.interp_lambda)
+                                      if p is not None)
+
+    def _cached_gemm_weight(self) -> Tensor:
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, self.groups)
+        if self._gemm_weight_cache is None or self._gemm_weight_cache[0] != key:
+            self._gemm_weight_cache = (key, _gemm_weight(weight.detach(), self.groups))
+        return self._gemm_weight_cache[1]
+
+    def _sparse_forward(self, x: Tensor, mask: Tensor, plan: Optional[MaskPlan]) -> Tensor:
+        if self._requires_grad(x):
+            raise RuntimeError(
+                "MaskedConv2d with execution='sparse' is inference only: run it under torch.no_grad() or "
+                "torch.inference_mode(), or set execution='dense' to train")
+        if plan is None:
+            plan = MaskPlan(mask)
+        else:
+            plan.check(mask)
+        return sparse_masked_conv2d(
+            x, self.weight, self.bias, self.geometry, self.interp_lambda, plan, strategy=self.strategy,
+            cost_model=self.cost_model, gemm_weight=self._cached_gemm_weight())
+
+    # ------------------------------------------------------------------------------ counting
+    def dense_macs(self, x_shape: Sequence[int]) -> int:
+        """Multiply-adds of the plain conv on an input of ``x_shape`` (bias excluded)."""
+        out_height, out_width = conv_output_size(self, x_shape[2], x_shape[3])
+        return int(x_shape[0]) * out_height * out_width * self.geometry.macs_per_output()
+
+    def chosen_strategy(self, x_shape: Sequence[int], mask: Tensor, plan: Optional[MaskPlan] = None) -> str:
+        """The strategy the sparse execution takes for this input and mask.
+
+        Returns:
+            ``"plain"`` (all kept), ``"zeros"`` (all skipped), ``"dense"`` or ``"gather"``.
+        """
+        self.check_mask(x_shape, mask)
+        plan = plan if plan is not None else MaskPlan(mask)
+        if plan.kept == plan.positions:
+            return "plain"
+        if plan.kept == 0:
+            return "zeros"
+        if self.strategy != "auto":
+            return self.strategy
+        return choose_strategy(self.geometry, plan.positions, plan.kept, self.cost_model)
+
+    def executed_macs(self, x_shape: Sequence[int], mask: Tensor, plan: Optional[MaskPlan] = None) -> int:
+        """Multiply-adds this module's current execution really performs (bias excluded).
+
+        * ``execution="sparse"``: conv MACs at the positions computed (the kept ones, or all of
+          them where the cost model chose the dense kernel), plus the halo stencil's MACs
+          (halo positions x non-centre taps of the support in use x ``C_out``).
+        * ``execution="dense"``: the full conv plus the full 7x7 depthwise interpolation
+          (``B * C_out * 49 * H_out * W_out``), or the plain conv when ``mask`` is None.
+
+        Args:
+            x_shape: input shape ``(B, C_in, H, W)``.
+            mask: the mask (or None: nothing masked).
+            plan: optional plan of ``mask``.
+
+        Returns:
+            An exact integer count.
+        """
+        dense = self.dense_macs(x_shape)
+        if mask is None:
+            return dense
+        self.check_mask(x_shape, mask)
+        if self._execution == "dense":
+            size = 2 * INTERP_RADIUS + 1
+            out_height, out_width = conv_output_size(self, x_shape[2], x_shape[3])
+            return dense + int(x_shape[0]) * self.out_channels * size * size * out_height * out_width
+        plan = plan if plan is not None else MaskPlan(mask)
+        strategy = self.chosen_strategy(x_shape, mask, plan)
+        if strategy == "plain":
+            return dense
+        if strategy == "zeros":
+            return 0
+        conv = dense if strategy == "dense" else plan.kept * self.geometry.macs_per_output()
+        return conv + executed_interp_macs(plan, self.interp_lambda, self.out_channels)
+
+    def paper_macs(self, x_shape: Sequence[int], mask: Optional[Tensor]) -> float:
+        """Multiply-adds by the paper's convention (REFERENCE.md §4), summed over the batch.
+
+        Per sample with kept fraction ``p``: ``dense_MACs * p + (1 - p) * p * C_out * 49 * H_out * W_out``
+        (``dense_MACs`` of one sample, bias excluded). Returned as an unrounded float, since ``p``
+        makes the terms fractional; the paper sums such terms and divides by 2**30 without
+        rounding anywhere, so round only the final total if at all.
+
+        Args:
+            x_shape: input shape ``(B, C_in, H, W)``.
+            mask: the mask, or None (nothing masked: the dense MACs).
+
+        Returns:
+            The paper's count as a float.
+        """
+        batch = int(x_shape[0])
+        dense_per_sample = self.dense_macs(x_shape) // batch
+        if mask is None:
+            return float(dense_per_sample * batch)
+        self.check_mask(x_shape, mask)
+        out_height, out_width = conv_output_size(self, x_shape[2], x_shape[3])
+        plane = out_height * out_width
+        keep = mask.detach().reshape(batch, plane)
+        keep = keep if keep.dtype == torch.bool else keep != 0
+        total = 0.0
+        for kept in keep.sum(dim=1).tolist():
+            p = kept / plane
+            total += dense_per_sample * p + (1 - p) * p * self.out_channels * 49 * plane
+        return total

@@ -1,0 +1,120 @@
+"""Confidence criteria: from an exit's logits to the mask of positions later convolutions compute.
+
+Every criterion maps logits ``(B, K, h, w)`` to a boolean "computed" mask ``(B, 1, h, w)``
+(True = not confident yet, compute it). Masks carry no gradient.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["Confidence", "CRITERIA", "computed_mask"]
+
+CRITERIA = ("max_prob", "entropy", "topk", "random", "heatmap")
+
+CriterionFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Confidence:
+    """Confidence adaptivity settings, passed to ``convert(..., confidence=...)``.
+
+    Args:
+        threshold: meaning depends on the criterion. ``max_prob``: a position is skipped where
+            the max softmax probability is above it (0.998 in the paper; above 1 skips nothing).
+            ``entropy``: skipped where the softmax entropy (nats) is below it. ``heatmap``: skipped
+            where the max over joints of the heatmap is below it (0.002 in the paper).
+        criterion: ``"max_prob"``, ``"entropy"``, ``"topk"``, ``"random"``, ``"heatmap"``, or a
+            callable mapping logits ``(B, K, h, w)`` to a boolean *computed* mask ``(B, 1, h, w)``
+            or ``(B, h, w)``.
+        execution: ``"dense"`` (full convolution then blend; differentiable, for training) or
+            ``"sparse"`` (computes only the positions the mask keeps; inference).
+        fraction: for ``topk`` and ``random``: the fraction of positions to skip after each exit,
+            one number for all exits or one per early exit.
+        seed: seed of the ``random`` criterion's generator (None: torch's global generator).
+    """
+
+    threshold: float = 0.998
+    criterion: Union[str, CriterionFn] = "max_prob"
+    execution: str = "sparse"
+    fraction: Union[float, Sequence[float]] = 0.5
+    seed: Optional[int] = None
+    _generator: Optional[torch.Generator] = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.criterion, str) and self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA} or a callable, got {self.criterion!r}")
+        if not isinstance(self.criterion, str) and not callable(self.criterion):
+            raise TypeError(f"criterion must be a name or a callable, got {type(self.criterion).__name__}")
+        if self.execution not in ("dense", "sparse"):
+            raise ValueError(f"execution must be 'dense' or 'sparse', got {self.execution!r}")
+        if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold):
+            raise ValueError(f"threshold must be a number, got {self.threshold!r}")
+        fractions = [self.fraction] if isinstance(self.fraction, (int, float)) else list(self.fraction)
+        if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions):
+            raise ValueError(f"fraction must lie in [0, 1] (one value or one per exit), got {self.fraction!r}")
+
+    def fraction_for(self, exit_index: int) -> float:
+        if isinstance(self.fraction, (int, float)):
+            return float(self.fraction)
+        fractions = list(self.fraction)
+        if exit_index >= len(fractions):
+            raise ValueError(f"fraction gives {len(fractions)} values but exit {exit_index + 1} needs one")
+        return float(fractions[exit_index])
+
+    def generator(self, device: torch.device) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+
+def _skip_fraction(score: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Computed mask that skips the ``fraction`` highest-scoring positions of each sample."""
+    b = score.shape[0]
+    flat = score.reshape(b, -1)
+    n_skip = int(round(fraction * flat.shape[1]))
+    computed = torch.ones_like(flat, dtype=torch.bool)
+    if n_skip > 0:
+        idx = flat.topk(n_skip, dim=1).indices
+        computed.scatter_(1, idx, False)
+    return computed.view(b, 1, *score.shape[-2:])
+
+
+@torch.no_grad()
+def computed_mask(logits: torch.Tensor, confidence: Confidence, exit_index: int) -> torch.Tensor:
+    """The boolean computed mask ``(B, 1, h, w)`` that exit ``exit_index`` (0-based) decides."""
+    logits = logits.detach()
+    crit = confidence.criterion
+    if callable(crit):
+        mask = crit(logits)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"the confidence criterion returned {type(mask).__name__}, expected a tensor")
+        if mask.dim() == 3:
+            mask = mask.unsqueeze(1)
+        expected = (logits.shape[0], 1, *logits.shape[-2:])
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"the confidence criterion returned a mask of shape {tuple(mask.shape)}, "
+                             f"expected {expected} (or without the channel axis)")
+        return mask.to(torch.bool)
+    if crit == "max_prob":
+        prob = logits.float().softmax(dim=1).amax(dim=1, keepdim=True)
+        return prob <= confidence.threshold
+    if crit == "entropy":
+        logp = logits.float().log_softmax(dim=1)
+        entropy = -(logp.exp() * logp).sum(dim=1, keepdim=True)
+        return entropy >= confidence.threshold
+    if crit == "heatmap":
+        return logits.amax(dim=1, keepdim=True) >= confidence.threshold
+    if crit == "topk":
+        score = logits.float().softmax(dim=1).amax(dim=1)
+        return _skip_fraction(score, confidence.fraction_for(exit_index))
+    if crit == "random":
+        score = torch.rand(logits.shape[0], *logits.shape[-2:], device=logits.device,
+                           generator=confidence.generator(logits.device))
+        return _skip_fraction(score, confidence.fraction_for(exit_index))
+    raise ValueError(f"unknown criterion {crit!r}")  # unreachable: validated in Confidence

@@ -1,0 +1,120 @@
+"""Masks as values that flow through the converted graph, never state kept on modules.
+
+After early exit k, a :class:`MaskDecider` module turns the (aggregated) logits into a
+:class:`MaskSet`: the boolean computed mask at the logits' resolution, resized on demand (nearest
+neighbour, as the reference resizes the logits) to every conv output size it governs, and the
+sparse engine's index plans for each size. A MaskSet lives for one call, so two interleaved
+generators or calls at different input sizes never see each other's masks.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .criteria import Confidence, computed_mask
+
+__all__ = ["MaskSet", "MaskDecider", "copy_aggregate", "mask_for_conv", "plan_for_conv", "geometry_of"]
+
+
+class MaskSet:
+    """The masks one exit decides, for one forward call.
+
+    Args:
+        computed: ``(B, 1, h, w)`` bool, True where later convolutions compute.
+        sparse: whether the convs it governs run the sparse engine (then index plans are built).
+    """
+
+    def __init__(self, computed: torch.Tensor, sparse: bool = False):
+        self.computed = computed
+        self.sparse = sparse
+        self._masks: Dict[Tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self._plans: Dict[Tuple[int, int, torch.dtype], object] = {}
+
+    def at(self, height: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The mask at ``height x width`` (1.0 = computed), shared by every conv of that size."""
+        key = (height, width, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self.computed.to(dtype)
+            if tuple(mask.shape[-2:]) != (height, width):
+                mask = F.interpolate(mask, size=(height, width), mode="nearest")
+            self._masks[key] = mask
+        return mask
+
+    def plan_at(self, height: int, width: int, dtype: torch.dtype = torch.float32):
+        """The sparse engine's index plan for the mask at that size, built once per call."""
+        from .engine import MaskPlan
+
+        key = (height, width, dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = MaskPlan(self.at(height, width, dtype))
+        return plan
+
+    @property
+    def skipped(self) -> float:
+        """Fraction of positions (over the batch) marked confident."""
+        return 1.0 - self.computed.float().mean().item()
+
+    def skipped_per_sample(self) -> torch.Tensor:
+        return 1.0 - self.computed.float().flatten(1).mean(1)
+
+
+class MaskDecider(nn.Module):
+    """Graph node after early exit ``exit_index``: logits -> :class:`MaskSet` (no parameters)."""
+
+    def __init__(self, confidence: Confidence, exit_index: int):
+        super().__init__()
+        self.confidence = confidence
+        self.exit_index = exit_index
+
+    def forward(self, logits: torch.Tensor) -> MaskSet:
+        return MaskSet(computed_mask(logits, self.confidence, self.exit_index),
+                       sparse=self.confidence.execution == "sparse")
+
+    def extra_repr(self) -> str:
+        crit = self.confidence.criterion
+        name = crit if isinstance(crit, str) else getattr(crit, "__name__", "callable")
+        return f"exit={self.exit_index + 1}, criterion={name}, threshold={self.confidence.threshold}"
+
+
+def copy_aggregate(previous: torch.Tensor, new: torch.Tensor, masks: MaskSet) -> torch.Tensor:
+    """Copy aggregation: confident positions keep the earlier prediction.
+
+    ``out = previous * (1 - m) + new * m`` with ``m`` the computed mask at the logits' size.
+    """
+    if previous.shape != new.shape:
+        raise ValueError(f"copy aggregation needs exits of equal shape, got {tuple(previous.shape)} "
+                         f"and {tuple(new.shape)}")
+    m = masks.at(new.shape[-2], new.shape[-1], torch.bool)
+    return torch.where(m, new, previous)
+
+
+def _output_size(x: torch.Tensor, geometry: Tuple[int, ...]) -> Tuple[int, int]:
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    h = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return h, w
+
+
+def mask_for_conv(masks: MaskSet, x: torch.Tensor, geometry: Tuple[int, ...]) -> torch.Tensor:
+    """The mask at the output size of a conv with ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw) on ``x``."""
+    return masks.at(*_output_size(x, geometry), x.dtype)
+
+
+def plan_for_conv(masks: MaskSet, x: torch.Tensor, geometry: Tuple[int, ...]):
+    """The sparse engine's index plan matching :func:`mask_for_conv`'s mask (None in dense execution)."""
+    if not masks.sparse:
+        return None
+    return masks.plan_at(*_output_size(x, geometry), x.dtype)
+
+
+def geometry_of(conv: nn.Conv2d) -> Tuple[int, ...]:
+    """(kh, kw, sh, sw, ph, pw, dh, dw) of a conv with explicit symmetric padding."""
+    from .conv import conv_geometry
+
+    g = conv_geometry(conv)
+    return (*conv.kernel_size, *conv.stride, *g.padding, *conv.dilation)

@@ -1,0 +1,77 @@
+"""Per-exit latency of the anytime model against the unconverted (dense) model, side by side.
+
+For each model: the base HRNet and its converted anytime version (exits with redesigned heads) run
+interleaved, repetition after repetition, on one 1024x2048 image; medians are reported. Prints
+JSON: per-exit elapsed time as a fraction of the dense model's latency next to that exit's FLOP
+share, the time to the first prediction, and the overhead of running every exit.
+
+    python benchmarks/anytime_latency.py                 # W48 (3 reps) and W18-Small-v2 (7 reps)
+    python benchmarks/anytime_latency.py --models hrnet_w18_small_v2 --input 512x1024 --reps 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import anytimeify
+from anytimeify.cli import parse_size
+from anytimeify.models import create_model
+
+
+def measure(name: str, size, reps: int, head: str) -> dict:
+    torch.manual_seed(0)
+    base = create_model(name).eval()
+    model = anytimeify.convert(base, head=head).eval()
+    x = torch.randn(1, 3, *size)
+    dense_times, exit_times = [], []
+    with torch.no_grad():
+        base(x)  # warm-up both (oneDNN primitive creation)
+        outs = list(model.anytime(x))
+        base_macs = anytimeify.flops(base, x).exits[-1].macs
+        for _ in range(reps):
+            start = time.perf_counter()
+            base(x)
+            dense_times.append(time.perf_counter() - start)
+            exit_times.append([o.elapsed for o in model.anytime(x)])
+    dense = statistics.median(dense_times)
+    per_exit = [statistics.median(t[i] for t in exit_times) for i in range(len(outs))]
+    return {
+        "model": name,
+        "head": head,
+        "input": [1, 3, *size],
+        "threads": torch.get_num_threads(),
+        "reps": reps,
+        "dense_s": round(dense, 4),
+        "exits": [
+            {"exit": o.index, "elapsed_s": round(t, 4), "fraction_of_dense": round(t / dense, 4),
+             "flop_share": round(o.macs / base_macs, 4)}
+            for o, t in zip(outs, per_exit)
+        ],
+        "first_exit_fraction": round(per_exit[0] / dense, 4),
+        "all_exits_overhead": round(per_exit[-1] / dense - 1.0, 4),
+        "all_exits_flop_overhead": round(outs[-1].macs / base_macs - 1.0, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["hrnet_w48", "hrnet_w18_small_v2"])
+    parser.add_argument("--input", type=parse_size, default=(1024, 2048))
+    parser.add_argument("--reps", type=int, default=None, help="default: 3 for W48, 7 otherwise")
+    parser.add_argument("--head", default="redesigned", choices=["redesigned", "original"])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = []
+    for name in args.models:
+        reps = args.reps or (3 if "w48" in name else 7)
+        results.append(measure(name, args.input, reps, args.head))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
