@@ -62,6 +62,9 @@ def _propagate_shapes(model: nn.Module, gm: fx.GraphModule, probe: Tuple[int, ..
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     x = torch.randn(probe, device=device, dtype=dtype)
+    # a train-mode graph has training=True baked into traced-through norms (timm's BatchNormAct2d),
+    # so gm.eval() does not stop the probe from moving running statistics: put them back
+    buffers = {name: b.clone() for name, b in gm.named_buffers()}
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(x)
@@ -72,6 +75,9 @@ def _propagate_shapes(model: nn.Module, gm: fx.GraphModule, probe: Tuple[int, ..
         ) from err
     finally:
         gm.train(was)
+        with torch.no_grad():
+            for name, b in gm.named_buffers():
+                b.copy_(buffers[name])
 
 
 def _output_node(gm: fx.GraphModule) -> Tuple[fx.Node, fx.Node]:
@@ -190,6 +196,8 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
         raise ValueError(f"width must be a positive int, got {width!r}")
     if confidence is not None and not isinstance(confidence, Confidence):
         raise TypeError(f"confidence must be an anytimeify.Confidence, got {type(confidence).__name__}")
+    if confidence is not None:
+        confidence = copy.copy(confidence)  # set_execution / set_confidence change this model's only
     base = model if inplace else copy.deepcopy(model)
     probe = _probe_shape(base, input_size)
     if align_corners is None:

@@ -164,6 +164,13 @@ class AnytimeModel(nn.Module):
 
     # -- execution -----------------------------------------------------------------------------
 
+    def set_confidence(self, enabled: bool) -> "AnytimeModel":
+        """Turn confidence adaptivity on or off (off: every position computed, nothing copied)."""
+        if self.confidence is None:
+            raise ValueError("this model has no confidence adaptivity; convert it with confidence=Confidence(...)")
+        self.confidence.enabled = bool(enabled)
+        return self
+
     def set_execution(self, execution: str) -> "AnytimeModel":
         """Switch every masked conv between ``"dense"`` (training) and ``"sparse"`` (inference)."""
         if self.confidence is None:

@@ -35,6 +35,8 @@ class Confidence:
         fraction: for ``topk`` and ``random``: the fraction of positions to skip after each exit,
             one number for all exits or one per early exit.
         seed: seed of the ``random`` criterion's generator (None: torch's global generator).
+        enabled: when False every position is computed (plain early exits); switch it with
+            :meth:`AnytimeModel.set_confidence` to turn confidence adaptivity on after some epochs.
     """
 
     threshold: float = 0.998
@@ -42,6 +44,7 @@ class Confidence:
     execution: str = "sparse"
     fraction: Union[float, Sequence[float]] = 0.5
     seed: Optional[int] = None
+    enabled: bool = True
     _generator: Optional[torch.Generator] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ def _skip_fraction(score: torch.Tensor, fraction: float) -> torch.Tensor:
 def computed_mask(logits: torch.Tensor, confidence: Confidence, exit_index: int) -> torch.Tensor:
     """The boolean computed mask ``(B, 1, h, w)`` that exit ``exit_index`` (0-based) decides."""
     logits = logits.detach()
+    if not confidence.enabled:
+        return torch.ones(logits.shape[0], 1, *logits.shape[-2:], dtype=torch.bool, device=logits.device)
     crit = confidence.criterion
     if callable(crit):
         mask = crit(logits)
