@@ -137,6 +137,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from anytimeify.bench import ca_speedup
+
+    payload = ca_speedup(args.model, args.input, args.skip, reps=args.reps, threads=args.threads, seed=args.seed)
+    from rich.table import Table
+
+    table = Table(title=f"{args.model} at {args.input[0]}x{args.input[1]}, skips {payload['skips']}, "
+                        f"{args.threads} threads, median of {args.reps}")
+    for col in ("eager s", "dense s (BN folded)", "anytime s (CA, all exits)", "speedup", "FLOP speedup", "realisation"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{payload['eager_s']:.3f}", f"{payload['dense_s']:.3f}", f"{payload['anytime_s']:.3f}",
+                  f"{payload['speedup']:.2f}x", f"{payload['flops_speedup']:.2f}x", f"{payload['realisation']:.2f}")
+    _emit(payload, args.json, args.output, table)
+    return 0
+
+
+def parse_skips(text: str) -> List[float]:
+    """``"0.193,0.384,0.630"`` -> ``[0.193, 0.384, 0.63]``."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"skip fractions must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"skip fractions must lie in [0, 1], got {text!r}")
+    return values
+
+
 def _demo_image(size: Tuple[int, int], seed: int):
     """A generated street-like test image: smooth colour regions and edges, normalised like ImageNet."""
     import torch
@@ -177,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--json", action="store_true", help="print JSON")
     fl.add_argument("--output", help="also write the JSON to this file")
     fl.set_defaults(func=cmd_flops)
+
+    be = sub.add_parser("bench", help="speed of confidence adaptivity (sparse) against the dense model")
+    be.add_argument("model", choices=list_models())
+    be.add_argument("--skip", type=parse_skips, default=[0.193, 0.384, 0.630],
+                    help="fraction of pixels skipped after each early exit (default: the paper's averages)")
+    be.add_argument("--input", type=parse_size, default=(1024, 2048), help="HxW (default 1024x2048)")
+    be.add_argument("--reps", type=int, default=5)
+    be.add_argument("--threads", type=int, default=2)
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--json", action="store_true")
+    be.add_argument("--output", help="also write the JSON to this file")
+    be.set_defaults(func=cmd_bench)
 
     ins = sub.add_parser("inspect", help="list the stage boundaries exits can attach to")
     ins.add_argument("model", choices=list_models())

@@ -26,12 +26,23 @@ COUNTED_OPS = ("conv", "linear", "addmm", "matmul", "bmm", "einsum")
 
 @dataclass
 class ExitFlops:
-    """Cumulative cost up to one exit."""
+    """Cumulative cost up to one exit.
+
+    Attributes:
+        exit: exit number, 1-based.
+        macs: MACs actually executed up to this exit (masked convs: only what the sparse engine
+            computes for this input; equal to the dense count without confidence adaptivity).
+        gmacs: ``macs / 1e9``.
+        paper_gflops: the paper's count up to this exit in MACs / 2**30 (masked convs by the
+            paper's formula ``dense * p + (1 - p) * p * C_out * 49 * H * W``).
+        skipped: the fraction of positions this exit marks confident for the next segment.
+    """
 
     exit: int
     macs: int
     gmacs: float
     paper_gflops: float
+    skipped: float = 0.0
 
 
 @dataclass
@@ -78,8 +89,11 @@ def _input(x: Union[torch.Tensor, Sequence[int]], device, dtype) -> torch.Tensor
 def flops(model: nn.Module, x: Union[torch.Tensor, Sequence[int]], name: Optional[str] = None) -> FlopReport:
     """Count per-exit cumulative MACs of ``model`` on input ``x`` (a tensor or a size).
 
-    For an :class:`~anytimeify.AnytimeModel` every segment is counted separately on the values it
-    really receives; for any other module, the whole forward is one exit.
+    For an :class:`~anytimeify.AnytimeModel` every segment is counted by fvcore on the values it
+    really receives; for any other module, the whole forward is one exit. With confidence
+    adaptivity the counts depend on the input's masks: plain convs count their dense MACs (the
+    same as fvcore's), masked convs report what they execute and the paper's formula
+    (REFERENCE.md §4), and each exit reports the fraction of positions it skips.
     """
     from .model import AnytimeModel
 
@@ -92,21 +106,27 @@ def flops(model: nn.Module, x: Union[torch.Tensor, Sequence[int]], name: Optiona
     model.eval()
     try:
         with torch.no_grad():
-            if isinstance(model, AnytimeModel):
+            if isinstance(model, AnytimeModel) and model.confidence is not None:
                 model.check_input(x)
-                per_segment = _segment_macs(model, x)
+                exits = [ExitFlops(o.index, o.macs, o.macs / 1e9, o.paper_macs / PAPER_UNIT, o.skipped)
+                         for o in model.anytime(x)]
             else:
-                per_segment = [count_macs(model, (x,))]
+                if isinstance(model, AnytimeModel):
+                    model.check_input(x)
+                    per_segment = _segment_macs(model, x)
+                else:
+                    per_segment = [count_macs(model, (x,))]
+                exits, total = [], 0
+                for i, macs in enumerate(per_segment):
+                    total += macs
+                    exits.append(ExitFlops(i + 1, total, total / 1e9, total / PAPER_UNIT))
     finally:
         model.train(was)
-    exits, total = [], 0
-    for i, macs in enumerate(per_segment):
-        total += macs
-        exits.append(ExitFlops(i + 1, total, total / 1e9, total / PAPER_UNIT))
     return FlopReport(name or type(model).__name__, list(x.shape), exits, params)
 
 
 def _segment_macs(model, x: torch.Tensor) -> List[int]:
+    """fvcore's count for each segment of a model without masks, on the values it receives."""
     program = model.program
     env = {program.input_name: x}
     counts = []

@@ -223,3 +223,18 @@ def test_bad_settings_are_rejected(net):
         model(torch.randn(2, 3, 64, 64))
     with pytest.raises(ValueError, match="no confidence adaptivity"):
         anytimeify.convert(net).set_execution("dense")
+
+
+def test_mask_aware_flops(net, x):
+    plain = anytimeify.convert(net).eval()
+    unmasked = _ca(net, threshold=1.5, execution="sparse")
+    report, ref = anytimeify.flops(unmasked, x), anytimeify.flops(plain, x)
+    # nothing skipped: the counts are fvcore's
+    assert [e.macs for e in report.exits] == [e.macs for e in ref.exits]
+    assert [e.paper_gflops for e in report.exits] == pytest.approx([e.paper_gflops for e in ref.exits], rel=1e-12)
+    model = _median_threshold(_ca(net, execution="sparse"), x)
+    masked = anytimeify.flops(model, x)
+    assert masked.exits[0].macs == ref.exits[0].macs  # exit 1 is never masked
+    assert [e.skipped for e in masked.exits][:1] == [0.5]
+    for m, r in zip(masked.exits[1:], ref.exits[1:]):
+        assert m.paper_gflops < r.paper_gflops and m.macs < r.macs

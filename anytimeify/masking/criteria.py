@@ -5,6 +5,7 @@ Every criterion maps logits ``(B, K, h, w)`` to a boolean "computed" mask ``(B, 
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -29,7 +30,7 @@ class Confidence:
             where the max over joints of the heatmap is below it (0.002 in the paper).
         criterion: ``"max_prob"``, ``"entropy"``, ``"topk"``, ``"random"``, ``"heatmap"``, or a
             callable mapping logits ``(B, K, h, w)`` to a boolean *computed* mask ``(B, 1, h, w)``
-            or ``(B, h, w)``.
+            or ``(B, h, w)``; a callable with two parameters also receives the 0-based exit index.
         execution: ``"dense"`` (full convolution then blend; differentiable, for training) or
             ``"sparse"`` (computes only the positions the mask keeps; inference).
         fraction: for ``topk`` and ``random``: the fraction of positions to skip after each exit,
@@ -76,6 +77,15 @@ class Confidence:
         return self._generator
 
 
+def _takes_exit_index(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
 def _skip_fraction(score: torch.Tensor, fraction: float) -> torch.Tensor:
     """Computed mask that skips the ``fraction`` highest-scoring positions of each sample."""
     b = score.shape[0]
@@ -96,7 +106,7 @@ def computed_mask(logits: torch.Tensor, confidence: Confidence, exit_index: int)
         return torch.ones(logits.shape[0], 1, *logits.shape[-2:], dtype=torch.bool, device=logits.device)
     crit = confidence.criterion
     if callable(crit):
-        mask = crit(logits)
+        mask = crit(logits, exit_index) if _takes_exit_index(crit) else crit(logits)
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"the confidence criterion returned {type(mask).__name__}, expected a tensor")
         if mask.dim() == 3:

@@ -1,0 +1,141 @@
+"""Speed of confidence adaptivity against the dense model, measured side by side.
+
+Three executions of one image, repeated interleaved, medians reported:
+
+* ``eager_s``: the base model in PyTorch eager, as users run it;
+* ``dense_s``: the base model in its best dense execution here (BN folded into the convs,
+  channels-last activations): what confidence adaptivity is measured against;
+* ``anytime_s``: the converted model running every exit with confidence adaptivity in sparse
+  execution, index building included.
+
+Masks are fixed, spatially clustered (a Gaussian-smoothed random field thresholded to the skip
+fraction of each exit, nested across exits), so runs are comparable across versions and the
+paper's average skip fractions can be imposed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["clustered_field", "FixedMasks", "fold_for_inference", "ca_speedup", "PAPER_SKIPS"]
+
+#: average fraction of pixels skipped after exits 1, 2, 3 on Cityscapes (REFERENCE.md §5)
+PAPER_SKIPS = (0.193, 0.384, 0.630)
+
+
+def clustered_field(size: Tuple[int, int], seed: int = 0, sigma: float = 4.0) -> torch.Tensor:
+    """A smooth random field ``(1, 1, h, w)``: white noise blurred by a Gaussian of ``sigma`` pixels."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, 1, *size, generator=g)
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(t ** 2) / (2 * sigma ** 2))
+    k = k / k.sum()
+    field = F.conv2d(F.pad(noise, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    field = F.conv2d(F.pad(field, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    return field
+
+
+class FixedMasks:
+    """A confidence criterion that imposes nested clustered masks with given skip fractions.
+
+    After exit ``k`` the ``skips[k]`` fraction of positions with the highest field values is
+    confident; since the fractions grow, the confident sets are nested, as with copy aggregation.
+    """
+
+    def __init__(self, skips: Sequence[float], seed: int = 0, sigma: float = 4.0):
+        if any(not 0.0 <= s <= 1.0 for s in skips) or list(skips) != sorted(skips):
+            raise ValueError(f"skip fractions must be non-decreasing values in [0, 1], got {list(skips)}")
+        self.skips = list(skips)
+        self.seed = seed
+        self.sigma = sigma
+        self._fields: Dict[Tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, logits: torch.Tensor, exit_index: int) -> torch.Tensor:
+        size = tuple(logits.shape[-2:])
+        field = self._fields.get(size)
+        if field is None:
+            field = self._fields[size] = clustered_field(size, self.seed, self.sigma)
+        flat = field.flatten()
+        n_skip = int(round(self.skips[exit_index] * flat.numel()))
+        computed = torch.ones_like(flat, dtype=torch.bool)
+        if n_skip:
+            computed[flat.topk(n_skip).indices] = False
+        return computed.view(1, 1, *size).expand(logits.shape[0], 1, *size).to(logits.device)
+
+
+def fold_for_inference(model: nn.Module) -> nn.Module:
+    """The base model with every BN folded into its conv (torch.fx), in channels-last memory format."""
+    from torch.fx.experimental.optimization import fuse
+
+    folded = fuse(model.eval())
+    return folded.to(memory_format=torch.channels_last)
+
+
+def _median_time(fn, reps_out: List[float]) -> None:
+    start = time.perf_counter()
+    fn()
+    reps_out.append(time.perf_counter() - start)
+
+
+def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[float] = PAPER_SKIPS,
+               reps: int = 5, threads: int = 2, seed: int = 0) -> dict:
+    """Measure eager, folded-dense and anytime-with-CA latency of a built-in model (see module doc)."""
+    import anytimeify
+    from anytimeify.models import create_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    base = create_model(name).eval()
+    masks = FixedMasks(skips, seed=seed)
+    model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=masks, execution="sparse")).eval()
+    if model.num_exits - 1 != len(skips):
+        raise ValueError(f"{name} has {model.num_exits - 1} early exits; give that many skip fractions, got {list(skips)}")
+    dense = fold_for_inference(base)
+    x = torch.randn(1, 3, *size)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    eager_t: List[float] = []
+    dense_t: List[float] = []
+    anytime_t: List[float] = []
+    with torch.no_grad():
+        ref = base(x)
+        err = (dense(x_cl) - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+        if err > 1e-3:
+            raise RuntimeError(f"BN folding changed {name}'s output by {err:.2e} (relative); not comparable")
+        outs = list(model.anytime(x_cl))  # warm-up, and the counts
+        base_paper = anytimeify.flops(base, x).exits[-1].paper_gflops
+        for _ in range(reps):
+            _median_time(lambda: base(x), eager_t)
+            _median_time(lambda: dense(x_cl), dense_t)
+            _median_time(lambda: list(model.anytime(x_cl)), anytime_t)
+    eager_s, dense_s, anytime_s = (statistics.median(t) for t in (eager_t, dense_t, anytime_t))
+    anytime_paper = outs[-1].paper_macs / 2 ** 30
+    flops_speedup = base_paper / anytime_paper
+    speedup = dense_s / anytime_s
+    return {
+        "model": name,
+        "input": [1, 3, *size],
+        "threads": threads,
+        "reps": reps,
+        "skips": [round(o.skipped, 4) for o in outs[:-1]],
+        "eager_s": round(eager_s, 4),
+        "dense_s": round(dense_s, 4),
+        "anytime_s": round(anytime_s, 4),
+        "base_paper_gflops": round(base_paper, 2),
+        "anytime_paper_gflops": [round(o.paper_macs / 2 ** 30, 2) for o in outs],
+        "flops_speedup": round(flops_speedup, 4),
+        "speedup": round(speedup, 4),
+        "speedup_vs_eager": round(eager_s / anytime_s, 4),
+        "realisation": round(speedup / flops_speedup, 4),
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(ca_speedup("hrnet_w18_small_v2", (512, 1024), reps=3), indent=2))

@@ -1,0 +1,33 @@
+"""Confidence adaptivity speed-up against the dense model (see anytimeify/bench.py for the method).
+
+Prints JSON, one object per model: eager_s, dense_s (BN folded, channels-last), anytime_s (all
+exits, CA in sparse execution, index building included), flops_speedup, speedup,
+speedup_vs_eager and realisation = speedup / flops_speedup.
+
+    python benchmarks/ca_speedup.py                                   # W48 and W18-Small-v2 at 1024x2048
+    python benchmarks/ca_speedup.py --models hrnet_w18_small_v2 --reps 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from anytimeify.bench import PAPER_SKIPS, ca_speedup
+from anytimeify.cli import parse_size, parse_skips
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["hrnet_w48", "hrnet_w18_small_v2"])
+    parser.add_argument("--input", type=parse_size, default=(1024, 2048))
+    parser.add_argument("--skip", type=parse_skips, default=list(PAPER_SKIPS))
+    parser.add_argument("--reps", type=int, default=None, help="default: 3 for W48, 5 otherwise")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    results = [ca_speedup(name, args.input, args.skip, reps=args.reps or (3 if "w48" in name else 5),
+                          threads=args.threads) for name in args.models]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
