@@ -92,6 +92,13 @@ def load_backbone(model: nn.Module, path: Union[str, os.PathLike]) -> LoadResult
         else:
             take[key] = value
     result.missing = [k for k in trunk if k not in take]
+    foreign = [k for k in result.ignored if not k.startswith(_CLASSIFICATION_HEAD)]
+    if foreign:
+        raise ValueError(
+            f"{os.fspath(path)!r} has {len(foreign)} tensors that {type(model).__name__} lacks, e.g. "
+            f"{foreign[:3]}; it is probably a deeper HRNet variant than this model's "
+            f"({getattr(model, 'variant', '?')}). Load a checkpoint of the same variant."
+        )
     if result.missing:
         raise ValueError(
             f"{os.fspath(path)!r} lacks {len(result.missing)} trunk tensors of {type(model).__name__}, "

@@ -116,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(quiet=args.json)
     console.print(f"[bold]{args.model}[/] with {model.num_exits} exits ({args.head} heads), "
                   f"input {args.input[0]}x{args.input[1]}, {torch.get_num_threads()} threads")
     table = Table(title="anytime predictions, exit after exit")

@@ -1,0 +1,59 @@
+"""The command line: demo, inspect, argument errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from anytimeify.cli import main, parse_size, parse_skips, write_atomic
+
+
+def test_demo_streams_every_exit(capsys):
+    assert main(["demo", "--input", "64x128", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    exits = payload["exits"]
+    assert [e["exit"] for e in exits] == [1, 2, 3, 4]
+    assert all(b["gmacs"] > a["gmacs"] for a, b in zip(exits, exits[1:]))
+    assert all(b["elapsed_s"] >= a["elapsed_s"] for a, b in zip(exits, exits[1:]))
+    # W18-Small-v2 RH at 64x128 is 1/256 of the 1024x2048 figures (REFERENCE.md §4)
+    assert [round(256 * e["paper_gflops"], 2) for e in exits] == [23.69, 34.74, 49.87, 73.23]
+
+
+def test_demo_table_runs_as_a_console_script():
+    out = subprocess.run([sys.executable, "-m", "anytimeify.cli", "demo", "--input", "64x64"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "exit after exit" in out.stdout and "paper GFLOPs" in out.stdout
+
+
+def test_inspect_lists_picked_stages(capsys):
+    assert main(["inspect", "hrnet_w18_small_v2", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in found if c["picked"]] == ["layer1", "stage2", "stage3"]
+
+
+def test_parsers_reject_bad_values():
+    import argparse
+
+    assert parse_size("512x1024") == (512, 1024)
+    with pytest.raises(argparse.ArgumentTypeError, match="HxW"):
+        parse_size("512")
+    with pytest.raises(argparse.ArgumentTypeError, match="positive"):
+        parse_size("0x5")
+    assert parse_skips("0.1,0.5") == [0.1, 0.5]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"\[0, 1\]"):
+        parse_skips("0.1,1.5")
+
+
+def test_atomic_write_leaves_nothing_half_written(tmp_path):
+    target = tmp_path / "out.json"
+    write_atomic(str(target), "first")
+
+    class Boom(str):
+        def __str__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(TypeError):
+        write_atomic(str(target), 123)  # not text: fails while writing
+    assert target.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
