@@ -5,8 +5,8 @@ Three executions of one image, repeated interleaved, medians reported:
 * ``eager_s``: the base model in PyTorch eager, as users run it;
 * ``dense_s``: the base model in its best dense execution here (BN folded into the convs,
   channels-last activations): what confidence adaptivity is measured against;
-* ``anytime_s``: the converted model running every exit with confidence adaptivity in sparse
-  execution, index building included.
+* ``anytime_s``: the converted model, frozen the same way (:meth:`AnytimeModel.freeze`), running
+  every exit with confidence adaptivity in sparse execution, index building included.
 
 Masks are fixed, spatially clustered (a Gaussian-smoothed random field thresholded to the skip
 fraction of each exit, nested across exits), so runs are comparable across versions and the
@@ -95,7 +95,8 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
     torch.manual_seed(seed)
     base = create_model(name).eval()
     masks = FixedMasks(skips, seed=seed)
-    model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=masks, execution="sparse")).eval()
+    model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=masks, execution="sparse"))
+    model = model.eval().freeze()  # BN folded as in the dense reference
     if model.num_exits - 1 != len(skips):
         raise ValueError(f"{name} has {model.num_exits - 1} early exits; give that many skip fractions, got {list(skips)}")
     dense = fold_for_inference(base)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextvars
+import copy
 import time
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -133,11 +134,21 @@ class AnytimeModel(nn.Module):
         self.exit_info = list(exit_info)
         self.base_class = base_class
         self.confidence = confidence
+        self.frozen = False
+        self._register_counters()
+
+    def _register_counters(self) -> None:
+        """Hook every conv and linear layer (once) so that ``anytime()`` can report MACs."""
         for module in self.modules():
+            if getattr(module, "_anytimeify_counted", False):
+                continue
             if isinstance(module, MaskedConv2d):
                 module.register_forward_hook(_masked_conv_hook)
             elif isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.register_forward_hook(_conv_linear_hook)
+            else:
+                continue
+            module._anytimeify_counted = True
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -163,6 +174,29 @@ class AnytimeModel(nn.Module):
         return f"base={self.base_class}, exits=[{names}]"
 
     # -- execution -----------------------------------------------------------------------------
+
+    def freeze(self) -> "AnytimeModel":
+        """An inference copy: batch norms folded into the convs before them, channels-last weights.
+
+        The copy computes what this model computes in eval mode (up to float rounding), faster; it
+        cannot be trained, and later changes to this model's weights do not reach it.
+        """
+        from ._fx.fold import fold_batch_norms
+
+        frozen = copy.deepcopy(self).eval()
+        program = frozen._programs[False]
+        holders = [program.graph_module] + [seg.module for seg in program.segments]
+        fold_batch_norms(frozen, program.graph_module.graph, holders)
+        object.__setattr__(frozen, "_programs", {False: program, True: program})
+        frozen.frozen = True
+        frozen._register_counters()
+        return frozen.to(memory_format=torch.channels_last)
+
+    def train(self, mode: bool = True) -> "AnytimeModel":
+        if mode and getattr(self, "frozen", False):
+            raise RuntimeError("a frozen model (batch norms folded) is for inference only; train the model "
+                               "it was frozen from and call freeze() again")
+        return super().train(mode)
 
     def set_confidence(self, enabled: bool) -> "AnytimeModel":
         """Turn confidence adaptivity on or off (off: every position computed, nothing copied)."""

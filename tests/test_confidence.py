@@ -238,3 +238,29 @@ def test_mask_aware_flops(net, x):
     assert [e.skipped for e in masked.exits][:1] == [0.5]
     for m, r in zip(masked.exits[1:], ref.exits[1:]):
         assert m.paper_gflops < r.paper_gflops and m.macs < r.macs
+
+
+@pytest.mark.parametrize("with_confidence", [False, True])
+def test_frozen_model_computes_the_same(net, x, with_confidence):
+    conf = Confidence(criterion=_top_left_skipped, execution="sparse") if with_confidence else None
+    model = anytimeify.convert(net, confidence=conf).eval()
+    for p in model.parameters():  # non-trivial BN statistics and lambdas
+        if p.dim() == 0:
+            p.data.fill_(1.7)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    frozen = model.freeze()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    with torch.no_grad():
+        ref = list(model.anytime(x))
+        got = list(frozen.anytime(x))
+        whole = frozen(x)
+    for r, g, w in zip(ref, got, whole):
+        assert _rel_err(g.logits, r.logits) <= 1e-4
+        assert torch.equal(g.logits, w)
+        assert g.macs == r.macs
+    with pytest.raises(RuntimeError, match="inference only"):
+        frozen.train()
