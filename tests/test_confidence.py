@@ -264,3 +264,35 @@ def test_frozen_model_computes_the_same(net, x, with_confidence):
         assert g.macs == r.macs
     with pytest.raises(RuntimeError, match="inference only"):
         frozen.train()
+
+
+def test_paper_convention_matches_the_formula(net, x):
+    """Per-exit paper counts equal REFERENCE.md §4's formula, evaluated here from each conv's mask."""
+    model = _ca(net, criterion=_top_left_skipped, execution="sparse")
+    calls = []
+
+    def record(module, args, output):
+        b, c_in, _, _ = args[0].shape
+        _, c_out, h, w = output.shape
+        kh, kw = module.kernel_size
+        dense = c_out * (c_in // module.groups) * kh * kw * h * w  # per sample
+        mask = args[1] if len(args) > 1 else None
+        if not isinstance(module, MaskedConv2d) or mask is None:
+            calls.append(float(b * dense))
+            return
+        total = 0.0
+        for p in mask.float().flatten(1).mean(1).tolist():
+            total += dense * p + (1 - p) * p * c_out * 49 * h * w
+        calls.append(total)
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    expected = []
+    try:
+        with torch.no_grad():
+            for out in model.anytime(x):
+                expected.append(sum(calls))
+                assert out.paper_macs == pytest.approx(expected[-1], rel=1e-6)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(expected) == 4 and expected[0] < expected[1] < expected[2] < expected[3]
