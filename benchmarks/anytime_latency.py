@@ -25,7 +25,9 @@ from anytimeify.models import create_model
 def measure(name: str, size, reps: int, head: str) -> dict:
     torch.manual_seed(0)
     base = create_model(name).eval()
+    start = time.perf_counter()
     model = anytimeify.convert(base, head=head).eval()
+    convert_s = time.perf_counter() - start
     x = torch.randn(1, 3, *size)
     dense_times, exit_times = [], []
     with torch.no_grad():
@@ -45,6 +47,7 @@ def measure(name: str, size, reps: int, head: str) -> dict:
         "input": [1, 3, *size],
         "threads": torch.get_num_threads(),
         "reps": reps,
+        "convert_s": round(convert_s, 3),
         "dense_s": round(dense, 4),
         "exits": [
             {"exit": o.index, "elapsed_s": round(t, 4), "fraction_of_dense": round(t / dense, 4),
