@@ -150,11 +150,30 @@ def _is_smp(model: nn.Module) -> bool:
     return base is not None and isinstance(model, base) and hasattr(model, "encoder")
 
 
-def _encoder_features(model: nn.Module, probe: Tuple[int, ...]) -> Tuple[torch.Tensor, List[torch.Tensor], Dict[int, str]]:
+@contextlib.contextmanager
+def _probe_run(module: nn.Module, training: bool) -> Iterator[None]:
+    """Run ``module`` in mode ``training`` without a trace: buffers (BN statistics), mode and the
+    random generator's state are as before afterwards, and dropout draws the same masks each time."""
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
+    was = module.training
+    module.train(training)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            yield
+    finally:
+        module.train(was)
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])
+
+
+def _encoder_features(model: nn.Module, gm: fx.GraphModule) -> Tuple[torch.Tensor, List[torch.Tensor], Dict[int, str]]:
     """Run the smp encoder eagerly; return its input, its feature list, and which module made each tensor.
 
-    The map goes from ``id(tensor)`` to the outermost encoder module (called exactly once) that
-    returned that very tensor object.
+    The encoder runs in the mode ``gm`` was traced in, on a batch of two probe images (train-mode
+    batch norm needs more than one value per channel). The map goes from ``id(tensor)`` to the
+    outermost encoder module, called exactly once, that returned that very tensor object.
     """
     encoder = model.encoder
     made_by: Dict[int, str] = {}
@@ -174,64 +193,75 @@ def _encoder_features(model: nn.Module, probe: Tuple[int, ...]) -> Tuple[torch.T
     handles = [m.register_forward_hook(hook(f"encoder.{name}"))
                for name, m in encoder.named_modules() if name]
     param = next(model.parameters(), None)
+    probe = (2,) + tuple(gm.meta["input_shape"])[1:]
     x = torch.randn(probe, generator=torch.Generator().manual_seed(0))
     if param is not None:
         x = x.to(device=param.device, dtype=param.dtype)
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with _probe_run(model, gm.training):
             features = list(encoder(x))
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     once = {key: name for key, name in made_by.items() if calls.get(name) == 1}
     return x, features, once
 
 
-def _node_making(gm: fx.GraphModule, x: torch.Tensor, feature: torch.Tensor) -> Optional[str]:
-    """The last node inside ``encoder`` whose value equals ``feature`` (when no module returns it)."""
-    values: Dict[str, torch.Tensor] = {}
+def _makers_by_value(gm: fx.GraphModule, x: torch.Tensor, features: List[torch.Tensor]) -> List[Optional[str]]:
+    """Per feature, the boundary name of an ``encoder`` node whose value equals it (one graph run).
+
+    Used where no module returns the feature tensor itself (``norm(x).contiguous()``): a module
+    whose only output node carries the same values is preferred, else the last such node.
+    """
+    matches: List[List[fx.Node]] = [[] for _ in features]
 
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node):
             result = super().run_node(n)
-            if isinstance(result, torch.Tensor) and result.shape == feature.shape and "encoder" in (
-                    n.meta.get("nn_module_stack") or {}):
-                values[n.name] = result
+            if isinstance(result, torch.Tensor) and "encoder" in (n.meta.get("nn_module_stack") or {}):
+                for i, feature in enumerate(features):
+                    if result.shape == feature.shape and torch.equal(result, feature):
+                        matches[i].append(n)
             return result
 
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            Recorder(gm).run(x)
-    finally:
-        gm.train(was)
-    equal = [name for name, value in values.items() if torch.equal(value, feature)]
-    return equal[-1] if equal else None
+    with _probe_run(gm, gm.training):
+        Recorder(gm).run(x)
+    names: List[Optional[str]] = []
+    for nodes in matches:
+        name = nodes[-1].name if nodes else None
+        for n in nodes:
+            b = module_boundary(gm, str(n.target)) if n.op == "call_module" else None
+            if b is not None and b.nodes == [n]:
+                name = str(n.target)
+                break
+        names.append(name)
+    return names
 
 
 def _smp_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
     """smp: the encoder's stage outputs, named by the module that returns each (else by graph node)."""
     if not _is_smp(model):
         return None
-    x, features, made_by = _encoder_features(model, tuple(gm.meta["input_shape"]))
-    boundaries: List[Boundary] = []
-    for feature in features[1:]:  # features[0] is the input image
-        if not isinstance(feature, torch.Tensor) or feature.dim() != 4 or feature.shape[1] == 0:
-            continue  # smp's placeholder for a missing level (Mix Transformer's stride 2)
+    x, features, made_by = _encoder_features(model, gm)
+    # features[0] is the input image; a level without channels is smp's placeholder (Mix Transformer, stride 2)
+    levels = [f for f in features[1:] if isinstance(f, torch.Tensor) and f.dim() == 4 and f.shape[1] > 0]
+    found: List[Optional[Boundary]] = []
+    for feature in levels:
         name = made_by.get(id(feature))
         b = module_boundary(gm, name) if name is not None else None
-        if b is None or len(b.nodes) != 1 or tuple(b.shapes[0]) != tuple(feature.shape):
-            node = _node_making(gm, x, feature)
-            b = node_boundary(gm, node) if node is not None else None
-        if b is None:
-            _logger.debug("no graph node of %s makes its encoder feature of shape %s",
-                          type(model).__name__, tuple(feature.shape))
-            continue
-        boundaries.append(b)
+        if b is not None and (len(b.nodes) != 1 or tuple(b.shapes[0][1:]) != tuple(feature.shape[1:])):
+            b = None
+        found.append(b)
+    missing = [i for i, b in enumerate(found) if b is None]
+    if missing:
+        modules = {name for name, _ in gm.named_modules()}
+        for i, name in zip(missing, _makers_by_value(gm, x, [levels[i] for i in missing])):
+            if name is None:
+                _logger.debug("no graph node of %s makes its encoder feature of shape %s",
+                              type(model).__name__, tuple(levels[i].shape))
+                continue
+            found[i] = module_boundary(gm, name) if name in modules else node_boundary(gm, name)
+    boundaries = [b for b in found if b is not None]
     return select_stage_levels(boundaries) if boundaries else None
 
 
@@ -270,6 +300,17 @@ def _smp_shape_check_off(model: nn.Module) -> Iterator[None]:
         del model.requires_divisible_input_shape
 
 
+@contextlib.contextmanager
+def _buffers_restored(model: nn.Module, buffers: Dict[str, torch.Tensor]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+
+
 def _hidden_convs(leaves: Dict[str, nn.Module]) -> Dict[str, int]:
     counts = {}
     for name, module in leaves.items():
@@ -292,7 +333,9 @@ def trace_for_conversion(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()
         TraceError: the model (or, for smp, its encoder) cannot be traced; the message names the
             module and source line and suggests ``leaf_modules``.
     """
-    with _smp_shape_check_off(model):
+    # tracing runs Python code on real buffers: timm's BatchNormAct2d bumps num_batches_tracked
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    with _smp_shape_check_off(model), _buffers_restored(model, buffers):
         try:
             gm = trace(model, leaf_modules, autowrap_functions)
         except TraceError as err:
