@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 
 import anytimeify
+from anytimeify import Confidence, MaskedConv2d
 from anytimeify._fx.stages import spatial_divisor
+from anytimeify.bench import FixedMasks
 from anytimeify.models import TimmSegmenter
 
 smp = pytest.importorskip("segmentation_models_pytorch")
@@ -73,7 +75,25 @@ def _check_converted(net: nn.Module, **convert_kwargs) -> anytimeify.AnytimeMode
     assert all(o.shape == reference.shape for o in whole)
     cumulative = [e.macs for e in anytimeify.flops(model, x[:1]).exits]
     assert all(b > a for a, b in zip(cumulative, cumulative[1:])), cumulative
+    _check_confidence(net, x, **convert_kwargs)
     return model
+
+
+def _check_confidence(net: nn.Module, x: torch.Tensor, **convert_kwargs) -> None:
+    """With confidence adaptivity (decoders included), sparse execution equals dense execution."""
+    masks = FixedMasks([0.2, 0.4, 0.6], seed=0, sigma=1.0)
+    model = anytimeify.convert(net, exits="stages", input_size=(SIZE, SIZE),
+                               confidence=Confidence(criterion=masks, execution="dense"), **convert_kwargs).eval()
+    assert sum(isinstance(m, MaskedConv2d) for m in model.modules()) > 0
+    with torch.no_grad():
+        dense = [o for o in model.anytime(x)]
+        model.set_execution("sparse")
+        sparse = [o for o in model.anytime(x)]
+    assert [round(o.skipped, 1) for o in sparse[:-1]] == [0.2, 0.4, 0.6][: len(sparse) - 1]
+    for s, d in zip(sparse, dense):
+        err = (s.logits - d.logits).abs().max().item() / max(1.0, d.logits.abs().max().item())
+        assert err <= 1e-4, err
+    assert sparse[-1].macs < dense[-1].macs
 
 
 @pytest.mark.parametrize("family", sorted(TIMM_BACKBONES))
