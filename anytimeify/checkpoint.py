@@ -81,7 +81,8 @@ def load_backbone(model: nn.Module, path: Union[str, os.PathLike]) -> LoadResult
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    trunk = [k for k in own if re.match(r"^(conv[12]|bn[12]|layer1|transition\d|stage\d)\.", k)]
+    trunk = [k for k in own if re.match(r"^(conv[12]|bn[12]|layer1|transition\d|stage\d)\.", k)
+             and not k.endswith(".interp_lambda")]  # confidence adaptivity's own, not in backbones
     if not trunk:
         raise ValueError(f"{type(model).__name__} has no HRNet trunk (conv1, layer1, stage2, ...) to load into")
     result = LoadResult()
@@ -147,11 +148,14 @@ def load_reference_checkpoint(model: nn.Module, path: Union[str, os.PathLike], s
             result.ignored.append(key)
     result.missing = [k for k in own if k not in take]
     if strict and (result.missing or result.ignored):
+        problems = []
+        if result.missing:
+            problems.append(f"{len(result.missing)} model tensors are missing from the file (e.g. {result.missing[:3]})")
+        if result.ignored:
+            problems.append(f"{len(result.ignored)} file tensors have no place in the model (e.g. {result.ignored[:3]})")
         raise ValueError(
-            f"{os.fspath(path)!r} does not match the converted model: {len(result.missing)} model tensors "
-            f"missing from the file (e.g. {result.missing[:3]}), {len(result.ignored)} file tensors unused "
-            f"(e.g. {result.ignored[:3]}). Convert with the checkpoint's head kind, width and confidence "
-            f"settings, or pass strict=False."
+            f"{os.fspath(path)!r} does not match the converted model: {'; '.join(problems)}. Convert with the "
+            f"checkpoint's head kind, width and confidence settings, or pass strict=False."
         )
     _assign(model, take, os.fspath(path))
     result.loaded = sorted(take)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -53,13 +53,9 @@ class FlopReport:
     input: List[int]
     exits: List[ExitFlops]
     params: int
-    base_paper_gflops: Optional[float] = None
-    extra: Dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(d.pop("extra"))
-        return d
+        return asdict(self)
 
 
 def count_macs(module: nn.Module, inputs: Tuple) -> int:

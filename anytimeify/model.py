@@ -24,7 +24,8 @@ class ExitOutput:
     Attributes:
         index: exit number, 1-based (the last exit is the model's own head).
         logits: the exit's prediction (after copy aggregation when confidence adaptivity is on).
-        elapsed: seconds since ``anytime()`` started computing, up to this exit's logits.
+        elapsed: seconds the model has computed so far, up to this exit's logits (the time the
+            consumer spends between exits is not counted).
         macs: cumulative conv and linear multiply-accumulates executed up to this exit (bias
             excluded, the paper's convention), for the whole batch.
         paper_macs: cumulative MACs in the paper's convention (a masked conv counts
@@ -45,7 +46,13 @@ class ExitOutput:
 
     @property
     def gmacs(self) -> float:
+        """Executed MACs in units of 1e9."""
         return self.macs / 1e9
+
+    @property
+    def paper_gflops(self) -> float:
+        """The paper's count (``paper_macs / 2**30``)."""
+        return self.paper_macs / 2 ** 30
 
 
 class Ledger:
@@ -274,7 +281,10 @@ class AnytimeModel(nn.Module):
                 del env[name]
 
     def exits_until(self, x: torch.Tensor, deadline: float) -> ExitOutput:
-        """Run exits until ``deadline`` seconds have passed; return the last prediction made."""
+        """Run exits until ``deadline`` seconds of compute have passed; return the last prediction.
+
+        The deadline is checked after each exit, so the segment running when it passes finishes.
+        """
         last = None
         for out in self.anytime(x):
             last = out

@@ -104,3 +104,14 @@ def test_reference_ee_checkpoint_loads_into_original_heads(tmp_path):
     other = anytimeify.convert(hrnet_seg("w48", num_classes=19), head="redesigned")
     with pytest.raises(ValueError, match="Convert with the checkpoint's head kind"):
         load_reference_checkpoint(other, path)
+
+
+def test_backbone_loads_into_a_model_with_confidence(timm_classifier, tmp_path):
+    path = tmp_path / "hrnet.pth"
+    torch.save(timm_classifier.state_dict(), path)
+    model = anytimeify.convert(hrnet_seg("w18_small_v2", num_classes=19), confidence=anytimeify.Confidence())
+    result = load_backbone(model, path)
+    assert result.missing == []
+    assert torch.equal(model.stage3[0].branches[0][0].conv1.weight,
+                       timm_classifier.state_dict()["stage3.0.branches.0.0.conv1.weight"])
+    assert model.stage3[0].branches[0][0].conv1.interp_lambda.item() == 3.0

@@ -12,7 +12,8 @@ import torch.nn as nn
 from .hrnet import HRNET_VARIANTS, HRNetPose, HRNetSeg, hrnet_pose, hrnet_seg
 from .timm_seg import TimmSegmenter, timm_segmenter  # noqa: F401  (public API)
 
-__all__ = ["HRNetSeg", "HRNetPose", "hrnet_seg", "hrnet_pose", "create_model", "list_models", "HRNET_VARIANTS"]
+__all__ = ["HRNetSeg", "HRNetPose", "hrnet_seg", "hrnet_pose", "TimmSegmenter", "timm_segmenter",
+           "create_model", "list_models", "HRNET_VARIANTS"]
 
 
 def _registry() -> Dict[str, Callable[..., nn.Module]]:
