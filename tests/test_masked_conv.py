@@ -1,0 +1,498 @@
+"""Tests of MaskedConv2d, the RBF interpolation and the sparse engine (REFERENCE.md §3-4).
+
+The sparse execution must equal the dense one (the oracle) within
+``1e-4 * max(1, max|dense|)`` in fp32 on every kernel size, stride, dilation, groups, padding,
+bias, batch and mask; the dense execution must equal a straightforward implementation of the
+formula written here, independently of the library.
+"""
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from anytimeify.masking import _ext
+from anytimeify.masking.conv import MaskedConv2d, conv_output_size
+from anytimeify.masking.engine import CostModel, IndexCache, MaskPlan, choose_strategy
+from anytimeify.masking.interp import interpolate, rbf_kernel, support_radius
+
+SETTINGS = dict(derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def tolerance(reference: torch.Tensor) -> float:
+    """The contract: 1e-4 * max(1, max|dense output|)."""
+    return 1e-4 * max(1.0, float(reference.abs().max())) if reference.numel() else 1e-4
+
+
+@contextmanager
+def extension(enabled: bool) -> Iterator[None]:
+    """Run with the compiled kernels enabled or forced off (ANYTIMEIFY_NO_EXT)."""
+    previous = os.environ.get("ANYTIMEIFY_NO_EXT")
+    os.environ["ANYTIMEIFY_NO_EXT"] = "0" if enabled else "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["ANYTIMEIFY_NO_EXT"]
+        else:
+            os.environ["ANYTIMEIFY_NO_EXT"] = previous
+
+
+def reference_masked_conv(conv: nn.Conv2d, x: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """y*m + I(y*m)*(1-m) written out from REFERENCE.md §3, in float64, independent of the library.
+
+    I is a 7x7 filter: weight exp(-lam^2 d^2) at squared distance d^2, centre 0, normalised by the
+    sum of the whole 7x7 kernel, zero padding, the same for every channel; applied by shifting.
+    """
+    y = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                 conv.stride, conv.padding, conv.dilation, conv.groups)
+    m = mask.double()
+    ym = y * m
+    weights = {}
+    for dy in range(-3, 4):
+        for dx in range(-3, 4):
+            weights[(dy, dx)] = 0.0 if dy == dx == 0 else math.exp(-(lam ** 2) * (dy * dy + dx * dx))
+    total = sum(weights.values())
+    height, width = ym.shape[-2:]
+    padded = F.pad(ym, (3, 3, 3, 3))
+    interp = torch.zeros_like(ym)
+    for (dy, dx), w in weights.items():
+        if w:
+            interp += (w / total) * padded[..., 3 + dy:3 + dy + height, 3 + dx:3 + dx + width]
+    return ym + interp * (1 - m)
+
+
+@st.composite
+def conv_cases(draw, max_size: int = 12):
+    """A conv, an input and a mask (per-sample density, all-kept / all-skipped samples included)."""
+    k = draw(st.sampled_from([1, 3, 5, 7]))
+    stride = draw(st.sampled_from([1, 2]))
+    dilation = draw(st.sampled_from([1, 2]))
+    group_kind = draw(st.sampled_from(["1", "2", "depthwise"]))
+    if group_kind == "depthwise":
+        in_channels = draw(st.integers(1, 6))
+        groups = in_channels
+        out_channels = in_channels * draw(st.integers(1, 2))
+    else:
+        groups = int(group_kind)
+        in_channels = groups * draw(st.integers(1, 4))
+        out_channels = groups * draw(st.integers(1, 4))
+    # padding up to the kernel's half extent: torch 2.14.1's oneDNN conv (brgemm perform_outwork)
+    # intermittently segfaults on larger paddings, in the plain nn.Conv2d as well
+    half = (k // 2) * dilation
+    pad_kind = draw(st.sampled_from(["same", "zero", "int", "tuple"]))
+    if pad_kind == "same":
+        padding = half
+    elif pad_kind == "zero":
+        padding = 0
+    elif pad_kind == "int":
+        padding = draw(st.integers(0, half))
+    else:
+        padding = (draw(st.integers(0, half)), draw(st.integers(0, half)))
+    bias = draw(st.booleans())
+    batch = draw(st.integers(1, 3))
+    span = dilation * (k - 1) + 1
+    pads = padding if isinstance(padding, tuple) else (padding, padding)
+    height = draw(st.integers(max(1, span - 2 * pads[0]), max(1, span - 2 * pads[0]) + max_size))
+    width = draw(st.integers(max(1, span - 2 * pads[1]), max(1, span - 2 * pads[1]) + max_size))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(in_channels, out_channels, k, stride, padding, dilation, groups, bias)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) / math.sqrt(in_channels // groups * k * k))
+        if bias:
+            conv.bias.copy_(torch.randn(out_channels, generator=generator))
+    x = torch.randn(batch, in_channels, height, width, generator=generator)
+    if draw(st.booleans()):
+        x = x.contiguous(memory_format=torch.channels_last)
+    out_h, out_w = conv_output_size(conv, height, width)
+    kinds = draw(st.lists(st.sampled_from(["random", "random", "random", "kept", "skipped"]),
+                          min_size=batch, max_size=batch))
+    rows = []
+    for kind in kinds:
+        if kind == "kept":
+            rows.append(torch.ones(1, 1, out_h, out_w, dtype=torch.bool))
+        elif kind == "skipped":
+            rows.append(torch.zeros(1, 1, out_h, out_w, dtype=torch.bool))
+        else:
+            density = draw(st.sampled_from([0.05, 0.2, 0.5, 0.8, 0.95]))
+            rows.append(torch.rand(1, 1, out_h, out_w, generator=generator) < density)
+    mask = torch.cat(rows)
+    if draw(st.booleans()):
+        mask = mask.float()
+    return conv, x, mask
+
+
+# ----------------------------------------------------------------------- sparse == dense (sweep)
+@settings(max_examples=320, **SETTINGS)
+@given(case=conv_cases(), lam=st.sampled_from([3.0, 3.0, 0.5, 1.0, 2.0, 5.0]),
+       strategy=st.sampled_from(["auto", "dense", "gather"]), use_ext=st.booleans())
+def test_sparse_equals_dense(case, lam, strategy, use_ext):
+    conv, x, mask = case
+    masked = MaskedConv2d.from_conv(conv)
+    with torch.no_grad():
+        masked.interp_lambda.fill_(lam)
+        dense = masked(x, mask)
+        masked.execution = "sparse"
+        masked.strategy = strategy
+        with extension(use_ext):
+            sparse = masked(x, mask)
+    assert sparse.shape == dense.shape
+    assert (sparse - dense).abs().max() <= tolerance(dense) if dense.numel() else True
+
+
+# -------------------------------------------------------------- dense == the formula, written out
+@settings(max_examples=150, **SETTINGS)
+@given(case=conv_cases(max_size=9), lam=st.sampled_from([3.0, 0.5, 1.0, 1.7, 5.0]))
+def test_dense_matches_formula(case, lam):
+    conv, x, mask = case
+    masked = MaskedConv2d.from_conv(conv)
+    with torch.no_grad():
+        masked.interp_lambda.fill_(lam)
+        out = masked(x, mask)
+        expected = reference_masked_conv(conv, x, mask, lam)
+    assert torch.allclose(out.double(), expected, atol=1e-5 * max(1.0, float(expected.abs().max())), rtol=0)
+
+
+# ------------------------------------------------------------------------- reduced support radius
+@pytest.mark.parametrize("lam", [0.5, 1.0, 2.0, 3.0, 5.0])
+@settings(max_examples=20, **SETTINGS)
+@given(seed=st.integers(0, 2 ** 31 - 1), density=st.sampled_from([0.1, 0.3, 0.6, 0.9]),
+       size=st.integers(3, 20), use_ext=st.booleans())
+def test_reduced_support_matches_full_kernel(lam, seed, density, size, use_ext):
+    generator = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(2, 1, size, size + 3, generator=generator) < density).float()
+    y = torch.randn(2, 5, size, size + 3, generator=generator) * 10
+    full = interpolate(y * mask, torch.tensor(lam))
+    radius = support_radius(lam)
+    cropped = interpolate(y * mask, torch.tensor(lam), support=radius)
+    assert (cropped - full).abs().max() <= 1e-6 * max(1.0, float(full.abs().max()))
+    conv = nn.Conv2d(5, 4, 3, padding=1)
+    masked = MaskedConv2d.from_conv(conv)
+    x = torch.randn(2, 5, size, size + 3, generator=generator)
+    with torch.no_grad():
+        masked.interp_lambda.fill_(lam)
+        dense = masked(x, mask)
+        masked.execution = "sparse"
+        with extension(use_ext):
+            sparse = masked(x, mask)
+    assert (sparse - dense).abs().max() <= tolerance(dense)
+
+
+def test_support_radius_values():
+    # SPARSE-NOTES fact 6: lambda = 3 needs only the 8 nearest neighbours; lambda near 1 the full 7x7
+    assert support_radius(3.0) == 1
+    assert support_radius(5.0) == 1
+    assert support_radius(2.0) == 2
+    assert support_radius(1.0) == 3
+    assert support_radius(0.5) == 3
+    for lam in (0.5, 1.0, 2.0, 3.0, 5.0):
+        r = support_radius(lam)
+        kernel = rbf_kernel(torch.tensor(lam, dtype=torch.float64))
+        inner = kernel[3 - r:4 + r, 3 - r:4 + r].sum()
+        assert float(1 - inner) < 1e-9
+
+
+# ------------------------------------------------------------------------------ the interpolation
+def test_rbf_kernel_definition():
+    lam = 1.3
+    kernel = rbf_kernel(torch.tensor(lam, dtype=torch.float64))
+    assert kernel.shape == (7, 7)
+    raw = torch.tensor([[0.0 if i == j == 0 else math.exp(-(lam ** 2) * (i * i + j * j)) for j in range(-3, 4)]
+                        for i in range(-3, 4)], dtype=torch.float64)
+    assert torch.allclose(kernel, raw / raw.sum(), rtol=1e-12, atol=0)
+    assert kernel[3, 3] == 0
+    assert abs(float(kernel.sum()) - 1) < 1e-12
+
+
+def test_lambda_3_is_mean_of_4_nearest_neighbours():
+    # REFERENCE.md §3: at lambda = 3 the filter is "effectively" the mean of the 4 nearest
+    # neighbours, skipped ones counted as 0. Exactly, each of them weighs 1 / (4 (1 + e^-9 + ...)),
+    # i.e. 0.25 * (1 - 1.2e-4), and each diagonal neighbour e^-9 times that (3.1e-5): a skipped
+    # position whose diagonal neighbours are all skipped (a checkerboard mask) gets the 4-neighbour
+    # mean to within 1.3e-4 relative, and with the exact nearest weight to within 1e-6.
+    generator = torch.Generator().manual_seed(0)
+    height, width = 9, 12
+    y = torch.randn(1, 3, height, width, generator=generator, dtype=torch.float64)
+    rows = torch.arange(height)[:, None]
+    cols = torch.arange(width)[None, :]
+    mask = (((rows + cols) % 2) == 0).to(torch.float64)[None, None]
+    interp = interpolate(y * mask, torch.tensor(3.0, dtype=torch.float64))
+    padded = F.pad(y * mask, (1, 1, 1, 1))
+    four_sum = (padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1] + padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:])
+    skipped = mask.expand_as(y) == 0
+    nearest = float(rbf_kernel(torch.tensor(3.0, dtype=torch.float64))[3, 4])
+    assert abs(nearest - 0.25) < 0.25 * 1.3e-4
+    assert torch.allclose(interp[skipped], (nearest * four_sum)[skipped], atol=1e-6, rtol=0)
+    assert torch.allclose(interp[skipped], (four_sum / 4)[skipped], atol=0, rtol=1.3e-4)
+    # and through the module, in fp32, against the 4-neighbour mean
+    conv = nn.Conv2d(3, 3, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+    masked = MaskedConv2d.from_conv(conv)
+    with torch.no_grad():
+        out = masked(y.float(), mask.float())
+        masked.execution = "sparse"
+        out_sparse = masked(y.float(), mask.float())
+    assert torch.allclose(out.double()[skipped], (four_sum / 4)[skipped], atol=1e-5, rtol=1.3e-4)
+    assert torch.allclose(out_sparse.double()[skipped], (four_sum / 4)[skipped], atol=1e-5, rtol=1.3e-4)
+
+
+def test_interpolate_gradient_reaches_lambda():
+    lam = torch.tensor(2.0, requires_grad=True)
+    y = torch.randn(1, 2, 6, 6)
+    mask = (torch.rand(1, 1, 6, 6) < 0.5).float()
+    interpolate(y * mask, lam).sum().backward()
+    assert lam.grad is not None and torch.isfinite(lam.grad)
+
+
+# ----------------------------------------------------------------------------------- the module
+def test_from_conv_shares_parameters_and_names():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=True)
+    masked = MaskedConv2d.from_conv(conv)
+    assert masked.weight is conv.weight and masked.bias is conv.bias
+    assert list(masked.state_dict().keys()) == ["weight", "bias", "interp_lambda"]
+    assert masked.interp_lambda.item() == 3.0 and masked.interp_lambda.requires_grad
+    assert (masked.stride, masked.padding, masked.kernel_size) == (conv.stride, conv.padding, conv.kernel_size)
+    no_bias = MaskedConv2d.from_conv(nn.Conv2d(4, 6, 1, bias=False), execution="sparse")
+    assert no_bias.bias is None and no_bias.execution == "sparse"
+    assert list(no_bias.state_dict().keys()) == ["weight", "interp_lambda"]
+
+
+def test_unsupported_configurations_raise():
+    with pytest.raises(ValueError, match="padding_mode"):
+        MaskedConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="execution"):
+        MaskedConv2d.from_conv(nn.Conv2d(2, 2, 3), execution="fast")
+    with pytest.raises(TypeError, match="Conv2d"):
+        MaskedConv2d.from_conv(nn.Linear(2, 2))
+
+
+def test_all_kept_is_exactly_the_plain_conv():
+    conv = nn.Conv2d(5, 7, 3, stride=2, padding=1)
+    masked = MaskedConv2d.from_conv(conv)
+    x = torch.randn(2, 5, 11, 9)
+    mask = torch.ones(2, 1, *conv_output_size(conv, 11, 9), dtype=torch.bool)
+    with torch.no_grad():
+        plain = conv(x)
+        assert torch.equal(masked(x, mask), plain)
+        assert torch.equal(masked(x, None), plain)
+        masked.execution = "sparse"
+        plain_cl = conv(x.contiguous(memory_format=torch.channels_last))
+        assert torch.equal(masked(x, mask), plain_cl)
+        assert (masked(x, mask) - plain).abs().max() <= 1e-5
+
+
+def test_all_skipped_is_zero():
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=True)
+    masked = MaskedConv2d.from_conv(conv, execution="sparse")
+    x = torch.randn(2, 3, 7, 8)
+    mask = torch.zeros(2, 1, 7, 8)
+    with torch.no_grad():
+        out = masked(x, mask)
+        masked.execution = "dense"
+        assert torch.equal(masked(x, mask), torch.zeros(2, 4, 7, 8))
+    assert torch.equal(out, torch.zeros(2, 4, 7, 8))
+
+
+def test_dense_gradients_reach_weight_bias_lambda_and_input():
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=True)
+    masked = MaskedConv2d.from_conv(conv)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    mask = (torch.rand(2, 1, 8, 8) < 0.5).float().requires_grad_(True)
+    masked(x, mask).square().sum().backward()
+    for name, param in masked.named_parameters():
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0, name
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert mask.grad is None  # masks carry no gradient
+
+
+def test_sparse_refuses_gradients():
+    masked = MaskedConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1), execution="sparse")
+    x = torch.randn(1, 2, 5, 5)
+    mask = torch.ones(1, 1, 5, 5)
+    with pytest.raises(RuntimeError, match="inference only"):
+        masked(x, mask)
+    with torch.inference_mode():
+        masked(x, mask)
+        inference_mask = torch.rand(1, 1, 5, 5) < 0.5  # inference tensors have no version counter
+        plan = IndexCache().plan(inference_mask)
+        masked(x, inference_mask, plan=plan)
+
+
+def test_wrong_mask_shape_names_both_shapes():
+    masked = MaskedConv2d.from_conv(nn.Conv2d(2, 3, 3, stride=2, padding=1))
+    x = torch.randn(2, 2, 9, 10)
+    bad = torch.ones(2, 1, 9, 10)
+    with pytest.raises(ValueError) as info:
+        masked(x, bad)
+    message = str(info.value)
+    assert "(2, 1, 9, 10)" in message and "(2, 1, 5, 5)" in message
+    with pytest.raises(ValueError, match=r"\(1, 1, 5, 5\)"):
+        masked(x, torch.ones(1, 1, 5, 5))
+
+
+# ---------------------------------------------------------------------------------- plans, reuse
+def test_plan_is_reused_across_layers_and_checked():
+    torch.manual_seed(0)
+    first = MaskedConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1, bias=False), execution="sparse")
+    second = MaskedConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1), execution="sparse")
+    first.strategy = second.strategy = "gather"
+    x = torch.randn(2, 4, 10, 10)
+    mask = torch.rand(2, 1, 10, 10) < 0.4
+    cache = IndexCache()
+    with torch.no_grad():
+        plan = cache.plan(mask)
+        assert cache.plan(mask) is plan and len(cache) == 1
+        y = second(first(x, mask, plan=plan), mask, plan=plan)
+        # index lists built once (one geometry, one halo radius) and used by both layers
+        assert sum(1 for key in plan._gather if key[0] != "chunks") == 1 and len(plan._halo) == 1
+        first.execution = second.execution = "dense"
+        expected = second(first(x, mask), mask)
+        assert (y - expected).abs().max() <= tolerance(expected)
+        other = mask.clone()
+        first.execution = "sparse"
+        with pytest.raises(ValueError, match="plan was built for another mask"):
+            first(x, other, plan=plan)
+        mask[0, 0, 0, 0] = ~mask[0, 0, 0, 0]  # in-place edit invalidates the plan
+        with pytest.raises(ValueError, match="modified in place"):
+            first(x, mask, plan=plan)
+        assert cache.plan(mask) is not plan
+
+
+def test_plans_of_interleaved_calls_do_not_interfere():
+    conv = MaskedConv2d.from_conv(nn.Conv2d(3, 5, 3, padding=1), execution="sparse")
+    x_a, x_b = torch.randn(1, 3, 9, 9), torch.randn(2, 3, 9, 9)
+    mask_a, mask_b = torch.rand(1, 1, 9, 9) < 0.3, torch.rand(2, 1, 9, 9) < 0.7
+    with torch.no_grad():
+        plan_a, plan_b = MaskPlan(mask_a), MaskPlan(mask_b)
+        out_a1 = conv(x_a, mask_a, plan=plan_a).clone()
+        out_b = conv(x_b, mask_b, plan=plan_b)
+        out_a2 = conv(x_a, mask_a, plan=plan_a)
+        conv.execution = "dense"
+        assert torch.equal(out_a1, out_a2)
+        assert (out_b - conv(x_b, mask_b)).abs().max() <= tolerance(out_b)
+
+
+def test_cost_model_choices():
+    from anytimeify.masking.conv import conv_geometry
+
+    geometry = conv_geometry(nn.Conv2d(48, 48, 3, padding=1))
+    assert choose_strategy(geometry, 1000, 1000) == "dense"
+    assert choose_strategy(geometry, 1000, 0) == "gather"
+    assert choose_strategy(geometry, 1000, 50) == "gather"
+    assert choose_strategy(geometry, 1000, 990) == "dense"
+    slow_gather = CostModel(gemm_gmacs=1e-3)
+    assert choose_strategy(geometry, 1000, 50, slow_gather) == "dense"
+
+
+@pytest.mark.skipif(not _ext.available(), reason="C++ extension not built (no compiler?)")
+def test_extension_kernels_match_pytorch():
+    from anytimeify.masking.engine import halo_stencil
+
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.rand(2, 1, 11, 13, generator=generator) < 0.3
+    plan = MaskPlan(mask)
+    out = torch.randn(plan.positions, 6, generator=generator)
+    out.index_fill_(0, plan.skipped_index, 0)
+    for radius in (1, 2, 3):
+        halo, neighbours = plan.halo_index(radius)
+        weights = torch.rand(neighbours.shape[1], generator=generator)
+        a, b = out.clone(), out.clone()
+        halo_stencil(a, halo, neighbours, weights, use_extension=False)
+        halo_stencil(b, halo, neighbours, weights, use_extension=True)
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+    rows = _ext.load().masked_output(plan.positions, 6, plan.kept_index)
+    rows.index_copy_(0, plan.kept_index, out[plan.kept_index])
+    assert torch.equal(rows, out)
+    big = MaskPlan(torch.rand(1, 1, 300, 400, generator=generator) < 0.5)  # large enough for huge pages
+    rows = _ext.load().masked_output(big.positions, 16, big.kept_index)
+    assert torch.equal(rows[big.skipped_index], torch.zeros(int(big.skipped_index.numel()), 16))
+
+
+# --------------------------------------------------------------------------------- MAC counting
+def test_paper_macs_hand_computed():
+    # 3x3 conv 4 -> 6, stride 1, padding 1 on 2 x 4 x 5 x 5; per sample dense = 6*4*9*25 = 5400
+    conv = MaskedConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1, bias=True))
+    mask = torch.zeros(2, 1, 5, 5, dtype=torch.bool)
+    mask[0, 0, :2, :] = True          # sample 0: 10 of 25 kept, p = 0.4
+    mask[1, 0, 0, 0] = True           # sample 1: 1 of 25 kept, p = 0.04
+    x_shape = (2, 4, 5, 5)
+    assert conv.dense_macs(x_shape) == 2 * 5400
+    p0, p1 = 0.4, 0.04
+    expected = (5400 * p0 + (1 - p0) * p0 * 6 * 49 * 25) + (5400 * p1 + (1 - p1) * p1 * 6 * 49 * 25)
+    # = (2160 + 1764) + (216 + 282.24) = 4422.24
+    assert conv.paper_macs(x_shape, mask) == pytest.approx(expected, rel=1e-12)
+    assert conv.paper_macs(x_shape, mask) == pytest.approx(4422.24, rel=1e-12)
+    assert conv.paper_macs(x_shape, None) == 10800
+    assert conv.paper_macs(x_shape, torch.ones(2, 1, 5, 5)) == 10800
+    assert conv.paper_macs(x_shape, torch.zeros(2, 1, 5, 5)) == 0
+
+
+def test_executed_macs_hand_computed():
+    # 1x1 conv 3 -> 2 on 1 x 3 x 5 x 5, one kept pixel in the middle, lambda = 3 (3x3 support):
+    # gather: 1 kept position x 2*3 MACs = 6; halo: the 8 neighbours x 8 taps x 2 channels = 128
+    conv = MaskedConv2d.from_conv(nn.Conv2d(3, 2, 1, bias=True), execution="sparse")
+    conv.strategy = "gather"
+    mask = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    mask[0, 0, 2, 2] = True
+    x_shape = (1, 3, 5, 5)
+    assert conv.executed_macs(x_shape, mask) == 1 * 2 * 3 + 8 * 8 * 2
+    # the dense kernel: all 25 positions x 6 MACs + the same halo
+    conv.strategy = "dense"
+    assert conv.executed_macs(x_shape, mask) == 25 * 6 + 8 * 8 * 2
+    # lambda = 1 needs the full 7x7: every other position is in the halo, 48 taps each
+    conv.strategy = "gather"
+    with torch.no_grad():
+        conv.interp_lambda.fill_(1.0)
+    assert conv.executed_macs(x_shape, mask) == 6 + 24 * 48 * 2
+    # corner pixel, lambda = 3: halo of 3 positions
+    with torch.no_grad():
+        conv.interp_lambda.fill_(3.0)
+    corner = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    corner[0, 0, 0, 0] = True
+    assert conv.executed_macs(x_shape, corner) == 6 + 3 * 8 * 2
+    # all kept: the plain conv only; all skipped: nothing
+    assert conv.executed_macs(x_shape, torch.ones(1, 1, 5, 5)) == 150
+    assert conv.executed_macs(x_shape, torch.zeros(1, 1, 5, 5)) == 0
+    # dense execution: full conv + full 7x7 depthwise interpolation (49 taps per output element)
+    conv.execution = "dense"
+    assert conv.executed_macs(x_shape, mask) == 150 + 2 * 49 * 25
+    assert conv.executed_macs(x_shape, None) == 150
+
+
+def test_gathered_conv_in_several_chunks(monkeypatch):
+    from anytimeify.masking import engine
+
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 1)  # chunks of 1024 kept positions
+    conv = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2)
+    masked = MaskedConv2d.from_conv(conv, execution="sparse")
+    masked.strategy = "gather"
+    x = torch.randn(2, 4, 40, 60)
+    mask = torch.rand(2, 1, 40, 60) < 0.6
+    with torch.no_grad():
+        out = masked(x, mask)
+        masked.execution = "dense"
+        expected = masked(x, mask)
+    assert MaskPlan(mask).kept > 2048
+    assert (out - expected).abs().max() <= tolerance(expected)
+
+
+def test_executed_macs_strided_grouped():
+    # 3x3, stride 2, groups 2, 4 -> 6 channels, 9x9 input -> 5x5 output; per output 6 * 2 * 9 = 108
+    conv = MaskedConv2d.from_conv(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), execution="sparse")
+    conv.strategy = "gather"
+    mask = torch.zeros(2, 1, 5, 5, dtype=torch.bool)
+    mask[0, 0, 2, 2] = True
+    mask[1, 0, 0, 0] = True
+    halo = 8 + 3
+    assert conv.executed_macs((2, 4, 9, 9), mask) == 2 * 108 + halo * 8 * 6
