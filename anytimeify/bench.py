@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["clustered_field", "FixedMasks", "fold_for_inference", "ca_speedup", "PAPER_SKIPS"]
+__all__ = ["clustered_field", "FixedMasks", "fold_for_inference", "ca_speedup", "profile_ops", "PAPER_SKIPS"]
 
 #: average fraction of pixels skipped after exits 1, 2, 3 on Cityscapes (REFERENCE.md §5)
 PAPER_SKIPS = (0.193, 0.384, 0.630)
@@ -136,6 +136,40 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
         "speedup_vs_eager": round(eager_s / anytime_s, 4),
         "realisation": round(speedup / flops_speedup, 4),
     }
+
+
+def profile_ops(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[float] = PAPER_SKIPS,
+                threads: int = 2, seed: int = 0, top: int = 12) -> dict:
+    """Where the time goes: self CPU time per operator (torch.profiler), dense vs anytime with CA.
+
+    Operators of the engine's Python code show up under the aten ops they call; the compiled
+    kernels as ``anytimeify_masked_ops`` calls.
+    """
+    import anytimeify
+    from anytimeify.models import create_model
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    base = create_model(name).eval()
+    model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=FixedMasks(skips, seed=seed),
+                                                                      execution="sparse")).eval().freeze()
+    dense = fold_for_inference(base)
+    x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
+    result = {}
+    with torch.no_grad():
+        for label, fn in (("dense", lambda: dense(x)), ("anytime", lambda: list(model.anytime(x)))):
+            fn()  # warm-up
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in events) / 1e6
+            result[label] = {
+                "total_s": round(total, 3),
+                "top_ops": [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count,
+                             "share": round(e.self_cpu_time_total / 1e6 / total, 3)} for e in events[:top]],
+            }
+    return {"model": name, "input": [1, 3, *size], "threads": threads, **result}
 
 
 if __name__ == "__main__":  # pragma: no cover

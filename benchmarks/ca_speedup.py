@@ -6,13 +6,14 @@ speedup_vs_eager and realisation = speedup / flops_speedup.
 
     python benchmarks/ca_speedup.py                                   # W48 and W18-Small-v2 at 1024x2048
     python benchmarks/ca_speedup.py --models hrnet_w18_small_v2 --reps 3
+    python benchmarks/ca_speedup.py --models hrnet_w48 --profile     # self CPU time per operator
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from anytimeify.bench import PAPER_SKIPS, ca_speedup
+from anytimeify.bench import PAPER_SKIPS, ca_speedup, profile_ops
 from anytimeify.cli import parse_size, parse_skips
 
 
@@ -23,7 +24,11 @@ def main() -> None:
     parser.add_argument("--skip", type=parse_skips, default=list(PAPER_SKIPS))
     parser.add_argument("--reps", type=int, default=None, help="default: 3 for W48, 5 otherwise")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="per-operator profile instead of timings")
     args = parser.parse_args()
+    if args.profile:
+        print(json.dumps([profile_ops(name, args.input, args.skip, args.threads) for name in args.models], indent=2))
+        return
     results = [ca_speedup(name, args.input, args.skip, reps=args.reps or (3 if "w48" in name else 5),
                           threads=args.threads) for name in args.models]
     print(json.dumps(results, indent=2))
