@@ -204,7 +204,10 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
         align_corners = bool(getattr(base, "align_corners", True))
     width = width or _default_width(base)
 
-    graphs = {mode: _traced(base, leaf_modules, autowrap_functions, mode) for mode in (False, True)}
+    graphs = {False: _traced(base, leaf_modules, autowrap_functions, False)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the eval trace has said whatever tracing had to say
+        graphs[True] = _traced(base, leaf_modules, autowrap_functions, True)
     if graphs[True].code == graphs[False].code:
         del graphs[True]
     else:

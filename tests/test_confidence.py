@@ -1,5 +1,4 @@
 """Confidence adaptivity in the converted model: masks, copy aggregation, executions, criteria."""
-import copy
 
 import pytest
 import torch

@@ -47,7 +47,6 @@ def apply_confidence(root: nn.Module, graph: fx.Graph, exit_nodes: List[fx.Node]
     """
     if not hasattr(root, "mask_deciders"):
         root.add_module("mask_deciders", nn.ModuleList(MaskDecider(confidence, k) for k in range(len(exit_nodes))))
-    order = {n: i for i, n in enumerate(graph.nodes)}
     results: List[fx.Node] = []
     mask_nodes: List[fx.Node] = []
     agg = None

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any, Callable, Iterable, Optional, Sequence, Set, Type, Union
+from typing import Any, Callable, Optional, Sequence, Set, Type, Union
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 

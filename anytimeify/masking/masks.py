@@ -8,7 +8,7 @@ generators or calls at different input sizes never see each other's masks.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
