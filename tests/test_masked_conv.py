@@ -395,10 +395,13 @@ def test_cost_model_choices():
     assert choose_strategy(geometry, 1000, 50, slow_gather) == "dense"
 
 
-@pytest.mark.skipif(not _ext.available(), reason="C++ extension not built (no compiler?)")
+# CI must exercise the compiled path: there an unavailable extension fails instead of skipping
+@pytest.mark.skipif(not _ext.available() and os.environ.get("CI") != "true",
+                    reason="C++ extension not built (no compiler?)")
 def test_extension_kernels_match_pytorch():
     from anytimeify.masking.engine import halo_stencil
 
+    assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
     generator = torch.Generator().manual_seed(1)
     mask = torch.rand(2, 1, 11, 13, generator=generator) < 0.3
     plan = MaskPlan(mask)
