@@ -15,9 +15,18 @@ import torch.nn.functional as F
 from .masking.conv import MaskedConv2d
 from .masking.masks import geometry_of, mask_for_conv, plan_for_conv
 
-__all__ = ["Exit", "original_head", "redesigned_head", "HEAD_KINDS"]
+__all__ = ["Exit", "fuse_branches", "original_head", "redesigned_head", "HEAD_KINDS"]
 
 HEAD_KINDS = ("original", "redesigned")
+
+
+def fuse_branches(features: List[torch.Tensor], align_corners: bool = True) -> torch.Tensor:
+    """Upsample every feature map bilinearly to the first one's size and concatenate (HRNetV2 fusion)."""
+    size = features[0].shape[-2:]
+    ups = [features[0]] + [
+        F.interpolate(f, size=size, mode="bilinear", align_corners=align_corners) for f in features[1:]
+    ]
+    return torch.cat(ups, dim=1)
 
 
 class Upsample2x(nn.Module):
@@ -92,14 +101,7 @@ class Exit(nn.Sequential):
         self.output_scale = output_scale
 
     def fuse(self, features: List[torch.Tensor]) -> torch.Tensor:
-        if len(features) == 1:
-            return features[0]
-        size = features[0].shape[-2:]
-        ups = [features[0]] + [
-            F.interpolate(f, size=size, mode="bilinear", align_corners=self.align_corners)
-            for f in features[1:]
-        ]
-        return torch.cat(ups, dim=1)
+        return features[0] if len(features) == 1 else fuse_branches(features, self.align_corners)
 
     def forward(self, features: List[torch.Tensor], masks=None) -> torch.Tensor:  # type: ignore[override]
         """Logits from the stage's features; ``masks`` (a MaskSet) governs masked convs in the head."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -117,6 +117,11 @@ class Program:
     input_name: str
     exit_names: List[str]
     mask_names: List[Optional[str]]  # per exit: the MaskSet it decides (None without confidence)
+    read_later: List[frozenset] = field(init=False)  # per segment: names later segments still read
+
+    def __post_init__(self) -> None:
+        self.read_later = [frozenset(name for s in self.segments[i + 1:] for name in s.inputs)
+                           for i in range(len(self.segments))]
 
 
 class AnytimeModel(nn.Module):
@@ -276,7 +281,7 @@ class AnytimeModel(nn.Module):
                              masks.computed if masks is not None else None,
                              masks.skipped if masks is not None else 0.0)
             # drop what no later segment reads, so memory does not grow with the exits
-            later = {name for s in program.segments[seg.index + 1:] for name in s.inputs}
+            later = program.read_later[seg.index]
             for name in [k for k in env if k not in later]:
                 del env[name]
 

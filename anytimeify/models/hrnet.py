@@ -13,7 +13,8 @@ from typing import Dict, List
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..exits import fuse_branches
 
 _logger = logging.getLogger(__name__)
 
@@ -38,15 +39,6 @@ def _variant(variant: str) -> tuple:
             f"unknown HRNet variant {variant!r}; choose one of {sorted(HRNET_VARIANTS)}"
         )
     return key, *HRNET_VARIANTS[key]
-
-
-def fuse_branches(features: List[torch.Tensor], align_corners: bool = True) -> torch.Tensor:
-    """Upsample every branch bilinearly to branch 0's size and concatenate (HRNetV2 input fusion)."""
-    size = features[0].shape[-2:]
-    ups = [features[0]] + [
-        F.interpolate(f, size=size, mode="bilinear", align_corners=align_corners) for f in features[1:]
-    ]
-    return torch.cat(ups, dim=1)
 
 
 class _Trunk(nn.Module):
