@@ -170,7 +170,7 @@ class AnytimeModel(nn.Module):
 
     @property
     def program(self) -> Program:
-        return self._programs[self.training] if self.training in self._programs else self._programs[False]
+        return self._programs[self.training]
 
     @property
     def graph_module(self) -> fx.GraphModule:
