@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .masking.conv import MaskedConv2d
-from .masking.masks import geometry_of, mask_for_conv, plan_for_conv
+from .masking.masks import geometry_of, mask_for_conv, plan_for_mask
 
 __all__ = ["Exit", "fuse_branches", "original_head", "redesigned_head", "HEAD_KINDS"]
 
@@ -108,8 +108,8 @@ class Exit(nn.Sequential):
         x = self.fuse(list(features))
         for layer in self:
             if masks is not None and isinstance(layer, MaskedConv2d):
-                geometry = geometry_of(layer)
-                x = layer(x, mask_for_conv(masks, x, geometry), plan_for_conv(masks, x, geometry))
+                mask = mask_for_conv(masks, x, geometry_of(layer))
+                x = layer(x, mask, plan_for_mask(masks, mask))
             else:
                 x = layer(x)
         if self.output_scale is not None:

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..masking.conv import MaskedConv2d
 from ..masking.criteria import Confidence
-from ..masking.masks import MaskDecider, copy_aggregate, geometry_of, mask_for_conv, plan_for_conv
+from ..masking.masks import MaskDecider, copy_aggregate, geometry_of, mask_for_conv, plan_for_mask
 
 _logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def apply_confidence(root: nn.Module, graph: fx.Graph, exit_nodes: List[fx.Node]
         geometry = geometry_of(replaced[target])
         with graph.inserting_before(node):
             mask = graph.call_function(mask_for_conv, (governing, x, geometry))
-            plan = graph.call_function(plan_for_conv, (governing, x, geometry))
+            plan = graph.call_function(plan_for_mask, (governing, mask))
         node.args = (x, mask, plan)
     if skipped_convs:
         warnings.warn(

@@ -44,6 +44,14 @@ __all__ = [
 STRATEGIES = ("auto", "dense", "gather")
 
 
+def conv_output_hw(height: int, width: int, kernel_size: Tuple[int, int], stride: Tuple[int, int],
+                   padding: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[int, int]:
+    """Output height and width of a convolution with symmetric zero padding."""
+    h = (height + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    w = (width + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    return h, w
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     """Everything about a convolution that the index lists depend on (weights excluded)."""
@@ -63,10 +71,7 @@ class ConvGeometry:
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Output height and width for an input of ``height x width``."""
-        sizes = []
-        for size, k, s, p, d in zip((height, width), self.kernel_size, self.stride, self.padding, self.dilation):
-            sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
-        return sizes[0], sizes[1]
+        return conv_output_hw(height, width, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def macs_per_output(self) -> int:
         """Multiply-adds of one output pixel over all output channels (bias excluded)."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .criteria import Confidence, computed_mask
 
-__all__ = ["MaskSet", "MaskDecider", "copy_aggregate", "mask_for_conv", "plan_for_conv", "geometry_of"]
+__all__ = ["MaskSet", "MaskDecider", "copy_aggregate", "mask_for_conv", "plan_for_mask", "geometry_of"]
 
 
 class MaskSet:
@@ -59,9 +59,6 @@ class MaskSet:
         """Fraction of positions (over the batch) marked confident."""
         return 1.0 - self.computed.float().mean().item()
 
-    def skipped_per_sample(self) -> torch.Tensor:
-        return 1.0 - self.computed.float().flatten(1).mean(1)
-
 
 class MaskDecider(nn.Module):
     """Graph node after early exit ``exit_index``: logits -> :class:`MaskSet` (no parameters)."""
@@ -93,23 +90,19 @@ def copy_aggregate(previous: torch.Tensor, new: torch.Tensor, masks: MaskSet) ->
     return torch.where(m, new, previous)
 
 
-def _output_size(x: torch.Tensor, geometry: Tuple[int, ...]) -> Tuple[int, int]:
-    kh, kw, sh, sw, ph, pw, dh, dw = geometry
-    h = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    w = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return h, w
-
-
 def mask_for_conv(masks: MaskSet, x: torch.Tensor, geometry: Tuple[int, ...]) -> torch.Tensor:
     """The mask at the output size of a conv with ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw) on ``x``."""
-    return masks.at(*_output_size(x, geometry), x.dtype)
+    from .engine import conv_output_hw
+
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    return masks.at(*conv_output_hw(x.shape[-2], x.shape[-1], (kh, kw), (sh, sw), (ph, pw), (dh, dw)), x.dtype)
 
 
-def plan_for_conv(masks: MaskSet, x: torch.Tensor, geometry: Tuple[int, ...]):
-    """The sparse engine's index plan matching :func:`mask_for_conv`'s mask (None in dense execution)."""
+def plan_for_mask(masks: MaskSet, mask: torch.Tensor):
+    """The sparse engine's index plan of a mask :func:`mask_for_conv` returned (None in dense execution)."""
     if not masks.sparse:
         return None
-    return masks.plan_at(*_output_size(x, geometry), x.dtype)
+    return masks.plan_at(mask.shape[-2], mask.shape[-1], mask.dtype)
 
 
 def geometry_of(conv: nn.Conv2d) -> Tuple[int, ...]:
