@@ -135,10 +135,13 @@ def conv_cases(draw, max_size: int = 12):
 # ----------------------------------------------------------------------- sparse == dense (sweep)
 @settings(max_examples=320, **SETTINGS)
 @given(case=conv_cases(), lam=st.sampled_from([3.0, 3.0, 0.5, 1.0, 2.0, 5.0]),
-       strategy=st.sampled_from(["auto", "dense", "gather"]), use_ext=st.booleans())
-def test_sparse_equals_dense(case, lam, strategy, use_ext):
+       strategy=st.sampled_from(["auto", "dense", "gather", "implicit"]), use_ext=st.booleans(),
+       shift=st.booleans(), activation=st.sampled_from([None, "relu"]))
+def test_sparse_equals_dense(case, lam, strategy, use_ext, shift, activation):
     conv, x, mask = case
     masked = MaskedConv2d.from_conv(conv)
+    # the inference epilogue (a folded BN's shift, a fused ReLU) must agree too
+    masked.set_epilogue(shift=torch.randn(conv.out_channels) if shift else None, activation=activation)
     with torch.no_grad():
         masked.interp_lambda.fill_(lam)
         dense = masked(x, mask)
@@ -393,6 +396,12 @@ def test_cost_model_choices():
     assert choose_strategy(geometry, 1000, 990) == "dense"
     slow_gather = CostModel(gemm_gmacs=1e-3)
     assert choose_strategy(geometry, 1000, 50, slow_gather) == "dense"
+    # with the compiled implicit GEMM: it replaces the gathered conv, and wins up to higher densities
+    assert choose_strategy(geometry, 1000, 0, implicit=True) == "implicit"
+    assert choose_strategy(geometry, 1000, 600, implicit=True) == "implicit"
+    assert choose_strategy(geometry, 1000, 600) == "dense"
+    assert choose_strategy(geometry, 1000, 990, implicit=True) == "dense"
+    assert choose_strategy(geometry, 1000, 600, CostModel(implicit_gmacs=1e-3), implicit=True) == "dense"
 
 
 # CI must exercise the compiled path: there an unavailable extension fails instead of skipping
@@ -414,12 +423,56 @@ def test_extension_kernels_match_pytorch():
         halo_stencil(a, halo, neighbours, weights, use_extension=False)
         halo_stencil(b, halo, neighbours, weights, use_extension=True)
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
-    rows = _ext.load().masked_output(plan.positions, 6, plan.kept_index)
+    ext = _ext.load()
+    rows = ext.masked_output(plan.positions, 6, plan.kept_index, torch.empty(0))
     rows.index_copy_(0, plan.kept_index, out[plan.kept_index])
     assert torch.equal(rows, out)
     big = MaskPlan(torch.rand(1, 1, 300, 400, generator=generator) < 0.5)  # large enough for huge pages
-    rows = _ext.load().masked_output(big.positions, 16, big.kept_index)
+    rows = ext.masked_output(big.positions, 16, big.kept_index, torch.empty(0))
     assert torch.equal(rows[big.skipped_index], torch.zeros(int(big.skipped_index.numel()), 16))
+    fill = torch.randn(16, generator=generator)
+    rows = ext.masked_output(big.positions, 16, big.kept_index, fill)
+    assert torch.equal(rows[big.skipped_index], fill.expand(int(big.skipped_index.numel()), 16))
+    dense = torch.randn(big.positions, 16, generator=generator)
+    filled = dense.clone()
+    ext.fill_skipped(filled, big.kept_index, fill)
+    assert torch.equal(filled[big.kept_index], dense[big.kept_index])
+    assert torch.equal(filled[big.skipped_index], fill.expand(int(big.skipped_index.numel()), 16))
+    ext.relu_rows(filled, big.kept_index)
+    assert torch.equal(filled[big.kept_index], dense[big.kept_index].clamp_min(0))
+    assert torch.equal(filled[big.skipped_index], fill.expand(int(big.skipped_index.numel()), 16))
+    with pytest.raises(RuntimeError, match="fill must be"):
+        ext.masked_output(10, 16, torch.arange(3), torch.zeros(5))
+
+
+@pytest.mark.skipif(not _ext.available() and os.environ.get("CI") != "true",
+                    reason="C++ extension not built (no compiler?)")
+@pytest.mark.parametrize("in_channels,out_channels,k,stride,padding,dilation", [
+    (3, 5, 3, 1, 1, 1), (7, 19, 1, 1, 0, 1), (16, 48, 3, 2, 1, 1), (12, 70, 3, 1, 2, 2),
+    (20, 96, 5, 1, 2, 1), (9, 130, 3, 2, 0, 1), (40, 64, 1, 2, 0, 1), (6, 33, 3, 1, 0, 3),
+])
+def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padding, dilation):
+    """The compiled implicit GEMM writes exactly the conv's kept rows, for every register-block width."""
+    from anytimeify.masking.engine import _pack_implicit, implicit_block
+
+    assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
+    generator = torch.Generator().manual_seed(in_channels * 1000 + out_channels)
+    x = torch.randn(2, in_channels, 23, 17, generator=generator)
+    weight = torch.randn(out_channels, in_channels, k, k, generator=generator)
+    bias = torch.randn(out_channels, generator=generator)
+    ref = F.conv2d(x, weight, bias, stride, padding, dilation)
+    positions = ref.shape[0] * ref.shape[2] * ref.shape[3]
+    kept = torch.nonzero(torch.rand(positions, generator=generator) < 0.4).reshape(-1)
+    packed, padded_bias = _pack_implicit(weight, bias)
+    assert packed.shape[-1] == implicit_block(out_channels) and packed.shape[-1] in (16, 32, 48, 64)
+    out = torch.full((positions, out_channels), 7.0)
+    _ext.load().implicit_conv(x.permute(0, 2, 3, 1).contiguous(), packed, padded_bias, kept, out,
+                              ref.shape[2], ref.shape[3], k, k, stride, stride, padding, padding, dilation, dilation)
+    expected = ref.permute(0, 2, 3, 1).reshape(positions, out_channels)
+    assert torch.allclose(out[kept], expected[kept], atol=1e-4, rtol=1e-5)
+    untouched = torch.ones(positions, dtype=torch.bool)
+    untouched[kept] = False
+    assert bool((out[untouched] == 7.0).all()), "rows that are not kept must not be written"
 
 
 # --------------------------------------------------------------------------------- MAC counting

@@ -1,10 +1,13 @@
 // Compiled CPU kernels of the masked-convolution engine (anytimeify/masking/engine.py).
 //
-// Only the memory-bound steps around the GEMM live here (the GEMM itself stays in oneDNN):
-//   masked_output allocates the channels-last output (huge pages where the kernel allows) and zeroes
-//                 only the rows that no kept conv output will overwrite;
-//   halo_stencil  computes the RBF interpolation on the halo rows in one pass over the neighbours
-//                 of each row, instead of one gather and one axpy per kernel tap.
+//   implicit_conv  the convolution at the kept output positions only, an implicit GEMM (no im2col
+//                  matrix) with register-blocked accumulators, writing straight into the output rows;
+//   masked_output  allocates the channels-last output (huge pages where the kernel allows) and fills
+//                  only the rows that no kept conv output will overwrite (0, or the layer's shift);
+//   fill_skipped   the same fill, in place, after a dense conv;
+//   halo_stencil   the RBF interpolation on the halo rows, in one pass over the neighbours of each
+//                  row, with the layer's per-channel shift and ReLU fused in;
+//   relu_rows      ReLU of the kept rows once the stencil has read them.
 // The pure-PyTorch code in engine.py is the reference; tests compare the two.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -41,71 +44,246 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
-// A (rows, channels) float32 matrix whose rows not listed in kept_index are 0; the kept rows are
-// left uninitialised (the caller writes them). kept_index must be sorted ascending (nonzero order).
-torch::Tensor masked_output(int64_t rows, int64_t channels, const torch::Tensor& kept_index) {
-  check_index(kept_index, "kept_index");
-  const int64_t kept = kept_index.numel();
-  auto out = torch::empty({rows, channels}, torch::dtype(torch::kFloat32));
-  float* dst = out.data_ptr<float>();
+namespace {
+
+// Write fill (or 0 when fill is null) into every row of dst not listed in the sorted kept index.
+void fill_unlisted(float* dst, int64_t rows, int64_t channels, const int64_t* index, int64_t kept,
+                   const float* fill) {
   const size_t row_bytes = sizeof(float) * channels;
-  if (row_bytes * rows >= (size_t(1) << 22)) advise_huge_pages(dst, row_bytes * rows);
-  const int64_t* index = kept_index.data_ptr<int64_t>();
   at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
     int64_t k = std::lower_bound(index, index + kept, begin) - index;
     int64_t r = begin;
     while (r < end) {
       const int64_t stop = (k < kept && index[k] < end) ? index[k] : end;
-      if (stop > r) std::memset(dst + r * channels, 0, row_bytes * (stop - r));
+      if (stop > r) {
+        if (fill == nullptr) {
+          std::memset(dst + r * channels, 0, row_bytes * (stop - r));
+        } else {
+          for (int64_t q = r; q < stop; ++q) std::memcpy(dst + q * channels, fill, row_bytes);
+        }
+      }
       r = stop;
       if (k < kept && index[k] == r) { ++r; ++k; }
     }
   });
+}
+
+const float* optional_vector(const torch::Tensor& t, int64_t channels, const char* name) {
+  if (!t.defined() || t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == channels,
+              name, " must be a contiguous float32 CPU vector of ", channels, " values, got ", t.sizes());
+  return t.data_ptr<float>();
+}
+
+}  // namespace
+
+// A (rows, channels) float32 matrix whose rows not listed in kept_index hold fill (a vector of
+// channels values; 0 where fill is empty); the kept rows are left uninitialised (the caller writes
+// them). kept_index must be sorted ascending (nonzero order).
+torch::Tensor masked_output(int64_t rows, int64_t channels, const torch::Tensor& kept_index, const torch::Tensor& fill) {
+  check_index(kept_index, "kept_index");
+  auto out = torch::empty({rows, channels}, torch::dtype(torch::kFloat32));
+  float* dst = out.data_ptr<float>();
+  const size_t row_bytes = sizeof(float) * channels;
+  if (row_bytes * rows >= (size_t(1) << 22)) advise_huge_pages(dst, row_bytes * rows);
+  fill_unlisted(dst, rows, channels, kept_index.data_ptr<int64_t>(), kept_index.numel(),
+                optional_vector(fill, channels, "fill"));
   return out;
 }
 
-// For every halo row h[m]: out[h[m]] = sum_t w[t] * out[nbr[m, t]], all reads before any write.
+// In place: every row of out not listed in kept_index becomes fill (0 where fill is empty).
+void fill_skipped(torch::Tensor out, const torch::Tensor& kept_index, const torch::Tensor& fill) {
+  check_rows(out, "out");
+  check_index(kept_index, "kept_index");
+  fill_unlisted(out.data_ptr<float>(), out.size(0), out.size(1), kept_index.data_ptr<int64_t>(), kept_index.numel(),
+                optional_vector(fill, out.size(1), "fill"));
+}
+
+// The RBF interpolation on the halo rows, in place, with the layer's per-channel shift:
+//   out[h[m]] = act( sum_{t: keep[nbr[m,t]]} w[t] * out[nbr[m,t]] + shift * (1 - sum_{t: keep[nbr[m,t]]} w[t]) )
+// The kept rows hold y + shift (the shift folded into the conv bias), so this is I(y*m) + shift.
+// Only kept rows are read and only halo (skipped) rows written, so rows are written directly.
 void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Tensor& neighbours,
-                  const torch::Tensor& weights) {
+                  const torch::Tensor& weights, const torch::Tensor& keep, const torch::Tensor& shift, bool relu) {
   check_rows(out, "out");
   check_index(halo, "halo");
   check_index(neighbours, "neighbours");
   TORCH_CHECK(weights.scalar_type() == torch::kFloat32 && weights.is_contiguous() && weights.dim() == 1,
               "weights must be a contiguous float32 vector");
+  TORCH_CHECK(keep.scalar_type() == torch::kBool && keep.is_contiguous() && keep.numel() == out.size(0),
+              "keep must be a contiguous bool tensor with one entry per row of out");
   const int64_t count = halo.numel();
   const int64_t taps = weights.numel();
   TORCH_CHECK(neighbours.dim() == 2 && neighbours.size(0) == count && neighbours.size(1) == taps,
               "neighbours must be (", count, ", ", taps, "), got ", neighbours.sizes());
   if (count == 0) return;
   const int64_t channels = out.size(1);
-  auto values = torch::empty({count, channels}, out.options());
+  const float* sh = optional_vector(shift, channels, "shift");
   float* data = out.data_ptr<float>();
-  float* vals = values.data_ptr<float>();
+  const bool* kp = keep.data_ptr<bool>();
   const int64_t* nbr = neighbours.data_ptr<int64_t>();
   const int64_t* rows = halo.data_ptr<int64_t>();
   const float* w = weights.data_ptr<float>();
   at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(channels);
     for (int64_t m = begin; m < end; ++m) {
-      float* acc = vals + m * channels;
-      std::fill(acc, acc + channels, 0.0f);
+      std::fill(acc.begin(), acc.end(), 0.0f);
       const int64_t* row_nbr = nbr + m * taps;
+      float wsum = 0.0f;
       for (int64_t t = 0; t < taps; ++t) {
         const int64_t n = row_nbr[t];
-        if (n == rows[m]) continue;  // outside the map: zero padding
+        if (!kp[n]) continue;  // skipped neighbour (y*m = 0) or outside the map (zero padding)
         const float wt = w[t];
+        wsum += wt;
         const float* src = data + n * channels;
+        float* a = acc.data();
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) acc[c] += wt * src[c];
+        for (int64_t c = 0; c < channels; ++c) a[c] += wt * src[c];
+      }
+      float* dst = data + rows[m] * channels;
+      const float rest = 1.0f - wsum;
+      for (int64_t c = 0; c < channels; ++c) {
+        float v = sh ? acc[c] + sh[c] * rest : acc[c];
+        dst[c] = relu ? std::max(v, 0.0f) : v;
       }
     }
   });
-  const size_t row_bytes = sizeof(float) * channels;
-  at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) std::memcpy(data + rows[m] * channels, vals + m * channels, row_bytes);
+}
+
+// In place ReLU of the listed rows.
+void relu_rows(torch::Tensor out, const torch::Tensor& index) {
+  check_rows(out, "out");
+  check_index(index, "index");
+  const int64_t channels = out.size(1);
+  float* data = out.data_ptr<float>();
+  const int64_t* rows = index.data_ptr<int64_t>();
+  at::parallel_for(0, index.numel(), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      float* row = data + rows[m] * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) row[c] = std::max(row[c], 0.0f);
+    }
   });
 }
 
+// ---------------------------------------------------------------------------- implicit GEMM
+// The convolution at the kept output positions only, written straight into their output rows:
+// no im2col matrix. Each task takes P kept positions and one block of VB = 16*NV output channels;
+// the accumulators (P x NV vectors of 16 floats) stay in registers while the loop runs over the
+// kernel taps and input channels, broadcasting one input value per position and loading one
+// block of weights per channel. Weights are packed (blocks, taps, C_in, VB), zero padded.
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec16u __attribute__((vector_size(64), aligned(4)));
+
+template <int NV, int P>
+void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* packed, int64_t blocks,
+                     int64_t taps, const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out,
+                     int64_t oh, int64_t ow, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                     int64_t dh, int64_t dw, const float* zeros) {
+  constexpr int VB = NV * 16;
+  const int64_t groups_of_p = (n + P - 1) / P;
+  const int64_t oplane = oh * ow;
+  at::parallel_for(0, groups_of_p, 1, [&](int64_t g0, int64_t g1) {
+    const float* rows[P];
+    int64_t by[P], bx[P], plane[P];
+    bool valid[P];
+    alignas(64) float tail[VB];
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int p = 0; p < P; ++p) {
+        const int64_t i = g * P + p;
+        valid[p] = i < n;
+        const int64_t idx = valid[p] ? kept[i] : 0;
+        const int64_t r = idx % oplane;
+        by[p] = (r / ow) * sh - ph;
+        bx[p] = (r % ow) * sw - pw;
+        plane[p] = (idx / oplane) * H * W;
+      }
+      for (int64_t cb = 0; cb < blocks; ++cb) {
+        vec16 acc[P][NV];
+        const float* bp = bias + cb * VB;
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[p][v] = *(const vec16u*)(bp + v * 16);
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t ky = t / kw, kx = t % kw;
+          for (int p = 0; p < P; ++p) {
+            const int64_t iy = by[p] + ky * dh, ix = bx[p] + kx * dw;
+            rows[p] = (valid[p] && iy >= 0 && iy < H && ix >= 0 && ix < W) ? x + (plane[p] + iy * W + ix) * C : zeros;
+          }
+          const float* wp = packed + (cb * taps + t) * C * VB;
+          for (int64_t ci = 0; ci < C; ++ci) {
+            vec16 wv[NV];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) wv[v] = *(const vec16u*)(wp + ci * VB + v * 16);
+#pragma GCC unroll 16
+            for (int p = 0; p < P; ++p) {
+              const float s = rows[p][ci];
+#pragma GCC unroll 4
+              for (int v = 0; v < NV; ++v) acc[p][v] += wv[v] * s;
+            }
+          }
+        }
+        const int64_t count = std::min<int64_t>(VB, cout - cb * VB);
+        for (int p = 0; p < P; ++p) {
+          if (!valid[p]) continue;
+          float* dst = out + kept[g * P + p] * cout + cb * VB;
+          if (count == VB) {
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) *(vec16u*)(dst + v * 16) = acc[p][v];
+          } else {
+            for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[p][v];
+            std::memcpy(dst, tail, sizeof(float) * count);
+          }
+        }
+      }
+    }
+  });
+}
+
+// out[kept[i]] = conv(x)[kept[i]] + bias for every kept output position (groups = 1).
+//   x       (B, H, W, C_in) contiguous float32 (channels-last activations)
+//   packed  (blocks, taps, C_in, VB) weights, VB in {16, 32, 48, 64}
+//   bias    (blocks * VB) float32 (zero padded)
+//   out     (B * oh * ow, C_out) contiguous float32
+void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias,
+                   const torch::Tensor& kept_index, torch::Tensor out, int64_t oh, int64_t ow,
+                   int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(),
+              "x must be a contiguous (B, H, W, C) float32 CPU tensor");
+  TORCH_CHECK(packed.scalar_type() == torch::kFloat32 && packed.dim() == 4 && packed.is_contiguous(),
+              "packed must be a contiguous (blocks, taps, C_in, VB) float32 tensor");
+  check_rows(out, "out");
+  check_index(kept_index, "kept_index");
+  const int64_t H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t blocks = packed.size(0), taps = packed.size(1), VB = packed.size(3);
+  const int64_t cout = out.size(1);
+  TORCH_CHECK(taps == kh * kw && packed.size(2) == C, "packed weights ", packed.sizes(), " do not match a ", kh, "x", kw,
+              " kernel over ", C, " input channels");
+  TORCH_CHECK(blocks * VB >= cout && (blocks - 1) * VB < cout, "packed weights cover ", blocks * VB,
+              " output channels, the output has ", cout);
+  TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == blocks * VB,
+              "bias must be a contiguous float32 vector of ", blocks * VB, " values");
+  TORCH_CHECK(out.size(0) == x.size(0) * oh * ow, "out has ", out.size(0), " rows, expected ", x.size(0) * oh * ow);
+  std::vector<float> zeros(C, 0.0f);
+#define ANYTIMEIFY_IMPLICIT(NV, P)                                                                              \
+  implicit_kernel<NV, P>(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), blocks, taps,                  \
+                         bias.data_ptr<float>(), cout, kept_index.data_ptr<int64_t>(), kept_index.numel(),        \
+                         out.data_ptr<float>(), oh, ow, kw, sh, sw, ph, pw, dh, dw, zeros.data())
+  switch (VB) {
+    case 16: ANYTIMEIFY_IMPLICIT(1, 14); break;
+    case 32: ANYTIMEIFY_IMPLICIT(2, 12); break;
+    case 48: ANYTIMEIFY_IMPLICIT(3, 8); break;
+    case 64: ANYTIMEIFY_IMPLICIT(4, 6); break;
+    default: TORCH_CHECK(false, "packed block width must be 16, 32, 48 or 64, got ", VB);
+  }
+#undef ANYTIMEIFY_IMPLICIT
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("masked_output", &masked_output, "Output rows, zero except the kept ones (left uninitialised)");
-  m.def("halo_stencil", &halo_stencil, "RBF interpolation on the halo rows, in place");
+  m.def("masked_output", &masked_output, "Output rows holding fill except the kept ones (left uninitialised)");
+  m.def("fill_skipped", &fill_skipped, "Rows not kept set to fill, in place");
+  m.def("halo_stencil", &halo_stencil, "RBF interpolation on the halo rows with the layer's shift, in place");
+  m.def("relu_rows", &relu_rows, "ReLU of the listed rows, in place");
+  m.def("implicit_conv", &implicit_conv, "Convolution at the kept output positions, written into their rows");
 }

@@ -2,9 +2,11 @@
 
 A BN that directly follows a conv (and is that conv's only reader) is an affine map per channel,
 ``s * y + b``. For a plain conv both fold into the conv's weight and bias. For a masked conv only
-the scale folds: the interpolation is linear and per channel, so ``s * blend(y) = blend(s * y)``,
-but the shift cannot move before the blend (near a mask border the interpolation weights do not
-sum to 1), so it is added after the masked conv by a :class:`ChannelShift`.
+the scale folds into the weight: the interpolation is linear and per channel, so
+``s * blend(y) = blend(s * y)``, but the shift cannot move before the blend (near a mask border the
+interpolation weights do not sum to 1). It becomes the masked conv's ``shift``, added after the
+blend by the engine's output pass; a ReLU that is the masked conv's only reader becomes its
+``activation`` the same way, so the masked conv's output needs no further pass over memory.
 """
 from __future__ import annotations
 
@@ -19,18 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..exits import Exit
 from ..masking.conv import MaskedConv2d
 
-__all__ = ["ChannelShift", "fold_batch_norms", "fold_sequential"]
-
-
-class ChannelShift(nn.Module):
-    """Adds a per-channel constant: what is left of a BN once its scale is folded into a masked conv."""
-
-    def __init__(self, shift: torch.Tensor):
-        super().__init__()
-        self.register_buffer("shift", shift.detach().reshape(1, -1, 1, 1).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.shift
+__all__ = ["fold_batch_norms", "fold_sequential"]
 
 
 def _scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +30,7 @@ def _scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
     return scale.detach(), shift.detach()
 
 
-def _folded_masked(conv: MaskedConv2d, bn: nn.BatchNorm2d) -> Tuple[MaskedConv2d, ChannelShift]:
+def _folded_masked(conv: MaskedConv2d, bn: nn.BatchNorm2d) -> Tuple[MaskedConv2d, nn.Module]:
     scale, shift = _scale_shift(bn)
     plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
@@ -49,7 +40,11 @@ def _folded_masked(conv: MaskedConv2d, bn: nn.BatchNorm2d) -> Tuple[MaskedConv2d
     folded = MaskedConv2d.from_conv(plain, execution=conv.execution)
     with torch.no_grad():
         folded.interp_lambda.copy_(conv.interp_lambda)
-    return folded, ChannelShift(shift)
+    if conv.shift is not None or conv.activation is not None:
+        raise ValueError("a masked conv with an epilogue (shift or activation) cannot have a BN folded into it")
+    folded.strategy, folded.cost_model = conv.strategy, conv.cost_model
+    folded.set_epilogue(shift=shift)
+    return folded, nn.Identity()
 
 
 def _fold_pair(conv: nn.Module, bn: nn.Module) -> Tuple[nn.Module, nn.Module] | None:
@@ -63,14 +58,35 @@ def _fold_pair(conv: nn.Module, bn: nn.Module) -> Tuple[nn.Module, nn.Module] | 
     return None
 
 
+def _fusable_relu(module: nn.Module) -> bool:
+    return type(module) is nn.ReLU
+
+
+def _fuse_relu(conv: nn.Module) -> bool:
+    """Make a masked conv apply the ReLU that follows it; False where it cannot."""
+    if not isinstance(conv, MaskedConv2d) or conv.activation is not None:
+        return False
+    conv.set_epilogue(shift=conv.shift, activation="relu")
+    return True
+
+
 def fold_sequential(seq: nn.Sequential) -> int:
-    """Fold (conv, BN) neighbours of a Sequential in place (exit heads); returns how many."""
+    """Fold (conv, BN) neighbours of a Sequential in place (exit heads), and a ReLU after a masked
+    conv (with or without a BN between) into it; returns how many BNs were folded."""
     count = 0
     for i in range(len(seq) - 1):
         pair = _fold_pair(seq[i], seq[i + 1])
         if pair is not None:
             seq[i], seq[i + 1] = pair
             count += 1
+    for i in range(len(seq) - 1):
+        if not isinstance(seq[i], MaskedConv2d):
+            continue
+        j = i + 1
+        while j < len(seq) - 1 and type(seq[j]) is nn.Identity:
+            j += 1
+        if _fusable_relu(seq[j]) and _fuse_relu(seq[i]):
+            seq[j] = nn.Identity()
     return count
 
 
@@ -118,4 +134,27 @@ def fold_batch_norms(root: nn.Module, graph: fx.Graph, holders: Iterable[nn.Modu
             _set(holder, str(src.target), new_conv)
             _set(holder, str(node.target), new_bn)
         folded.append(str(src.target))
+    _fuse_relus(root, graph, holders, calls)
     return folded
+
+
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _fuse_relus(root: nn.Module, graph: fx.Graph, holders: List[nn.Module], calls: dict) -> None:
+    """A ReLU module that is the only reader of a masked conv (through folded BNs) becomes its activation."""
+    for node in list(graph.nodes):
+        if node.op != "call_module" or calls.get(node.target) != 1:
+            continue
+        conv = root.get_submodule(str(node.target))
+        if not isinstance(conv, MaskedConv2d):
+            continue
+        user = _sole_user(node)
+        while user is not None and user.op == "call_module" and type(root.get_submodule(str(user.target))) is nn.Identity:
+            user = _sole_user(user)
+        if user is None or user.op != "call_module" or calls.get(user.target) != 1:
+            continue
+        if _fusable_relu(root.get_submodule(str(user.target))) and _fuse_relu(conv):
+            for holder in [root] + holders:
+                _set(holder, str(user.target), nn.Identity())

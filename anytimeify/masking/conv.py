@@ -20,8 +20,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .engine import (
-    DEFAULT_COST_MODEL, ConvGeometry, CostModel, MaskPlan, choose_strategy, executed_interp_macs,
-    sparse_masked_conv2d, _gemm_weight,
+    ACTIVATIONS, DEFAULT_COST_MODEL, ConvGeometry, CostModel, LayerWeights, MaskPlan, choose_strategy,
+    executed_interp_macs, implicit_available, sparse_masked_conv2d,
 )
 from .interp import INTERP_RADIUS, interpolate
 
@@ -78,11 +78,19 @@ class MaskedConv2d(nn.Conv2d):
     ``bias`` parameters (so state-dict names do not change) and adds one learnable scalar,
     ``interp_lambda``, initialised to 3.0.
 
+    For inference, :meth:`~anytimeify.AnytimeModel.freeze` folds what follows the conv into it: a
+    BN's scale goes into the weight, its shift into ``shift`` (added after the blend, where it is
+    exact) and a following ReLU into ``activation``. The output is then
+    ``act(y*m + I(y*m)*(1 - m) + shift)``, and the sparse engine computes all of it in one pass.
+
     Attributes:
         execution: ``"dense"`` (differentiable oracle) or ``"sparse"`` (inference engine).
-        strategy: the sparse engine's per-layer choice: ``"auto"`` (cost model), ``"dense"`` or
-            ``"gather"``; a test and benchmarking knob, ``"auto"`` is right for real use.
+        strategy: the sparse engine's per-layer choice: ``"auto"`` (cost model), ``"dense"``,
+            ``"gather"`` or ``"implicit"``; a test and benchmarking knob, ``"auto"`` is right for
+            real use.
         cost_model: the estimates ``"auto"`` decides with.
+        shift: ``(C_out,)`` buffer added after the blend, or None.
+        activation: None or ``"relu"``, applied last.
     """
 
     def __init__(self, *args, execution: str = "dense", **kwargs) -> None:
@@ -94,7 +102,9 @@ class MaskedConv2d(nn.Conv2d):
         self.execution = execution
         self.strategy = "auto"
         self.cost_model: CostModel = DEFAULT_COST_MODEL
-        self._gemm_weight_cache: Optional[Tuple[Tuple, Tensor]] = None
+        self.register_buffer("shift", None)
+        self.activation: Optional[str] = None
+        self._weights_cache: Optional[Tuple[Tuple, LayerWeights]] = None
 
     # -------------------------------------------------------------------------------- building
     @classmethod
@@ -136,7 +146,29 @@ class MaskedConv2d(nn.Conv2d):
         self._execution = value
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", execution={self.execution!r}"
+        text = super().extra_repr() + f", execution={self.execution!r}"
+        if self.shift is not None:
+            text += ", shift=True"
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+        return text
+
+    def set_epilogue(self, shift: Optional[Tensor] = None, activation: Optional[str] = None) -> None:
+        """Set what the conv applies after the blend: ``act(blend + shift)`` (inference folding).
+
+        Args:
+            shift: ``(C_out,)`` per-channel constant, or None.
+            activation: None or ``"relu"``.
+        """
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if shift is not None:
+            shift = shift.detach().reshape(-1).to(self.weight.dtype).clone()
+            if shift.numel() != self.out_channels:
+                raise ValueError(f"shift must have {self.out_channels} values (one per output channel), "
+                                 f"got {shift.numel()}")
+        self.shift = shift
+        self.activation = activation
 
     @property
     def geometry(self) -> ConvGeometry:
@@ -169,17 +201,24 @@ class MaskedConv2d(nn.Conv2d):
             ``(B, C_out, H_out, W_out)``; channels-last memory format from the sparse execution.
         """
         if mask is None:
-            return self._conv_forward(x, self.weight, self.bias)
+            return self._epilogue(self._conv_forward(x, self.weight, self.bias))
         self.check_mask(x.shape, mask)
         if self._execution == "dense":
             return self._dense_forward(x, mask)
         return self._sparse_forward(x, mask, plan)
 
+    def _epilogue(self, y: Tensor) -> Tensor:
+        if self.shift is not None:
+            y = y + self.shift.reshape(1, -1, 1, 1)
+        if self.activation == "relu":
+            y = torch.relu(y)
+        return y
+
     def _dense_forward(self, x: Tensor, mask: Tensor) -> Tensor:
         y = self._conv_forward(x, self.weight, self.bias)
         m = mask.detach().to(dtype=y.dtype)
         y_masked = y * m
-        return y_masked + interpolate(y_masked, self.interp_lambda, radius=INTERP_RADIUS) * (1 - m)
+        return self._epilogue(y_masked + interpolate(y_masked, self.interp_lambda, radius=INTERP_RADIUS) * (1 - m))
 
     def _requires_grad(self, x: Tensor) -> bool:
         if not torch.is_grad_enabled():
@@ -187,12 +226,13 @@ class MaskedConv2d(nn.Conv2d):
         return x.requires_grad or any(p.requires_grad for p in (self.weight, self.bias, self.interp_lambda)
                                       if p is not None)
 
-    def _cached_gemm_weight(self) -> Tensor:
-        weight = self.weight
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, self.groups)
-        if self._gemm_weight_cache is None or self._gemm_weight_cache[0] != key:
-            self._gemm_weight_cache = (key, _gemm_weight(weight.detach(), self.groups))
-        return self._gemm_weight_cache[1]
+    def _layer_weights(self) -> LayerWeights:
+        """The engine's layouts of the weights, rebuilt when a parameter or the shift changes."""
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) if t is not None else None
+                    for t in (self.weight, self.bias, self.shift)) + (self.groups,)
+        if self._weights_cache is None or self._weights_cache[0] != key:
+            self._weights_cache = (key, LayerWeights(self.weight, self.bias, self.shift, self.groups))
+        return self._weights_cache[1]
 
     def _sparse_forward(self, x: Tensor, mask: Tensor, plan: Optional[MaskPlan]) -> Tensor:
         if self._requires_grad(x):
@@ -205,7 +245,7 @@ class MaskedConv2d(nn.Conv2d):
             plan.check(mask)
         return sparse_masked_conv2d(
             x, self.weight, self.bias, self.geometry, self.interp_lambda, plan, strategy=self.strategy,
-            cost_model=self.cost_model, gemm_weight=self._cached_gemm_weight())
+            cost_model=self.cost_model, shift=self.shift, activation=self.activation, weights=self._layer_weights())
 
     # ------------------------------------------------------------------------------ counting
     def dense_macs(self, x_shape: Sequence[int]) -> int:
@@ -217,7 +257,8 @@ class MaskedConv2d(nn.Conv2d):
         """The strategy the sparse execution takes for this input and mask.
 
         Returns:
-            ``"plain"`` (all kept), ``"zeros"`` (all skipped), ``"dense"`` or ``"gather"``.
+            ``"plain"`` (all kept), ``"zeros"`` (all skipped), ``"dense"``, ``"gather"`` or
+            ``"implicit"``.
         """
         self.check_mask(x_shape, mask)
         plan = plan if plan is not None else MaskPlan(mask)
@@ -225,9 +266,12 @@ class MaskedConv2d(nn.Conv2d):
             return "plain"
         if plan.kept == 0:
             return "zeros"
+        implicit = implicit_available(self.geometry, self.weight)
+        if self.strategy == "implicit" and not implicit:
+            return "gather"
         if self.strategy != "auto":
             return self.strategy
-        return choose_strategy(self.geometry, plan.positions, plan.kept, self.cost_model)
+        return choose_strategy(self.geometry, plan.positions, plan.kept, self.cost_model, implicit=implicit)
 
     def executed_macs(self, x_shape: Sequence[int], mask: Tensor, plan: Optional[MaskPlan] = None) -> int:
         """Multiply-adds this module's current execution really performs (bias excluded).

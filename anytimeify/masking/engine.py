@@ -37,11 +37,12 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "MaskPlan", "IndexCache", "ConvGeometry", "CostModel", "DEFAULT_COST_MODEL", "choose_strategy",
-    "sparse_masked_conv2d", "halo_stencil", "STRATEGIES",
+    "sparse_masked_conv2d", "halo_stencil", "STRATEGIES", "ACTIVATIONS", "LayerWeights", "implicit_available",
+    "implicit_block",
 ]
 
 #: execution strategies of the sparse engine ("auto" lets the cost model choose)
-STRATEGIES = ("auto", "dense", "gather")
+STRATEGIES = ("auto", "dense", "gather", "implicit")
 
 
 def conv_output_hw(height: int, width: int, kernel_size: Tuple[int, int], stride: Tuple[int, int],
@@ -300,29 +301,37 @@ class IndexCache:
 # ------------------------------------------------------------------------------------ cost model
 @dataclass(frozen=True)
 class CostModel:
-    """Time estimates (nanoseconds per thread, this CPU class) of the two strategies of one layer.
+    """Time estimates (nanoseconds per thread, this CPU class) of the strategies of one layer.
 
-    Only the ratio of the two estimates matters, so single-thread figures serve for any thread
-    count. The constants come from per-strategy CPU times of the HRNet-W48 layers of
-    ``benchmarks/density_sweep.py --clock thread --strategies auto,dense,gather``: the gathered
-    path breaks even with the dense conv at a keep fraction of about 0.45 for a 3x3 conv with 48
-    channels, 0.6-0.7 at 96 and 192 channels, 0.8 at 384 and for the 1x1 720-channel conv; with
-    ``margin`` the estimates switch to dense a little below those points, so that the masked
-    layer is not slower than the dense one where the two are close.
+    Only the ratios of the estimates matter, so single-thread figures serve for any thread count.
+    The constants come from per-strategy times of the HRNet-W48 layers in
+    ``benchmarks/density_sweep.py``:
+
+    * the compiled implicit GEMM (``"implicit"``) runs at about 0.8 of the dense conv's throughput
+      over the kept positions and needs no im2col matrix, so it wins up to a keep fraction of
+      about 0.7 (a little less with ``margin``);
+    * the PyTorch gathered conv (``"gather"``, the path without the compiled kernels and for
+      grouped convs) breaks even with the dense conv at about 0.45 for a 3x3 conv with 48 channels,
+      0.6-0.7 at 96 and 192 channels, 0.8 at 384 and for a 1x1 conv with 720 channels.
+
+    With ``margin`` a masked strategy must be estimated clearly cheaper than the dense conv, so
+    that the masked layer is not slower than the dense one where the two are close.
 
     Args:
         dense_gmacs: throughput of the dense channels-last conv (GMAC/s).
         gemm_gmacs: throughput of the gathered GEMM of a conv with more than one tap (GMAC/s);
             for a 1x1 conv the gathered GEMM is the dense conv's own kernel, at ``dense_gmacs``.
+        implicit_gmacs: throughput of the compiled implicit GEMM over the kept positions.
         gather_ns: cost of gathering one input element into the im2col matrix.
-        zero_ns: cost of zero-initialising one output element.
+        zero_ns: cost of filling one output element of a skipped row.
         scatter_ns: cost of scattering one computed output element.
-        mask_ns: cost of masking one element of the dense result (``y*m``).
-        margin: the gathered conv must be estimated at most ``margin`` times the dense cost.
+        mask_ns: cost of masking one element of the dense result.
+        margin: a masked strategy must be estimated at most ``margin`` times the dense cost.
     """
 
     dense_gmacs: float = 60.0
     gemm_gmacs: float = 55.0
+    implicit_gmacs: float = 48.0
     gather_ns: float = 0.8
     zero_ns: float = 0.3
     scatter_ns: float = 0.5
@@ -335,7 +344,7 @@ class CostModel:
         return macs / self.dense_gmacs + positions * geometry.out_channels * self.mask_ns
 
     def gather_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
-        """Estimated ns of the gathered conv at ``kept`` of ``positions`` output positions."""
+        """Estimated ns of the PyTorch gathered conv at ``kept`` of ``positions`` output positions."""
         macs = kept * geometry.macs_per_output()
         # a 1x1 conv is itself one GEMM over positions: gathered or dense, the same kernel runs
         gemm_gmacs = self.dense_gmacs if geometry.taps == 1 else self.gemm_gmacs
@@ -343,30 +352,38 @@ class CostModel:
         output = positions * geometry.out_channels * self.zero_ns + kept * geometry.out_channels * self.scatter_ns
         return macs / gemm_gmacs + gather + output
 
+    def implicit_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
+        """Estimated ns of the compiled implicit GEMM at ``kept`` of ``positions`` output positions."""
+        macs = kept * geometry.macs_per_output()
+        return macs / self.implicit_gmacs + (positions - kept) * geometry.out_channels * self.zero_ns
+
 
 DEFAULT_COST_MODEL = CostModel()
 
 
 def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
-                    cost_model: CostModel = DEFAULT_COST_MODEL) -> str:
-    """Pick "dense" (full conv + blend) or "gather" (kept positions only) for one layer.
+                    cost_model: CostModel = DEFAULT_COST_MODEL, implicit: bool = False) -> str:
+    """Pick the cheapest strategy of one layer: "dense", "gather" or "implicit".
 
     Args:
         geometry: the conv.
         positions: output positions of the batch (``B*H_out*W_out``).
         kept: kept output positions.
         cost_model: the time estimates.
+        implicit: whether the compiled implicit GEMM can run this layer (see
+            :func:`implicit_available`); it then replaces the PyTorch gathered conv.
 
     Returns:
-        ``"dense"`` or ``"gather"``.
+        ``"dense"`` (full conv, then the blend), ``"gather"`` or ``"implicit"`` (kept positions only).
     """
+    masked = "implicit" if implicit else "gather"
     if kept >= positions:
         return "dense"
     if kept == 0:
-        return "gather"
+        return masked
     dense = cost_model.dense_cost(geometry, positions, kept)
-    gather = cost_model.gather_cost(geometry, positions, kept)
-    return "gather" if gather <= cost_model.margin * dense else "dense"
+    cost = (cost_model.implicit_cost if implicit else cost_model.gather_cost)(geometry, positions, kept)
+    return masked if cost <= cost_model.margin * dense else "dense"
 
 
 # -------------------------------------------------------------------------------------- kernels
@@ -377,6 +394,21 @@ def _extension():
     from . import _ext
 
     return _ext.load()
+
+
+def _ext_for(x: Tensor, use_extension: bool = True):
+    """The compiled kernels if they can run on ``x`` (float32 on the CPU), else None."""
+    if not use_extension or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    return _extension()
+
+
+def implicit_available(geometry: ConvGeometry, x: Tensor, use_extension: bool = True) -> bool:
+    """Whether the compiled implicit GEMM can run a conv of ``geometry`` on tensors like ``x``.
+
+    It needs the compiled kernels, float32 CPU tensors and an ungrouped conv.
+    """
+    return geometry.groups == 1 and _ext_for(x, use_extension) is not None
 
 
 def halo_stencil(out_flat: Tensor, halo: Tensor, neighbours: Tensor, weights: Tensor,
@@ -392,15 +424,22 @@ def halo_stencil(out_flat: Tensor, halo: Tensor, neighbours: Tensor, weights: Te
         halo: ``(M,)`` rows to fill.
         neighbours: ``(M, T)`` rows read by each halo row.
         weights: ``(T,)`` tap weights (cropped, normalised RBF kernel without its centre).
-        plan: optional plan whose scratch buffers are reused.
+        plan: optional plan whose scratch buffers are reused (and whose mask the compiled kernel
+            reads to skip the neighbours that are not kept).
         use_extension: use the compiled kernel if available.
     """
     count, taps = neighbours.shape
     if count == 0:
         return
-    ext = _extension() if use_extension else None
-    if ext is not None and out_flat.dtype == torch.float32 and out_flat.device.type == "cpu":
-        ext.halo_stencil(out_flat, halo, neighbours, weights.to(torch.float32).contiguous())
+    ext = _ext_for(out_flat, use_extension)
+    if ext is not None:
+        if plan is not None:
+            keep = plan.keep.reshape(-1)
+        else:  # the rows the stencil may read: every row that is not a halo row is kept or 0
+            keep = torch.ones(out_flat.shape[0], dtype=torch.bool)
+            keep[halo] = False
+        ext.halo_stencil(out_flat, halo, neighbours, weights.to(torch.float32).contiguous(), keep,
+                         torch.empty(0), False)
         return
     channels = out_flat.shape[1]
     if plan is not None:
@@ -420,6 +459,80 @@ def _gemm_weight(weight: Tensor, groups: int) -> Tensor:
     """Conv weight as a 1x1 conv weight over im2col rows ordered (group, tap, channel)."""
     out_channels = weight.shape[0]
     return weight.permute(0, 2, 3, 1).reshape(out_channels, -1, 1, 1).contiguous()
+
+
+def implicit_block(out_channels: int) -> int:
+    """Output channels per register block of the implicit GEMM (16, 32, 48 or 64).
+
+    48 suits 48 and 96 channels (8 positions x 3 vectors of accumulators), 32 the wider layers
+    (12 positions x 2 vectors: fewer weight loads per multiply-add); other widths take the block
+    that wastes the fewest padded channels.
+    """
+    if out_channels % 48 == 0 and out_channels <= 96:
+        return 48
+    if out_channels % 32 == 0:
+        return 32
+    return min((64, 48, 32, 16), key=lambda b: (-(-out_channels // b) * b - out_channels, -b))
+
+
+def _pack_implicit(weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Weights packed ``(blocks, taps, C_in, VB)`` for the implicit GEMM, and the padded bias."""
+    out_channels, in_channels, kh, kw = weight.shape
+    block = implicit_block(out_channels)
+    blocks = -(-out_channels // block)
+    padded = weight.new_zeros(blocks * block, in_channels, kh * kw)
+    padded[:out_channels] = weight.reshape(out_channels, in_channels, kh * kw)
+    packed = padded.view(blocks, block, in_channels, kh * kw).permute(0, 3, 2, 1).contiguous()
+    padded_bias = weight.new_zeros(blocks * block)
+    if bias is not None:
+        padded_bias[:out_channels] = bias
+    return packed, padded_bias
+
+
+class LayerWeights:
+    """A masked conv's weights in the layouts the engine's kernels read, built on first use.
+
+    Args:
+        weight: conv weight ``(C_out, C_in/groups, kh, kw)``.
+        bias: conv bias or None.
+        shift: per-channel constant added after the blend (a BN shift folded in), or None.
+        groups: the conv's groups.
+    """
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], shift: Optional[Tensor], groups: int) -> None:
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.shift = None if shift is None else shift.detach().reshape(-1)
+        self.groups = groups
+        self._gemm: Optional[Tensor] = None
+        self._implicit: Optional[Tuple[Tensor, Tensor]] = None
+        self._full_bias: Optional[Tensor] = None
+        self._full_bias_done = False
+
+    @property
+    def full_bias(self) -> Optional[Tensor]:
+        """``bias + shift``: the bias of the kept rows (None when both are None)."""
+        if not self._full_bias_done:
+            if self.shift is None:
+                self._full_bias = self.bias
+            else:
+                self._full_bias = self.shift.clone() if self.bias is None else self.bias + self.shift
+            self._full_bias_done = True
+        return self._full_bias
+
+    @property
+    def gemm(self) -> Tensor:
+        """The 1x1-conv weight of the PyTorch gathered conv."""
+        if self._gemm is None:
+            self._gemm = _gemm_weight(self.weight, self.groups)
+        return self._gemm
+
+    @property
+    def implicit(self) -> Tuple[Tensor, Tensor]:
+        """Packed weights and padded ``bias + shift`` of the implicit GEMM."""
+        if self._implicit is None:
+            self._implicit = _pack_implicit(self.weight.float(), None if self.full_bias is None else self.full_bias.float())
+        return self._implicit
 
 
 #: bytes of im2col rows gathered per chunk: the GEMM then reads them from cache, not memory
@@ -454,11 +567,26 @@ def _gathered_conv_into(out_flat: Tensor, x_flat: Tensor, bias: Optional[Tensor]
         out_flat.index_copy_(0, plan.kept_index[start:end], y.permute(0, 2, 3, 1).reshape(count, geometry.out_channels))
 
 
+#: activations a masked conv can apply to its own output (fused into the engine's output pass)
+ACTIVATIONS = (None, "relu")
+
+
+def _finish(out: Tensor, shift: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    """``act(out + shift)`` in place (the PyTorch path's epilogue)."""
+    if shift is not None:
+        out.add_(shift.reshape(1, -1) if out.dim() == 2 else shift.reshape(1, -1, 1, 1))
+    if activation == "relu":
+        out.relu_()
+    return out
+
+
 def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
                          lam: Tensor, plan: MaskPlan, strategy: str = "auto",
                          cost_model: CostModel = DEFAULT_COST_MODEL,
-                         gemm_weight: Optional[Tensor] = None, use_extension: bool = True) -> Tensor:
-    """Masked conv ``y*m + I(y*m)*(1-m)`` computing ``y`` only where the layer's strategy needs it.
+                         gemm_weight: Optional[Tensor] = None, use_extension: bool = True,
+                         shift: Optional[Tensor] = None, activation: Optional[str] = None,
+                         weights: Optional[LayerWeights] = None) -> Tensor:
+    """Masked conv ``act(y*m + I(y*m)*(1-m) + shift)`` computing ``y`` only where the strategy needs it.
 
     Args:
         x: ``(B, C_in, H, W)`` input (any memory format).
@@ -467,26 +595,79 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         geometry: the conv's hyper-parameters (explicit symmetric zero padding).
         lam: interpolation ``lambda`` (scalar tensor).
         plan: the mask's plan (its mask is ``(B, 1, H_out, W_out)``).
-        strategy: ``"auto"`` (cost model), ``"dense"`` or ``"gather"``.
+        strategy: ``"auto"`` (cost model), ``"dense"``, ``"gather"`` or ``"implicit"`` (the
+            compiled implicit GEMM; where it cannot run, ``"gather"``).
         cost_model: estimates used by ``"auto"``.
-        gemm_weight: optional precomputed :func:`_gemm_weight` of ``weight``.
+        gemm_weight: optional precomputed :func:`_gemm_weight` of ``weight`` (ignored with ``weights``).
         use_extension: allow the compiled kernels.
+        shift: optional ``(C_out,)`` constant added after the blend (a folded BN's shift).
+        activation: None or ``"relu"``, applied last.
+        weights: optional :class:`LayerWeights` of ``(weight, bias, shift)``, cached by the caller.
 
     Returns:
         ``(B, C_out, H_out, W_out)`` output in channels-last memory format.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if weights is None:
+        weights = LayerWeights(weight, bias, shift, geometry.groups)
+        if gemm_weight is not None:
+            weights._gemm = gemm_weight
     batch, _, in_height, in_width = x.shape
     out_height, out_width = plan.height, plan.width
     positions = plan.positions
-    if plan.kept == positions:  # all kept: the plain conv, bit for bit (same memory format as given)
-        return F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
     out_channels = geometry.out_channels
+    if plan.kept == positions:  # all kept: the plain conv (same memory format as given)
+        y = F.conv2d(x, weight, weights.full_bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+        return y.relu_() if activation == "relu" else y
     if plan.kept == 0:  # all skipped: y*m = 0, so its interpolation is 0 too
-        return x.new_zeros(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+        out = x.new_zeros(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+        return _finish(out, shift, activation)
+    ext = _ext_for(x, use_extension)
+    implicit = ext is not None and geometry.groups == 1
     if strategy == "auto":
-        strategy = choose_strategy(geometry, positions, plan.kept, cost_model)
+        strategy = choose_strategy(geometry, positions, plan.kept, cost_model, implicit=implicit)
+    elif strategy == "implicit" and not implicit:
+        strategy = "gather"
+
+    radius = support_radius(lam)
+    kernel = rbf_kernel(lam.detach().to(torch.float64), radius=INTERP_RADIUS, support=radius).flatten()
+    centre = kernel.numel() // 2
+    tap_weights = torch.cat([kernel[:centre], kernel[centre + 1:]]).to(torch.float32)
+    halo, neighbours = plan.halo_index(radius)
+
+    if ext is not None:
+        # fused output pass: kept rows hold y + shift, skipped rows act(shift) (0 without a shift),
+        # then the halo rows get I(y*m) + shift in one stencil pass, and the kept rows the activation
+        fill = torch.empty(0) if shift is None else shift.detach().reshape(-1).float().contiguous()
+        if activation == "relu" and fill.numel():
+            fill = fill.clamp_min(0)
+        if strategy == "dense":
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            y = F.conv2d(x_cl, weight, weights.full_bias, geometry.stride, geometry.padding, geometry.dilation,
+                         geometry.groups).contiguous(memory_format=torch.channels_last)
+            out_flat = y.permute(0, 2, 3, 1).view(positions, out_channels)
+            ext.fill_skipped(out_flat, plan.kept_index, fill)
+        else:
+            out_flat = ext.masked_output(positions, out_channels, plan.kept_index, fill)
+            if strategy == "implicit":
+                packed, padded_bias = weights.implicit
+                ext.implicit_conv(x.permute(0, 2, 3, 1).contiguous(), packed, padded_bias, plan.kept_index, out_flat,
+                                  out_height, out_width, *geometry.kernel_size, *geometry.stride, *geometry.padding,
+                                  *geometry.dilation)
+            else:
+                x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
+                _gathered_conv_into(out_flat, x_flat, weights.full_bias, geometry, plan, in_height, in_width,
+                                    weights.gemm)
+        if halo.numel():
+            ext.halo_stencil(out_flat, halo, neighbours, tap_weights, plan.keep.reshape(-1),
+                             torch.empty(0) if shift is None else shift.detach().reshape(-1).float().contiguous(),
+                             activation == "relu")
+        if activation == "relu":
+            ext.relu_rows(out_flat, plan.kept_index)
+        return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
 
     if strategy == "dense":
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -496,21 +677,10 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         out_flat.mul_(plan.keep_column(out_flat.dtype))  # y*m, as the dense execution computes it
     else:
         x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
-        ext = _extension() if use_extension else None
-        if ext is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            out_flat = ext.masked_output(positions, out_channels, plan.kept_index)
-        else:
-            out_flat = x.new_zeros(positions, out_channels)
-        if gemm_weight is None:
-            gemm_weight = _gemm_weight(weight, geometry.groups)
-        _gathered_conv_into(out_flat, x_flat, bias, geometry, plan, in_height, in_width, gemm_weight)
-
-    radius = support_radius(lam)
-    kernel = rbf_kernel(lam.detach().to(torch.float64), radius=INTERP_RADIUS, support=radius).flatten()
-    centre = kernel.numel() // 2
-    weights = torch.cat([kernel[:centre], kernel[centre + 1:]]).to(out_flat.dtype)
-    halo, neighbours = plan.halo_index(radius)
-    halo_stencil(out_flat, halo, neighbours, weights, plan=plan, use_extension=use_extension)
+        out_flat = x.new_zeros(positions, out_channels)
+        _gathered_conv_into(out_flat, x_flat, bias, geometry, plan, in_height, in_width, weights.gemm)
+    halo_stencil(out_flat, halo, neighbours, tap_weights.to(out_flat.dtype), plan=plan, use_extension=False)
+    _finish(out_flat, shift, activation)
     return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
 
 
