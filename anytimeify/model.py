@@ -95,7 +95,7 @@ def _masked_conv_hook(module: MaskedConv2d, args, output) -> None:
         ledger.paper += macs
     else:
         ledger.executed += module.executed_macs(x.shape, mask, plan)
-        ledger.paper += module.paper_macs(x.shape, mask)
+        ledger.paper += module.paper_macs(x.shape, mask, plan)
 
 
 def run_segment(segment: Segment, args) -> Tuple[tuple, Ledger]:

@@ -252,6 +252,10 @@ def test_frozen_model_computes_the_same(net, x, with_confidence):
             m.running_var.uniform_(0.5, 2.0)
     frozen = model.freeze()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    if with_confidence:  # BN shifts and ReLUs after masked convs are fused into the engine's output pass
+        masked = [m for m in frozen.modules() if isinstance(m, MaskedConv2d)]
+        assert sum(m.shift is not None for m in masked) >= len(masked) // 2
+        assert sum(m.activation == "relu" for m in masked) >= len(masked) // 4
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
     with torch.no_grad():
         ref = list(model.anytime(x))

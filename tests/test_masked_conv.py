@@ -465,14 +465,22 @@ def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padd
     kept = torch.nonzero(torch.rand(positions, generator=generator) < 0.4).reshape(-1)
     packed, padded_bias = _pack_implicit(weight, bias)
     assert packed.shape[-1] == implicit_block(out_channels) and packed.shape[-1] in (16, 32, 48, 64)
+    geometry = (ref.shape[2], ref.shape[3], k, k, stride, stride, padding, padding, dilation, dilation)
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     out = torch.full((positions, out_channels), 7.0)
-    _ext.load().implicit_conv(x.permute(0, 2, 3, 1).contiguous(), packed, padded_bias, kept, out,
-                              ref.shape[2], ref.shape[3], k, k, stride, stride, padding, padding, dilation, dilation)
+    _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, out, *geometry, torch.empty(0, dtype=torch.bool))
     expected = ref.permute(0, 2, 3, 1).reshape(positions, out_channels)
     assert torch.allclose(out[kept], expected[kept], atol=1e-4, rtol=1e-5)
     untouched = torch.ones(positions, dtype=torch.bool)
     untouched[kept] = False
     assert bool((out[untouched] == 7.0).all()), "rows that are not kept must not be written"
+    # a ReLU applied as the rows are written, only where act_rows says so
+    act_rows = torch.rand(positions, generator=generator) < 0.5
+    relu_out = torch.full((positions, out_channels), 7.0)
+    _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, relu_out, *geometry, act_rows)
+    expected = torch.where(act_rows[:, None], expected.clamp_min(0), expected)
+    assert torch.allclose(relu_out[kept], expected[kept], atol=1e-4, rtol=1e-5)
+    assert bool((relu_out[untouched] == 7.0).all())
 
 
 # --------------------------------------------------------------------------------- MAC counting

@@ -7,7 +7,8 @@
 //   fill_skipped   the same fill, in place, after a dense conv;
 //   halo_stencil   the RBF interpolation on the halo rows, in one pass over the neighbours of each
 //                  row, with the layer's per-channel shift and ReLU fused in;
-//   relu_rows      ReLU of the kept rows once the stencil has read them.
+//   relu_rows      ReLU of the kept rows next to the halo, once the stencil has read them (the
+//                  implicit GEMM applies it to the other kept rows as it writes them).
 // The pure-PyTorch code in engine.py is the reference; tests compare the two.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -179,7 +180,7 @@ template <int NV, int P>
 void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* packed, int64_t blocks,
                      int64_t taps, const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out,
                      int64_t oh, int64_t ow, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                     int64_t dh, int64_t dw, const float* zeros) {
+                     int64_t dh, int64_t dw, const float* zeros, const bool* act_rows) {
   constexpr int VB = NV * 16;
   const int64_t groups_of_p = (n + P - 1) / P;
   const int64_t oplane = oh * ow;
@@ -227,7 +228,13 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
         const int64_t count = std::min<int64_t>(VB, cout - cb * VB);
         for (int p = 0; p < P; ++p) {
           if (!valid[p]) continue;
-          float* dst = out + kept[g * P + p] * cout + cb * VB;
+          const int64_t row = kept[g * P + p];
+          if (act_rows != nullptr && act_rows[row]) {
+            const vec16 zero = {};
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[p][v] = acc[p][v] > zero ? acc[p][v] : zero;
+          }
+          float* dst = out + row * cout + cb * VB;
           if (count == VB) {
 #pragma GCC unroll 4
             for (int v = 0; v < NV; ++v) *(vec16u*)(dst + v * 16) = acc[p][v];
@@ -241,14 +248,16 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
   });
 }
 
-// out[kept[i]] = conv(x)[kept[i]] + bias for every kept output position (groups = 1).
+// out[kept[i]] = conv(x)[kept[i]] + bias for every kept output position (groups = 1), with a ReLU
+// at the rows where act_rows (bool per output row; empty: none) is true.
 //   x       (B, H, W, C_in) contiguous float32 (channels-last activations)
 //   packed  (blocks, taps, C_in, VB) weights, VB in {16, 32, 48, 64}
 //   bias    (blocks * VB) float32 (zero padded)
 //   out     (B * oh * ow, C_out) contiguous float32
 void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias,
                    const torch::Tensor& kept_index, torch::Tensor out, int64_t oh, int64_t ow,
-                   int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+                   int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                   const torch::Tensor& act_rows) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(),
               "x must be a contiguous (B, H, W, C) float32 CPU tensor");
   TORCH_CHECK(packed.scalar_type() == torch::kFloat32 && packed.dim() == 4 && packed.is_contiguous(),
@@ -265,11 +274,17 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == blocks * VB,
               "bias must be a contiguous float32 vector of ", blocks * VB, " values");
   TORCH_CHECK(out.size(0) == x.size(0) * oh * ow, "out has ", out.size(0), " rows, expected ", x.size(0) * oh * ow);
+  const bool* act = nullptr;
+  if (act_rows.defined() && act_rows.numel()) {
+    TORCH_CHECK(act_rows.scalar_type() == torch::kBool && act_rows.is_contiguous() && act_rows.numel() == out.size(0),
+                "act_rows must be a contiguous bool tensor with one entry per row of out");
+    act = act_rows.data_ptr<bool>();
+  }
   std::vector<float> zeros(C, 0.0f);
 #define ANYTIMEIFY_IMPLICIT(NV, P)                                                                              \
   implicit_kernel<NV, P>(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), blocks, taps,                  \
                          bias.data_ptr<float>(), cout, kept_index.data_ptr<int64_t>(), kept_index.numel(),        \
-                         out.data_ptr<float>(), oh, ow, kw, sh, sw, ph, pw, dh, dw, zeros.data())
+                         out.data_ptr<float>(), oh, ow, kw, sh, sw, ph, pw, dh, dw, zeros.data(), act)
   switch (VB) {
     case 16: ANYTIMEIFY_IMPLICIT(1, 14); break;
     case 32: ANYTIMEIFY_IMPLICIT(2, 12); break;

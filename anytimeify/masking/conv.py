@@ -173,14 +173,20 @@ class MaskedConv2d(nn.Conv2d):
     @property
     def geometry(self) -> ConvGeometry:
         """The conv's hyper-parameters as the engine sees them."""
-        return conv_geometry(self)
+        key = (self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+               self.groups)
+        cached = self.__dict__.get("_geometry_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, conv_geometry(self))
+            self.__dict__["_geometry_cache"] = cached
+        return cached[1]
 
     # -------------------------------------------------------------------------------- forward
     def check_mask(self, x_shape: Sequence[int], mask: Tensor) -> None:
         """Raise ``ValueError`` unless ``mask`` is ``(B, 1, H_out, W_out)`` for an input of ``x_shape``."""
         if len(x_shape) != 4:
             raise ValueError(f"MaskedConv2d expects a (B, C, H, W) input, got shape {tuple(x_shape)}")
-        out_height, out_width = conv_output_size(self, x_shape[2], x_shape[3])
+        out_height, out_width = self.geometry.output_size(int(x_shape[2]), int(x_shape[3]))
         expected = (int(x_shape[0]), 1, out_height, out_width)
         if tuple(mask.shape) != expected:
             raise ValueError(
@@ -250,7 +256,7 @@ class MaskedConv2d(nn.Conv2d):
     # ------------------------------------------------------------------------------ counting
     def dense_macs(self, x_shape: Sequence[int]) -> int:
         """Multiply-adds of the plain conv on an input of ``x_shape`` (bias excluded)."""
-        out_height, out_width = conv_output_size(self, x_shape[2], x_shape[3])
+        out_height, out_width = self.geometry.output_size(int(x_shape[2]), int(x_shape[3]))
         return int(x_shape[0]) * out_height * out_width * self.geometry.macs_per_output()
 
     def chosen_strategy(self, x_shape: Sequence[int], mask: Tensor, plan: Optional[MaskPlan] = None) -> str:
@@ -296,7 +302,7 @@ class MaskedConv2d(nn.Conv2d):
         self.check_mask(x_shape, mask)
         if self._execution == "dense":
             size = 2 * INTERP_RADIUS + 1
-            out_height, out_width = conv_output_size(self, x_shape[2], x_shape[3])
+            out_height, out_width = self.geometry.output_size(int(x_shape[2]), int(x_shape[3]))
             return dense + int(x_shape[0]) * self.out_channels * size * size * out_height * out_width
         plan = plan if plan is not None else MaskPlan(mask)
         strategy = self.chosen_strategy(x_shape, mask, plan)
@@ -307,7 +313,7 @@ class MaskedConv2d(nn.Conv2d):
         conv = dense if strategy == "dense" else plan.kept * self.geometry.macs_per_output()
         return conv + executed_interp_macs(plan, self.interp_lambda, self.out_channels)
 
-    def paper_macs(self, x_shape: Sequence[int], mask: Optional[Tensor]) -> float:
+    def paper_macs(self, x_shape: Sequence[int], mask: Optional[Tensor], plan: Optional[MaskPlan] = None) -> float:
         """Multiply-adds by the paper's convention (REFERENCE.md §4), summed over the batch.
 
         Per sample with kept fraction ``p``: ``dense_MACs * p + (1 - p) * p * C_out * 49 * H_out * W_out``
@@ -318,6 +324,7 @@ class MaskedConv2d(nn.Conv2d):
         Args:
             x_shape: input shape ``(B, C_in, H, W)``.
             mask: the mask, or None (nothing masked: the dense MACs).
+            plan: optional plan of ``mask`` (its per-sample counts are reused).
 
         Returns:
             The paper's count as a float.
@@ -327,12 +334,16 @@ class MaskedConv2d(nn.Conv2d):
         if mask is None:
             return float(dense_per_sample * batch)
         self.check_mask(x_shape, mask)
-        out_height, out_width = conv_output_size(self, x_shape[2], x_shape[3])
+        out_height, out_width = self.geometry.output_size(int(x_shape[2]), int(x_shape[3]))
         plane = out_height * out_width
-        keep = mask.detach().reshape(batch, plane)
-        keep = keep if keep.dtype == torch.bool else keep != 0
+        if plan is not None and plan.matches(mask):
+            per_sample = plan.kept_per_sample
+        else:
+            keep = mask.detach().reshape(batch, plane)
+            keep = keep if keep.dtype == torch.bool else keep != 0
+            per_sample = keep.sum(dim=1).tolist()
         total = 0.0
-        for kept in keep.sum(dim=1).tolist():
+        for kept in per_sample:
             p = kept / plane
             total += dense_per_sample * p + (1 - p) * p * self.out_channels * 49 * plane
         return total

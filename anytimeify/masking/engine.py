@@ -22,6 +22,7 @@ without the dense conv where that pays, following what was measured on CPU (SPAR
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ class MaskPlan:
         self._kept_per_sample: Optional[List[int]] = None
         self._skipped_index: Optional[Tensor] = None
         self._gather: Dict[Tuple, object] = {}
-        self._halo: Dict[int, Tuple[Tensor, Tensor]] = {}
+        self._halo: Dict[object, Tuple[Tensor, Tensor]] = {}
         self._scratch: Dict[Tuple, Tensor] = {}
 
     # ----------------------------------------------------------------------------------- queries
@@ -253,6 +254,26 @@ class MaskPlan:
         neighbours = torch.where(inside, neighbours, halo[:, None].expand_as(neighbours)).contiguous()
         self._halo[radius] = (halo, neighbours)
         return halo, neighbours
+
+    def boundary_split(self, radius: int) -> Tuple[Tensor, Tensor]:
+        """Kept positions the halo stencil reads, and the others.
+
+        Returns:
+            ``(interior, boundary)``: ``interior`` a ``(B*H*W,)`` bool tensor, True at kept positions
+            with no skipped position within ``radius`` (nothing reads them before the layer's
+            activation); ``boundary`` the sorted flat indices of the other kept positions.
+        """
+        key = ("boundary", radius)
+        cached = self._halo.get(key)  # type: ignore[call-overload]
+        if cached is not None:
+            return cached
+        size = 2 * radius + 1
+        skipped = (~self.keep)[:, None].to(torch.float32)
+        near = F.max_pool2d(skipped, size, stride=1, padding=radius)[:, 0] > 0
+        interior = (self.keep & ~near).reshape(-1).contiguous()
+        boundary = torch.nonzero((self.keep & near).reshape(-1)).reshape(-1)
+        self._halo[key] = (interior, boundary)  # type: ignore[index]
+        return interior, boundary
 
     def scratch(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A reusable buffer of at least ``shape``'s size, returned as a contiguous ``shape`` view."""
@@ -455,6 +476,23 @@ def halo_stencil(out_flat: Tensor, halo: Tensor, neighbours: Tensor, weights: Te
     out_flat.index_copy_(0, halo, values)
 
 
+@functools.lru_cache(maxsize=256)
+def _stencil_taps(lam: float) -> Tuple[int, Tensor]:
+    """Support radius and non-centre tap weights (float32) of the interpolation at ``lam`` (cached)."""
+    radius = support_radius(lam)
+    kernel = rbf_kernel(torch.tensor(lam, dtype=torch.float64), radius=INTERP_RADIUS, support=radius).flatten()
+    centre = kernel.numel() // 2
+    return radius, torch.cat([kernel[:centre], kernel[centre + 1:]]).to(torch.float32)
+
+
+def stencil_taps(lam: Tensor) -> Tuple[int, Tensor]:
+    """Support radius and non-centre tap weights of the interpolation for a ``lambda`` tensor.
+
+    The weights are shared between calls: read them, never modify them.
+    """
+    return _stencil_taps(float(lam.detach().item()))
+
+
 def _gemm_weight(weight: Tensor, groups: int) -> Tensor:
     """Conv weight as a 1x1 conv weight over im2col rows ordered (group, tap, channel)."""
     out_channels = weight.shape[0]
@@ -508,6 +546,17 @@ class LayerWeights:
         self._implicit: Optional[Tuple[Tensor, Tensor]] = None
         self._full_bias: Optional[Tensor] = None
         self._full_bias_done = False
+        self._fills: Dict[bool, Tensor] = {}
+
+    def fill(self, relu: bool) -> Tensor:
+        """float32 ``act(shift)``: the value of rows far from every kept one (empty without a shift)."""
+        value = self._fills.get(relu)
+        if value is None:
+            value = torch.empty(0) if self.shift is None else self.shift.float().contiguous()
+            if relu and value.numel():
+                value = value.clamp_min(0)
+            self._fills[relu] = value
+        return value
 
     @property
     def full_bias(self) -> Optional[Tensor]:
@@ -632,18 +681,14 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
     elif strategy == "implicit" and not implicit:
         strategy = "gather"
 
-    radius = support_radius(lam)
-    kernel = rbf_kernel(lam.detach().to(torch.float64), radius=INTERP_RADIUS, support=radius).flatten()
-    centre = kernel.numel() // 2
-    tap_weights = torch.cat([kernel[:centre], kernel[centre + 1:]]).to(torch.float32)
+    radius, tap_weights = stencil_taps(lam)
     halo, neighbours = plan.halo_index(radius)
 
     if ext is not None:
         # fused output pass: kept rows hold y + shift, skipped rows act(shift) (0 without a shift),
         # then the halo rows get I(y*m) + shift in one stencil pass, and the kept rows the activation
-        fill = torch.empty(0) if shift is None else shift.detach().reshape(-1).float().contiguous()
-        if activation == "relu" and fill.numel():
-            fill = fill.clamp_min(0)
+        relu = activation == "relu"
+        fill = weights.fill(relu)
         if strategy == "dense":
             x_cl = x.contiguous(memory_format=torch.channels_last)
             y = F.conv2d(x_cl, weight, weights.full_bias, geometry.stride, geometry.padding, geometry.dilation,
@@ -653,20 +698,23 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         else:
             out_flat = ext.masked_output(positions, out_channels, plan.kept_index, fill)
             if strategy == "implicit":
+                # the ReLU goes in as the rows are written, except where the stencil still reads them
+                act_rows = plan.boundary_split(radius)[0] if relu else torch.empty(0, dtype=torch.bool)
                 packed, padded_bias = weights.implicit
                 ext.implicit_conv(x.permute(0, 2, 3, 1).contiguous(), packed, padded_bias, plan.kept_index, out_flat,
                                   out_height, out_width, *geometry.kernel_size, *geometry.stride, *geometry.padding,
-                                  *geometry.dilation)
+                                  *geometry.dilation, act_rows)
             else:
                 x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
                 _gathered_conv_into(out_flat, x_flat, weights.full_bias, geometry, plan, in_height, in_width,
                                     weights.gemm)
         if halo.numel():
-            ext.halo_stencil(out_flat, halo, neighbours, tap_weights, plan.keep.reshape(-1),
-                             torch.empty(0) if shift is None else shift.detach().reshape(-1).float().contiguous(),
-                             activation == "relu")
-        if activation == "relu":
-            ext.relu_rows(out_flat, plan.kept_index)
+            ext.halo_stencil(out_flat, halo, neighbours, tap_weights, plan.keep.reshape(-1), weights.fill(False), relu)
+        if relu:
+            if strategy == "implicit":
+                ext.relu_rows(out_flat, plan.boundary_split(radius)[1])
+            else:  # every row but the kept ones has it already; one vectorised pass is cheapest
+                out_flat.relu_()
         return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
 
     if strategy == "dense":
@@ -688,6 +736,6 @@ def executed_interp_macs(plan: MaskPlan, lam: Tensor, channels: int) -> int:
     """Multiply-adds of the halo stencil for a plan and ``lambda`` (0 when all kept or skipped)."""
     if plan.kept in (0, plan.positions):
         return 0
-    radius = support_radius(lam)
+    radius = stencil_taps(lam)[0]
     halo, neighbours = plan.halo_index(radius)
     return int(neighbours.numel()) * channels
