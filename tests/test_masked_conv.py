@@ -447,17 +447,20 @@ def test_extension_kernels_match_pytorch():
 
 @pytest.mark.skipif(not _ext.available() and os.environ.get("CI") != "true",
                     reason="C++ extension not built (no compiler?)")
-@pytest.mark.parametrize("in_channels,out_channels,k,stride,padding,dilation", [
-    (3, 5, 3, 1, 1, 1), (7, 19, 1, 1, 0, 1), (16, 48, 3, 2, 1, 1), (12, 70, 3, 1, 2, 2),
-    (20, 96, 5, 1, 2, 1), (9, 130, 3, 2, 0, 1), (40, 64, 1, 2, 0, 1), (6, 33, 3, 1, 0, 3),
+@pytest.mark.parametrize("in_channels,out_channels,k,stride,padding,dilation,size", [
+    (3, 5, 3, 1, 1, 1, (23, 17)), (7, 19, 1, 1, 0, 1, (23, 17)), (16, 48, 3, 2, 1, 1, (23, 17)),
+    (12, 70, 3, 1, 2, 2, (23, 17)), (20, 96, 5, 1, 2, 1, (23, 17)), (9, 130, 3, 2, 0, 1, (23, 17)),
+    (40, 64, 1, 2, 0, 1, (23, 17)), (6, 33, 3, 1, 0, 3, (23, 17)),
+    # enough kept positions for several groups of positions per task (weights shared in L1)
+    (16, 48, 3, 1, 1, 1, (70, 90)), (24, 32, 3, 1, 1, 2, (70, 90)), (8, 20, 3, 2, 1, 1, (130, 150)),
 ])
-def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padding, dilation):
+def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padding, dilation, size):
     """The compiled implicit GEMM writes exactly the conv's kept rows, for every register-block width."""
     from anytimeify.masking.engine import _pack_implicit, implicit_block
 
     assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
     generator = torch.Generator().manual_seed(in_channels * 1000 + out_channels)
-    x = torch.randn(2, in_channels, 23, 17, generator=generator)
+    x = torch.randn(2, in_channels, *size, generator=generator)
     weight = torch.randn(out_channels, in_channels, k, k, generator=generator)
     bias = torch.randn(out_channels, generator=generator)
     ref = F.conv2d(x, weight, bias, stride, padding, dilation)

@@ -169,78 +169,128 @@ void relu_rows(torch::Tensor out, const torch::Tensor& index) {
 
 // ---------------------------------------------------------------------------- implicit GEMM
 // The convolution at the kept output positions only, written straight into their output rows:
-// no im2col matrix. Each task takes P kept positions and one block of VB = 16*NV output channels;
-// the accumulators (P x NV vectors of 16 floats) stay in registers while the loop runs over the
-// kernel taps and input channels, broadcasting one input value per position and loading one
-// block of weights per channel. Weights are packed (blocks, taps, C_in, VB), zero padded.
+// no im2col matrix. The reduction runs over "runs": with dilation 1 along x, the kw taps of one
+// kernel row read kw*C_in consecutive floats of the NHWC input (the packed weights of those taps
+// are consecutive too), so one run is one kernel row; otherwise one tap. A group of P positions and
+// one block of VB = 16*NV output channels keeps its accumulators (P x NV vectors of 16 floats) in
+// registers over a run, broadcasting one input value per position and loading one block of weights
+// per input element. Up to kMaxGroups groups share a run's weights while they are in L1; partial
+// sums between runs go to a small per-thread buffer. Runs that cross the map border are copied to
+// a scratch row with zeros outside. Weights are packed (blocks, taps, C_in, VB), zero padded.
 typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec16u __attribute__((vector_size(64), aligned(4)));
+
+constexpr int kMaxGroups = 8;
 
 template <int NV, int P>
 void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* packed, int64_t blocks,
                      int64_t taps, const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out,
-                     int64_t oh, int64_t ow, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                     int64_t oh, int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                      int64_t dh, int64_t dw, const float* zeros, const bool* act_rows) {
   constexpr int VB = NV * 16;
-  const int64_t groups_of_p = (n + P - 1) / P;
+  constexpr int QMAX = P * kMaxGroups;
+  // groups of P positions per task: several share each run's weights while they are in L1, but
+  // small layers keep one group per task so that every thread gets work
+  const int G = n >= int64_t(QMAX) * 4 * at::get_num_threads() ? kMaxGroups : 1;
+  const int Q = P * G;
+  const bool rows_contiguous = dw == 1;
+  const int64_t runs = rows_contiguous ? kh : kh * kw;       // contiguous input runs per position
+  const int64_t taps_per_run = rows_contiguous ? kw : 1;
+  const int64_t L = taps_per_run * C;                         // floats per run
+  const int64_t tasks = (n + Q - 1) / Q;
   const int64_t oplane = oh * ow;
-  at::parallel_for(0, groups_of_p, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> accbuf(size_t(Q) * VB);
+    std::vector<float> scratch(size_t(Q) * L);
+    int64_t by[QMAX], bx[QMAX], plane[QMAX];
+    bool valid[QMAX];
     const float* rows[P];
-    int64_t by[P], bx[P], plane[P];
-    bool valid[P];
     alignas(64) float tail[VB];
-    for (int64_t g = g0; g < g1; ++g) {
-      for (int p = 0; p < P; ++p) {
-        const int64_t i = g * P + p;
-        valid[p] = i < n;
-        const int64_t idx = valid[p] ? kept[i] : 0;
+    for (int64_t task = t0; task < t1; ++task) {
+      for (int q = 0; q < Q; ++q) {
+        const int64_t i = task * Q + q;
+        valid[q] = i < n;
+        const int64_t idx = valid[q] ? kept[i] : 0;
         const int64_t r = idx % oplane;
-        by[p] = (r / ow) * sh - ph;
-        bx[p] = (r % ow) * sw - pw;
-        plane[p] = (idx / oplane) * H * W;
+        by[q] = (r / ow) * sh - ph;
+        bx[q] = (r % ow) * sw - pw;
+        plane[q] = (idx / oplane) * H * W;
       }
+      int live_groups = 0;
+      for (int g = 0; g < G; ++g) if (valid[g * P]) live_groups = g + 1;
       for (int64_t cb = 0; cb < blocks; ++cb) {
-        vec16 acc[P][NV];
-        const float* bp = bias + cb * VB;
-#pragma GCC unroll 16
-        for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) acc[p][v] = *(const vec16u*)(bp + v * 16);
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t ky = t / kw, kx = t % kw;
-          for (int p = 0; p < P; ++p) {
-            const int64_t iy = by[p] + ky * dh, ix = bx[p] + kx * dw;
-            rows[p] = (valid[p] && iy >= 0 && iy < H && ix >= 0 && ix < W) ? x + (plane[p] + iy * W + ix) * C : zeros;
-          }
-          const float* wp = packed + (cb * taps + t) * C * VB;
-          for (int64_t ci = 0; ci < C; ++ci) {
-            vec16 wv[NV];
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) wv[v] = *(const vec16u*)(wp + ci * VB + v * 16);
-#pragma GCC unroll 16
+        for (int64_t run = 0; run < runs; ++run) {
+          const int64_t ky = rows_contiguous ? run : run / kw;
+          const int64_t kx0 = rows_contiguous ? 0 : run % kw;
+          const float* wp = packed + (cb * taps + run * taps_per_run) * C * VB;
+          for (int g = 0; g < live_groups; ++g) {
             for (int p = 0; p < P; ++p) {
-              const float s = rows[p][ci];
-#pragma GCC unroll 4
-              for (int v = 0; v < NV; ++v) acc[p][v] += wv[v] * s;
+              const int q = g * P + p;
+              const int64_t iy = by[q] + ky * dh;
+              if (!valid[q] || iy < 0 || iy >= H) { rows[p] = zeros; continue; }
+              const int64_t ix0 = bx[q] + kx0 * dw;
+              const int64_t ix1 = ix0 + (taps_per_run - 1) * dw;
+              const float* base = x + (plane[q] + iy * W) * C;
+              if (ix0 >= 0 && ix1 < W) { rows[p] = base + ix0 * C; continue; }
+              float* s = scratch.data() + size_t(q) * L;  // border: copy the run, zeros outside the map
+              for (int64_t k = 0; k < taps_per_run; ++k) {
+                const int64_t ix = ix0 + k * dw;
+                if (ix >= 0 && ix < W) std::memcpy(s + k * C, base + ix * C, sizeof(float) * C);
+                else std::memset(s + k * C, 0, sizeof(float) * C);
+              }
+              rows[p] = s;
             }
-          }
-        }
-        const int64_t count = std::min<int64_t>(VB, cout - cb * VB);
-        for (int p = 0; p < P; ++p) {
-          if (!valid[p]) continue;
-          const int64_t row = kept[g * P + p];
-          if (act_rows != nullptr && act_rows[row]) {
-            const vec16 zero = {};
+            vec16 acc[P][NV];
+            float* ab = accbuf.data() + size_t(g) * P * VB;
+            if (run == 0) {
+              const float* bp = bias + cb * VB;
+#pragma GCC unroll 16
+              for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[p][v] = acc[p][v] > zero ? acc[p][v] : zero;
-          }
-          float* dst = out + row * cout + cb * VB;
-          if (count == VB) {
+                for (int v = 0; v < NV; ++v) acc[p][v] = *(const vec16u*)(bp + v * 16);
+            } else {
+#pragma GCC unroll 16
+              for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) *(vec16u*)(dst + v * 16) = acc[p][v];
-          } else {
-            for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[p][v];
-            std::memcpy(dst, tail, sizeof(float) * count);
+                for (int v = 0; v < NV; ++v) acc[p][v] = *(const vec16u*)(ab + (p * NV + v) * 16);
+            }
+            for (int64_t ci = 0; ci < L; ++ci) {
+              vec16 wv[NV];
+#pragma GCC unroll 4
+              for (int v = 0; v < NV; ++v) wv[v] = *(const vec16u*)(wp + ci * VB + v * 16);
+#pragma GCC unroll 16
+              for (int p = 0; p < P; ++p) {
+                const float s = rows[p][ci];
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v) acc[p][v] += wv[v] * s;
+              }
+            }
+            if (run + 1 < runs) {
+#pragma GCC unroll 16
+              for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v) *(vec16u*)(ab + (p * NV + v) * 16) = acc[p][v];
+              continue;
+            }
+            const int64_t count = std::min<int64_t>(VB, cout - cb * VB);
+            for (int p = 0; p < P; ++p) {
+              const int q = g * P + p;
+              if (!valid[q]) continue;
+              const int64_t row = kept[task * Q + q];
+              if (act_rows != nullptr && act_rows[row]) {
+                const vec16 zero = {};
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v) acc[p][v] = acc[p][v] > zero ? acc[p][v] : zero;
+              }
+              float* dst = out + row * cout + cb * VB;
+              if (count == VB) {
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v) *(vec16u*)(dst + v * 16) = acc[p][v];
+              } else {
+                for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[p][v];
+                std::memcpy(dst, tail, sizeof(float) * count);
+              }
+            }
           }
         }
       }
@@ -280,11 +330,11 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
                 "act_rows must be a contiguous bool tensor with one entry per row of out");
     act = act_rows.data_ptr<bool>();
   }
-  std::vector<float> zeros(C, 0.0f);
+  std::vector<float> zeros(kw * C, 0.0f);  // one run of taps outside the map
 #define ANYTIMEIFY_IMPLICIT(NV, P)                                                                              \
   implicit_kernel<NV, P>(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), blocks, taps,                  \
                          bias.data_ptr<float>(), cout, kept_index.data_ptr<int64_t>(), kept_index.numel(),        \
-                         out.data_ptr<float>(), oh, ow, kw, sh, sw, ph, pw, dh, dw, zeros.data(), act)
+                         out.data_ptr<float>(), oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, zeros.data(), act)
   switch (VB) {
     case 16: ANYTIMEIFY_IMPLICIT(1, 14); break;
     case 32: ANYTIMEIFY_IMPLICIT(2, 12); break;
