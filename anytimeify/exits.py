@@ -20,8 +20,30 @@ __all__ = ["Exit", "fuse_branches", "original_head", "redesigned_head", "HEAD_KI
 HEAD_KINDS = ("original", "redesigned")
 
 
+def _fusion_kernel(features: List[torch.Tensor]):
+    """The compiled fusion kernel where it applies (fp32 CPU inference, not while tracing), else None."""
+    if torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return None
+    if any(f.dim() != 4 or f.dtype != torch.float32 or f.device.type != "cpu" for f in features):
+        return None
+    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
+        return None
+    from .masking.engine import _extension
+
+    return _extension()
+
+
 def fuse_branches(features: List[torch.Tensor], align_corners: bool = True) -> torch.Tensor:
-    """Upsample every feature map bilinearly to the first one's size and concatenate (HRNetV2 fusion)."""
+    """Upsample every feature map bilinearly to the first one's size and concatenate (HRNetV2 fusion).
+
+    For float32 CPU inference the compiled kernel does both in one pass and returns a channels-last
+    tensor; otherwise (training, other devices and dtypes, no compiler) PyTorch's ops do, with the
+    same result up to float rounding.
+    """
+    kernel = _fusion_kernel(features)
+    if kernel is not None:
+        nhwc = [f.permute(0, 2, 3, 1).contiguous() for f in features]
+        return kernel.fuse_branches(nhwc, align_corners).permute(0, 3, 1, 2)
     size = features[0].shape[-2:]
     ups = [features[0]] + [
         F.interpolate(f, size=size, mode="bilinear", align_corners=align_corners) for f in features[1:]

@@ -563,3 +563,31 @@ def test_executed_macs_strided_grouped():
     mask[1, 0, 0, 0] = True
     halo = 8 + 3
     assert conv.executed_macs((2, 4, 9, 9), mask) == 2 * 108 + halo * 8 * 6
+
+
+@pytest.mark.skipif(not _ext.available() and os.environ.get("CI") != "true",
+                    reason="C++ extension not built (no compiler?)")
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("sizes", [
+    [(6, 16, 20), (5, 8, 10), (4, 4, 5), (3, 2, 3)],   # HRNet's halving branches
+    [(5, 7, 9), (3, 4, 5), (2, 1, 1), (4, 3, 9)],       # odd sizes, a 1x1 map, a map larger along x
+])
+def test_branch_fusion_kernel_matches_pytorch(sizes, align_corners):
+    from anytimeify.exits import fuse_branches
+
+    assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
+    generator = torch.Generator().manual_seed(len(sizes[1]) + int(align_corners))
+    features = [torch.randn(2, c, h, w, generator=generator) for c, h, w in sizes]
+    expected = torch.cat([features[0]] + [F.interpolate(f, size=features[0].shape[-2:], mode="bilinear",
+                                                        align_corners=align_corners) for f in features[1:]], dim=1)
+    with torch.no_grad():
+        fused = fuse_branches(features, align_corners)
+    assert fused.is_contiguous(memory_format=torch.channels_last)  # the kernel ran
+    assert fused.shape == expected.shape
+    assert (fused - expected).abs().max() <= 1e-5
+    # with autograd the PyTorch ops run (the kernel has no backward), gradients flow
+    leaf = features[1].clone().requires_grad_(True)
+    out = fuse_branches([features[0], leaf] + features[2:], align_corners)
+    assert (out - expected).abs().max() <= 1e-5
+    out.sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0

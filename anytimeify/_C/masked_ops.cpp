@@ -7,6 +7,7 @@
 //   fill_skipped   the same fill, in place, after a dense conv;
 //   halo_stencil   the RBF interpolation on the halo rows, in one pass over the neighbours of each
 //                  row, with the layer's per-channel shift and ReLU fused in;
+//   fuse_branches  HRNet's branch fusion (bilinear resize + concatenation) in one channels-last pass;
 //   relu_rows      ReLU of the kept rows next to the halo, once the stencil has read them (the
 //                  implicit GEMM applies it to the other kept rows as it writes them).
 // The pure-PyTorch code in engine.py is the reference; tests compare the two.
@@ -190,8 +191,8 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
   constexpr int VB = NV * 16;
   constexpr int QMAX = P * kMaxGroups;
   // groups of P positions per task: several share each run's weights while they are in L1, but
-  // small layers keep one group per task so that every thread gets work
-  const int G = n >= int64_t(QMAX) * 4 * at::get_num_threads() ? kMaxGroups : 1;
+  // small layers keep one group per task unless every thread still gets two tasks
+  const int G = n >= int64_t(QMAX) * 2 * at::get_num_threads() ? kMaxGroups : 1;
   const int Q = P * G;
   const bool rows_contiguous = dw == 1;
   const int64_t runs = rows_contiguous ? kh : kh * kw;       // contiguous input runs per position
@@ -345,10 +346,99 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
 #undef ANYTIMEIFY_IMPLICIT
 }
 
+// ------------------------------------------------------------------------- branch fusion
+// HRNet's fusion of its branches (exits.fuse_branches): every feature map bilinearly resized to the
+// first one's size and all of them concatenated along channels, in one pass that writes each
+// channels-last output row once (instead of one resized copy per branch and a concatenation).
+// Index and weight computation follow PyTorch's upsample_bilinear2d for an explicit output size.
+namespace {
+
+struct Axis {
+  std::vector<int64_t> lo, hi;
+  std::vector<float> w_lo, w_hi;
+};
+
+Axis bilinear_axis(int64_t in, int64_t out, bool align_corners) {
+  Axis a;
+  a.lo.resize(out); a.hi.resize(out); a.w_lo.resize(out); a.w_hi.resize(out);
+  float scale;
+  if (align_corners) scale = out > 1 ? float(in - 1) / float(out - 1) : 0.0f;
+  else scale = float(in) / float(out);
+  for (int64_t d = 0; d < out; ++d) {
+    float src = align_corners ? scale * d : std::max(scale * (d + 0.5f) - 0.5f, 0.0f);
+    int64_t i0 = std::min<int64_t>(int64_t(src), in - 1);
+    int64_t step = i0 < in - 1 ? 1 : 0;
+    float l1 = std::min(std::max(src - float(i0), 0.0f), 1.0f);
+    a.lo[d] = i0; a.hi[d] = i0 + step; a.w_lo[d] = 1.0f - l1; a.w_hi[d] = l1;
+  }
+  return a;
+}
+
+}  // namespace
+
+torch::Tensor fuse_branches(const std::vector<torch::Tensor>& features, bool align_corners) {
+  TORCH_CHECK(!features.empty(), "fuse_branches needs at least one feature map");
+  for (const auto& f : features)
+    TORCH_CHECK(f.device().is_cpu() && f.scalar_type() == torch::kFloat32 && f.dim() == 4 && f.is_contiguous(),
+                "feature maps must be contiguous (B, H, W, C) float32 CPU tensors");
+  const int64_t B = features[0].size(0), H = features[0].size(1), W = features[0].size(2);
+  int64_t total = 0;
+  for (const auto& f : features) {
+    TORCH_CHECK(f.size(0) == B, "feature maps must share the batch size");
+    total += f.size(3);
+  }
+  auto out = torch::empty({B, H, W, total}, torch::dtype(torch::kFloat32));
+  const size_t bytes = sizeof(float) * size_t(B * H * W * total);
+  if (bytes >= (size_t(1) << 22)) advise_huge_pages(out.data_ptr<float>(), bytes);
+  const size_t n = features.size();
+  std::vector<Axis> ys(n), xs(n);
+  std::vector<int64_t> offsets(n);
+  int64_t offset = 0;
+  for (size_t i = 0; i < n; ++i) {
+    ys[i] = bilinear_axis(features[i].size(1), H, align_corners);
+    xs[i] = bilinear_axis(features[i].size(2), W, align_corners);
+    offsets[i] = offset;
+    offset += features[i].size(3);
+  }
+  float* dst_base = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / H, y = r % H;
+      for (size_t i = 0; i < n; ++i) {
+        const auto& f = features[i];
+        const int64_t h = f.size(1), w = f.size(2), C = f.size(3);
+        const float* src = f.data_ptr<float>() + b * h * w * C;
+        float* dst = dst_base + (r * W) * total + offsets[i];
+        if (h == H && w == W) {  // the first branch (or any of the same size): a copy
+          const float* row = src + y * W * C;
+          for (int64_t x = 0; x < W; ++x) std::memcpy(dst + x * total, row + x * C, sizeof(float) * C);
+          continue;
+        }
+        const float* top = src + ys[i].lo[y] * w * C;
+        const float* bottom = src + ys[i].hi[y] * w * C;
+        const float wt = ys[i].w_lo[y], wb = ys[i].w_hi[y];
+        for (int64_t x = 0; x < W; ++x) {
+          const int64_t x0 = xs[i].lo[x] * C, x1 = xs[i].hi[x] * C;
+          const float wl = xs[i].w_lo[x], wr = xs[i].w_hi[x];
+          const float* a = top + x0;
+          const float* bb = top + x1;
+          const float* c = bottom + x0;
+          const float* d = bottom + x1;
+          float* o = dst + x * total;
+#pragma omp simd
+          for (int64_t k = 0; k < C; ++k) o[k] = wt * (wl * a[k] + wr * bb[k]) + wb * (wl * c[k] + wr * d[k]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_output", &masked_output, "Output rows holding fill except the kept ones (left uninitialised)");
   m.def("fill_skipped", &fill_skipped, "Rows not kept set to fill, in place");
   m.def("halo_stencil", &halo_stencil, "RBF interpolation on the halo rows with the layer's shift, in place");
   m.def("relu_rows", &relu_rows, "ReLU of the listed rows, in place");
+  m.def("fuse_branches", &fuse_branches, "Bilinear resize of every branch to the first's size, concatenated (NHWC)");
   m.def("implicit_conv", &implicit_conv, "Convolution at the kept output positions, written into their rows");
 }

@@ -16,6 +16,9 @@ import torch.nn as nn
 
 from ..exits import fuse_branches
 
+# one graph node for the head's fusion, so traced models (conversion, BN folding) run its kernel
+torch.fx.wrap("fuse_branches")
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["HRNetSeg", "HRNetPose", "hrnet_seg", "hrnet_pose", "HRNET_VARIANTS"]
