@@ -124,6 +124,17 @@ class Program:
                            for i in range(len(self.segments))]
 
 
+def _rebuild_program(program: Program) -> Program:
+    """Split a program's (rewritten) graph into segments again, at the same exits and masks."""
+    from .convert import _build_program
+
+    gm = program.graph_module
+    by_name = {node.name: node for node in gm.graph.nodes}
+    results = [by_name[name] for name in program.exit_names]
+    masks = [by_name[name] for name in program.mask_names if name is not None]
+    return _build_program(gm, gm.graph, results, masks)
+
+
 class AnytimeModel(nn.Module):
     """A dense-prediction network with early exits, made by :func:`anytimeify.convert`.
 
@@ -193,12 +204,18 @@ class AnytimeModel(nn.Module):
         The copy computes what this model computes in eval mode (up to float rounding), faster; it
         cannot be trained, and later changes to this model's weights do not reach it.
         """
-        from ._fx.fold import fold_batch_norms
+        from ._fx.fold import fold_batch_norms, fuse_residuals
 
         frozen = copy.deepcopy(self).eval()
         program = frozen._programs[False]
         holders = [program.graph_module] + [seg.module for seg in program.segments]
-        fold_batch_norms(frozen, program.graph_module.graph, holders)
+        graph = program.graph_module.graph
+        fold_batch_norms(frozen, graph, holders)
+        # residual additions (and the ReLU after them) move into the masked convs that feed them;
+        # that rewrites the graph, so it is split into segments again
+        ends = [name for name in program.mask_names if name is not None] + list(program.exit_names)
+        if fuse_residuals(program.graph_module, graph, barriers=ends):
+            program = _rebuild_program(program)
         object.__setattr__(frozen, "_programs", {False: program, True: program})
         frozen.frozen = True
         frozen._register_counters()

@@ -256,6 +256,10 @@ def test_frozen_model_computes_the_same(net, x, with_confidence):
         masked = [m for m in frozen.modules() if isinstance(m, MaskedConv2d)]
         assert sum(m.shift is not None for m in masked) >= len(masked) // 2
         assert sum(m.activation == "relu" for m in masked) >= len(masked) // 4
+        # residual additions after masked convs run inside them (and the program was re-split)
+        graph = frozen._programs[False].graph_module.graph
+        assert any("residual" in node.kwargs for node in graph.nodes)
+        assert len(frozen._programs[False].segments) == len(model._programs[False].segments)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
     with torch.no_grad():
         ref = list(model.anytime(x))

@@ -8,6 +8,7 @@
 //   halo_stencil   the RBF interpolation on the halo rows, in one pass over the neighbours of each
 //                  row, with the layer's per-channel shift and ReLU fused in;
 //   fuse_branches  HRNet's branch fusion (bilinear resize + concatenation) in one channels-last pass;
+//   add_residual   a residual connection (and the ReLU after it) folded into the masked conv's output;
 //   relu_rows      ReLU of the kept rows next to the halo, once the stencil has read them (the
 //                  implicit GEMM applies it to the other kept rows as it writes them).
 // The pure-PyTorch code in engine.py is the reference; tests compare the two.
@@ -434,10 +435,30 @@ torch::Tensor fuse_branches(const std::vector<torch::Tensor>& features, bool ali
   return out;
 }
 
+// out += residual, then an optional ReLU, in one pass (both (rows, channels) views of channels-last maps).
+void add_residual(torch::Tensor out, const torch::Tensor& residual, bool relu) {
+  check_rows(out, "out");
+  check_rows(residual, "residual");
+  TORCH_CHECK(out.sizes() == residual.sizes(), "residual ", residual.sizes(), " does not match the output ", out.sizes());
+  float* o = out.data_ptr<float>();
+  const float* r = residual.data_ptr<float>();
+  const int64_t total = out.numel();
+  at::parallel_for(0, total, 1 << 16, [&](int64_t begin, int64_t end) {
+    if (relu) {
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) o[i] = std::max(o[i] + r[i], 0.0f);
+    } else {
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) o[i] += r[i];
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_output", &masked_output, "Output rows holding fill except the kept ones (left uninitialised)");
   m.def("fill_skipped", &fill_skipped, "Rows not kept set to fill, in place");
   m.def("halo_stencil", &halo_stencil, "RBF interpolation on the halo rows with the layer's shift, in place");
+  m.def("add_residual", &add_residual, "out += residual, then an optional ReLU, in place");
   m.def("relu_rows", &relu_rows, "ReLU of the listed rows, in place");
   m.def("fuse_branches", &fuse_branches, "Bilinear resize of every branch to the first's size, concatenated (NHWC)");
   m.def("implicit_conv", &implicit_conv, "Convolution at the kept output positions, written into their rows");

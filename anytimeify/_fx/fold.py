@@ -11,7 +11,8 @@ blend by the engine's output pass; a ReLU that is the masked conv's only reader 
 from __future__ import annotations
 
 import copy
-from typing import Iterable, List, Tuple
+import operator
+from typing import Collection, Iterable, List, Tuple
 
 import torch
 import torch.fx as fx
@@ -21,7 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..exits import Exit
 from ..masking.conv import MaskedConv2d
 
-__all__ = ["fold_batch_norms", "fold_sequential"]
+__all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals"]
 
 
 def _scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -158,3 +159,66 @@ def _fuse_relus(root: nn.Module, graph: fx.Graph, holders: List[nn.Module], call
         if _fusable_relu(root.get_submodule(str(user.target))) and _fuse_relu(conv):
             for holder in [root] + holders:
                 _set(holder, str(user.target), nn.Identity())
+
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] = ()) -> int:
+    """Move residual connections into the masked convs that feed them; returns how many.
+
+    Pattern (after BN folding): a masked conv, called once, whose output (through identity
+    modules only) is the sole input of an addition ``conv_out + other`` (``+``, ``+=`` or
+    ``torch.add`` without ``alpha``), optionally followed by a ReLU module that is the addition's
+    only reader and called once. The conv node then takes ``other`` as its ``residual`` keyword,
+    applies the ReLU as its activation, and replaces both nodes, so the sum costs no pass of its
+    own. The conv node moves down to the addition (its inputs are all earlier); no node named in
+    ``barriers`` (segment ends) may lie between them. The caller recompiles and re-splits the graph.
+    """
+    calls: dict = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    barrier_positions = sorted(order[n] for n in graph.nodes if n.name in barriers)
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or calls.get(node.target) != 1 or "residual" in node.kwargs:
+            continue
+        conv = root.get_submodule(str(node.target))
+        if not isinstance(conv, MaskedConv2d) or conv.activation is not None:
+            continue
+        chain = []
+        end = node
+        user = _sole_user(node)
+        while user is not None and user.op == "call_module" and type(root.get_submodule(str(user.target))) is nn.Identity:
+            chain.append(user)
+            end = user
+            user = _sole_user(user)
+        if user is None or user.op != "call_function" or user.target not in _ADDS or user.kwargs or len(user.args) != 2:
+            continue
+        add = user
+        others = [a for a in add.args if a is not end]
+        if len(others) != 1 or not isinstance(others[0], fx.Node) or others[0] is end:
+            continue
+        other = others[0]
+        if any(order[node] < b <= order[add] for b in barrier_positions):
+            continue
+        relu = _sole_user(add)
+        if not (relu is not None and relu.op == "call_module" and calls.get(relu.target) == 1
+                and _fusable_relu(root.get_submodule(str(relu.target)))):
+            relu = None
+        # the conv and its identity chain move down to the addition, where ``other`` exists
+        for moved in [node] + chain:
+            add.prepend(moved)
+        node.kwargs = {**node.kwargs, "residual": other}
+        last = add
+        if relu is not None:
+            conv.set_epilogue(shift=conv.shift, activation="relu")
+            last = relu
+        last.replace_all_uses_with(end)
+        for dead in ([relu] if relu is not None else []) + [add]:
+            graph.erase_node(dead)
+        fused += 1
+    graph.lint()
+    return fused

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .engine import (
     ACTIVATIONS, DEFAULT_COST_MODEL, ConvGeometry, CostModel, LayerWeights, MaskPlan, choose_strategy,
-    executed_interp_macs, implicit_available, sparse_masked_conv2d,
+    add_residual, executed_interp_macs, implicit_available, sparse_masked_conv2d,
 )
 from .interp import INTERP_RADIUS, interpolate
 
@@ -193,7 +193,8 @@ class MaskedConv2d(nn.Conv2d):
                 f"mask shape {tuple(mask.shape)} does not match the conv output: expected {expected} "
                 f"(batch, 1, H_out, W_out) for input shape {tuple(x_shape)}; build masks with conv_output_size()")
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None, plan: Optional[MaskPlan] = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, plan: Optional[MaskPlan] = None,
+                residual: Optional[Tensor] = None) -> Tensor:
         """Masked convolution.
 
         Args:
@@ -202,29 +203,35 @@ class MaskedConv2d(nn.Conv2d):
                 None means every position is computed (the plain conv). Never differentiated.
             plan: optional :class:`~anytimeify.masking.engine.MaskPlan` of ``mask``, shared by every
                 conv governed by the same mask (sparse execution only; built here when None).
+            residual: optional tensor added after the shift and before the activation (a residual
+                connection that inference folding moved into the conv); the output is then
+                ``act(blend + shift + residual)``.
 
         Returns:
             ``(B, C_out, H_out, W_out)``; channels-last memory format from the sparse execution.
         """
         if mask is None:
-            return self._epilogue(self._conv_forward(x, self.weight, self.bias))
+            return self._epilogue(self._conv_forward(x, self.weight, self.bias), residual)
         self.check_mask(x.shape, mask)
         if self._execution == "dense":
-            return self._dense_forward(x, mask)
-        return self._sparse_forward(x, mask, plan)
+            return self._dense_forward(x, mask, residual)
+        return self._sparse_forward(x, mask, plan, residual)
 
-    def _epilogue(self, y: Tensor) -> Tensor:
+    def _epilogue(self, y: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.shift is not None:
             y = y + self.shift.reshape(1, -1, 1, 1)
+        if residual is not None:
+            y = y + residual
         if self.activation == "relu":
             y = torch.relu(y)
         return y
 
-    def _dense_forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def _dense_forward(self, x: Tensor, mask: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         y = self._conv_forward(x, self.weight, self.bias)
         m = mask.detach().to(dtype=y.dtype)
         y_masked = y * m
-        return self._epilogue(y_masked + interpolate(y_masked, self.interp_lambda, radius=INTERP_RADIUS) * (1 - m))
+        blended = y_masked + interpolate(y_masked, self.interp_lambda, radius=INTERP_RADIUS) * (1 - m)
+        return self._epilogue(blended, residual)
 
     def _requires_grad(self, x: Tensor) -> bool:
         if not torch.is_grad_enabled():
@@ -240,7 +247,8 @@ class MaskedConv2d(nn.Conv2d):
             self._weights_cache = (key, LayerWeights(self.weight, self.bias, self.shift, self.groups))
         return self._weights_cache[1]
 
-    def _sparse_forward(self, x: Tensor, mask: Tensor, plan: Optional[MaskPlan]) -> Tensor:
+    def _sparse_forward(self, x: Tensor, mask: Tensor, plan: Optional[MaskPlan],
+                        residual: Optional[Tensor] = None) -> Tensor:
         if self._requires_grad(x):
             raise RuntimeError(
                 "MaskedConv2d with execution='sparse' is inference only: run it under torch.no_grad() or "
@@ -249,9 +257,14 @@ class MaskedConv2d(nn.Conv2d):
             plan = MaskPlan(mask)
         else:
             plan.check(mask)
-        return sparse_masked_conv2d(
+        if residual is None:
+            return sparse_masked_conv2d(
+                x, self.weight, self.bias, self.geometry, self.interp_lambda, plan, strategy=self.strategy,
+                cost_model=self.cost_model, shift=self.shift, activation=self.activation, weights=self._layer_weights())
+        out = sparse_masked_conv2d(
             x, self.weight, self.bias, self.geometry, self.interp_lambda, plan, strategy=self.strategy,
-            cost_model=self.cost_model, shift=self.shift, activation=self.activation, weights=self._layer_weights())
+            cost_model=self.cost_model, shift=self.shift, activation=None, weights=self._layer_weights())
+        return add_residual(out, residual, self.activation)
 
     # ------------------------------------------------------------------------------ counting
     def dense_macs(self, x_shape: Sequence[int]) -> int:

@@ -38,7 +38,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "MaskPlan", "IndexCache", "ConvGeometry", "CostModel", "DEFAULT_COST_MODEL", "choose_strategy",
-    "sparse_masked_conv2d", "halo_stencil", "STRATEGIES", "ACTIVATIONS", "LayerWeights", "implicit_available",
+    "sparse_masked_conv2d", "halo_stencil", "STRATEGIES", "ACTIVATIONS", "LayerWeights", "implicit_available", "add_residual",
     "implicit_block",
 ]
 
@@ -328,9 +328,9 @@ class CostModel:
     The constants come from per-strategy times of the HRNet-W48 layers in
     ``benchmarks/density_sweep.py``:
 
-    * the compiled implicit GEMM (``"implicit"``) runs at about 0.8 of the dense conv's throughput
-      over the kept positions and needs no im2col matrix, so it wins up to a keep fraction of
-      about 0.7 (a little less with ``margin``);
+    * the compiled implicit GEMM (``"implicit"``) runs at 0.8-1.0 of the dense conv's throughput
+      over the kept positions (no im2col matrix; 0.9 is assumed), so with ``margin``
+      it is chosen up to a keep fraction of about 0.8;
     * the PyTorch gathered conv (``"gather"``, the path without the compiled kernels and for
       grouped convs) breaks even with the dense conv at about 0.45 for a 3x3 conv with 48 channels,
       0.6-0.7 at 96 and 192 channels, 0.8 at 384 and for a 1x1 conv with 720 channels.
@@ -352,7 +352,7 @@ class CostModel:
 
     dense_gmacs: float = 60.0
     gemm_gmacs: float = 55.0
-    implicit_gmacs: float = 48.0
+    implicit_gmacs: float = 54.0
     gather_ns: float = 0.8
     zero_ns: float = 0.3
     scatter_ns: float = 0.5
@@ -730,6 +730,28 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
     halo_stencil(out_flat, halo, neighbours, tap_weights.to(out_flat.dtype), plan=plan, use_extension=False)
     _finish(out_flat, shift, activation)
     return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+
+
+def add_residual(out: Tensor, residual: Tensor, activation: Optional[str] = None,
+                 use_extension: bool = True) -> Tensor:
+    """``act(out + residual)``, in place on ``out`` (a fresh output of the engine) where possible.
+
+    Both channels-last float32 CPU tensors of one shape take the compiled single pass; anything
+    else (broadcasting, other layouts) PyTorch's ops.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    ext = _ext_for(out, use_extension)
+    if (ext is not None and residual.shape == out.shape and residual.dtype == out.dtype
+            and residual.device == out.device and out.dim() == 4
+            and out.is_contiguous(memory_format=torch.channels_last)
+            and residual.is_contiguous(memory_format=torch.channels_last)):
+        channels = out.shape[1]
+        ext.add_residual(out.permute(0, 2, 3, 1).view(-1, channels), residual.permute(0, 2, 3, 1).reshape(-1, channels),
+                         activation == "relu")
+        return out
+    out = out + residual
+    return out.relu_() if activation == "relu" else out
 
 
 def executed_interp_macs(plan: MaskPlan, lam: Tensor, channels: int) -> int:
