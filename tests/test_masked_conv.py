@@ -136,19 +136,26 @@ def conv_cases(draw, max_size: int = 12):
 @settings(max_examples=320, **SETTINGS)
 @given(case=conv_cases(), lam=st.sampled_from([3.0, 3.0, 0.5, 1.0, 2.0, 5.0]),
        strategy=st.sampled_from(["auto", "dense", "gather", "implicit"]), use_ext=st.booleans(),
-       shift=st.booleans(), activation=st.sampled_from([None, "relu"]))
-def test_sparse_equals_dense(case, lam, strategy, use_ext, shift, activation):
+       shift=st.booleans(), activation=st.sampled_from([None, "relu"]),
+       residual=st.sampled_from([None, "nchw", "channels_last"]))
+def test_sparse_equals_dense(case, lam, strategy, use_ext, shift, activation, residual):
     conv, x, mask = case
     masked = MaskedConv2d.from_conv(conv)
     # the inference epilogue (a folded BN's shift, a fused ReLU) must agree too
     masked.set_epilogue(shift=torch.randn(conv.out_channels) if shift else None, activation=activation)
+    res = None
+    if residual is not None:  # a residual connection folded into the conv
+        out_h, out_w = conv_output_size(conv, x.shape[2], x.shape[3])
+        res = torch.randn(x.shape[0], conv.out_channels, out_h, out_w)
+        if residual == "channels_last":
+            res = res.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         masked.interp_lambda.fill_(lam)
-        dense = masked(x, mask)
+        dense = masked(x, mask, residual=res)
         masked.execution = "sparse"
         masked.strategy = strategy
         with extension(use_ext):
-            sparse = masked(x, mask)
+            sparse = masked(x, mask, residual=res)
     assert sparse.shape == dense.shape
     assert (sparse - dense).abs().max() <= tolerance(dense) if dense.numel() else True
 
