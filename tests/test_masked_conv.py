@@ -445,9 +445,6 @@ def test_extension_kernels_match_pytorch():
     ext.fill_skipped(filled, big.kept_index, fill)
     assert torch.equal(filled[big.kept_index], dense[big.kept_index])
     assert torch.equal(filled[big.skipped_index], fill.expand(int(big.skipped_index.numel()), 16))
-    ext.relu_rows(filled, big.kept_index)
-    assert torch.equal(filled[big.kept_index], dense[big.kept_index].clamp_min(0))
-    assert torch.equal(filled[big.skipped_index], fill.expand(int(big.skipped_index.numel()), 16))
     with pytest.raises(RuntimeError, match="fill must be"):
         ext.masked_output(10, 16, torch.arange(3), torch.zeros(5))
 
@@ -478,18 +475,22 @@ def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padd
     geometry = (ref.shape[2], ref.shape[3], k, k, stride, stride, padding, padding, dilation, dilation)
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     out = torch.full((positions, out_channels), 7.0)
-    _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, out, *geometry, torch.empty(0, dtype=torch.bool))
+    _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, out, *geometry, False,
+                              torch.empty(0, dtype=torch.int32), torch.empty(0))
     expected = ref.permute(0, 2, 3, 1).reshape(positions, out_channels)
     assert torch.allclose(out[kept], expected[kept], atol=1e-4, rtol=1e-5)
     untouched = torch.ones(positions, dtype=torch.bool)
     untouched[kept] = False
     assert bool((out[untouched] == 7.0).all()), "rows that are not kept must not be written"
-    # a ReLU applied as the rows are written, only where act_rows says so
-    act_rows = torch.rand(positions, generator=generator) < 0.5
+    # a ReLU applied as the rows are written; rows with a slot also keep their value before it
+    slots = torch.full((positions,), -1, dtype=torch.int32)
+    chosen = kept[torch.rand(kept.numel(), generator=generator) < 0.5]
+    slots[chosen] = torch.arange(chosen.numel(), dtype=torch.int32)
+    side = torch.zeros(chosen.numel(), out_channels)
     relu_out = torch.full((positions, out_channels), 7.0)
-    _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, relu_out, *geometry, act_rows)
-    expected = torch.where(act_rows[:, None], expected.clamp_min(0), expected)
-    assert torch.allclose(relu_out[kept], expected[kept], atol=1e-4, rtol=1e-5)
+    _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, relu_out, *geometry, True, slots, side)
+    assert torch.allclose(relu_out[kept], expected[kept].clamp_min(0), atol=1e-4, rtol=1e-5)
+    assert torch.allclose(side, expected[chosen], atol=1e-4, rtol=1e-5)
     assert bool((relu_out[untouched] == 7.0).all())
 
 

@@ -9,8 +9,8 @@
 //                  row, with the layer's per-channel shift and ReLU fused in;
 //   fuse_branches  HRNet's branch fusion (bilinear resize + concatenation) in one channels-last pass;
 //   add_residual   a residual connection (and the ReLU after it) folded into the masked conv's output;
-//   relu_rows      ReLU of the kept rows next to the halo, once the stencil has read them (the
-//                  implicit GEMM applies it to the other kept rows as it writes them).
+//   (with a ReLU, the implicit GEMM writes the activated rows and keeps the values before the
+//   activation of the kept rows next to the halo in a side buffer, which the stencil reads)
 // The pure-PyTorch code in engine.py is the reference; tests compare the two.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -102,12 +102,14 @@ void fill_skipped(torch::Tensor out, const torch::Tensor& kept_index, const torc
                 optional_vector(fill, out.size(1), "fill"));
 }
 
-// The RBF interpolation on the halo rows, in place, with the layer's per-channel shift:
+// The RBF interpolation on the halo rows, in place, with the layer's per-channel shift (kept rows
+// with a slot are read from side[slot], their values before the activation):
 //   out[h[m]] = act( sum_{t: keep[nbr[m,t]]} w[t] * out[nbr[m,t]] + shift * (1 - sum_{t: keep[nbr[m,t]]} w[t]) )
 // The kept rows hold y + shift (the shift folded into the conv bias), so this is I(y*m) + shift.
 // Only kept rows are read and only halo (skipped) rows written, so rows are written directly.
 void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Tensor& neighbours,
-                  const torch::Tensor& weights, const torch::Tensor& keep, const torch::Tensor& shift, bool relu) {
+                  const torch::Tensor& weights, const torch::Tensor& keep, const torch::Tensor& shift, bool relu,
+                  const torch::Tensor& slots, const torch::Tensor& side) {
   check_rows(out, "out");
   check_index(halo, "halo");
   check_index(neighbours, "neighbours");
@@ -122,6 +124,16 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
   if (count == 0) return;
   const int64_t channels = out.size(1);
   const float* sh = optional_vector(shift, channels, "shift");
+  const int32_t* slot = nullptr;
+  const float* side_rows = nullptr;
+  if (slots.defined() && slots.numel()) {
+    TORCH_CHECK(slots.scalar_type() == torch::kInt32 && slots.is_contiguous() && slots.numel() == out.size(0),
+                "slots must be a contiguous int32 tensor with one entry per row of out");
+    TORCH_CHECK(side.scalar_type() == torch::kFloat32 && side.is_contiguous() && side.dim() == 2 &&
+                side.size(1) == channels, "side must be a contiguous float32 (slots, ", channels, ") matrix");
+    slot = slots.data_ptr<int32_t>();
+    side_rows = side.data_ptr<float>();
+  }
   float* data = out.data_ptr<float>();
   const bool* kp = keep.data_ptr<bool>();
   const int64_t* nbr = neighbours.data_ptr<int64_t>();
@@ -138,7 +150,8 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
         if (!kp[n]) continue;  // skipped neighbour (y*m = 0) or outside the map (zero padding)
         const float wt = w[t];
         wsum += wt;
-        const float* src = data + n * channels;
+        const float* src = (slot != nullptr && slot[n] >= 0) ? side_rows + int64_t(slot[n]) * channels
+                                                              : data + n * channels;
         float* a = acc.data();
 #pragma omp simd
         for (int64_t c = 0; c < channels; ++c) a[c] += wt * src[c];
@@ -149,22 +162,6 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
         float v = sh ? acc[c] + sh[c] * rest : acc[c];
         dst[c] = relu ? std::max(v, 0.0f) : v;
       }
-    }
-  });
-}
-
-// In place ReLU of the listed rows.
-void relu_rows(torch::Tensor out, const torch::Tensor& index) {
-  check_rows(out, "out");
-  check_index(index, "index");
-  const int64_t channels = out.size(1);
-  float* data = out.data_ptr<float>();
-  const int64_t* rows = index.data_ptr<int64_t>();
-  at::parallel_for(0, index.numel(), 256, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      float* row = data + rows[m] * channels;
-#pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) row[c] = std::max(row[c], 0.0f);
     }
   });
 }
@@ -188,7 +185,8 @@ template <int NV, int P>
 void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* packed, int64_t blocks,
                      int64_t taps, const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out,
                      int64_t oh, int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                     int64_t dh, int64_t dw, const float* zeros, const bool* act_rows) {
+                     int64_t dh, int64_t dw, const float* zeros, bool relu, const int32_t* slots,
+                     float* side) {
   constexpr int VB = NV * 16;
   constexpr int QMAX = P * kMaxGroups;
   // groups of P positions per task: several share each run's weights while they are in L1, but
@@ -279,7 +277,12 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
               const int q = g * P + p;
               if (!valid[q]) continue;
               const int64_t row = kept[task * Q + q];
-              if (act_rows != nullptr && act_rows[row]) {
+              if (relu) {
+                if (slots != nullptr && slots[row] >= 0) {  // the stencil still reads it: keep y + shift
+                  float* keep = side + int64_t(slots[row]) * cout + cb * VB;
+                  for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[p][v];
+                  std::memcpy(keep, tail, sizeof(float) * count);
+                }
                 const vec16 zero = {};
 #pragma GCC unroll 4
                 for (int v = 0; v < NV; ++v) acc[p][v] = acc[p][v] > zero ? acc[p][v] : zero;
@@ -300,8 +303,9 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
   });
 }
 
-// out[kept[i]] = conv(x)[kept[i]] + bias for every kept output position (groups = 1), with a ReLU
-// at the rows where act_rows (bool per output row; empty: none) is true.
+// out[kept[i]] = act(conv(x)[kept[i]] + bias) for every kept output position (groups = 1). With the
+// ReLU, rows with a slot (slots: int32 per output row, -1 for none) also keep their value before
+// the activation in side[slot] (side: (slots, C_out)), for the halo stencil to read.
 //   x       (B, H, W, C_in) contiguous float32 (channels-last activations)
 //   packed  (blocks, taps, C_in, VB) weights, VB in {16, 32, 48, 64}
 //   bias    (blocks * VB) float32 (zero padded)
@@ -309,7 +313,7 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
 void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias,
                    const torch::Tensor& kept_index, torch::Tensor out, int64_t oh, int64_t ow,
                    int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                   const torch::Tensor& act_rows) {
+                   bool relu, const torch::Tensor& slots, torch::Tensor side) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(),
               "x must be a contiguous (B, H, W, C) float32 CPU tensor");
   TORCH_CHECK(packed.scalar_type() == torch::kFloat32 && packed.dim() == 4 && packed.is_contiguous(),
@@ -326,17 +330,22 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == blocks * VB,
               "bias must be a contiguous float32 vector of ", blocks * VB, " values");
   TORCH_CHECK(out.size(0) == x.size(0) * oh * ow, "out has ", out.size(0), " rows, expected ", x.size(0) * oh * ow);
-  const bool* act = nullptr;
-  if (act_rows.defined() && act_rows.numel()) {
-    TORCH_CHECK(act_rows.scalar_type() == torch::kBool && act_rows.is_contiguous() && act_rows.numel() == out.size(0),
-                "act_rows must be a contiguous bool tensor with one entry per row of out");
-    act = act_rows.data_ptr<bool>();
+  const int32_t* slot = nullptr;
+  float* side_rows = nullptr;
+  if (relu && slots.defined() && slots.numel()) {
+    TORCH_CHECK(slots.scalar_type() == torch::kInt32 && slots.is_contiguous() && slots.numel() == out.size(0),
+                "slots must be a contiguous int32 tensor with one entry per row of out");
+    TORCH_CHECK(side.scalar_type() == torch::kFloat32 && side.is_contiguous() && side.dim() == 2 && side.size(1) == cout,
+                "side must be a contiguous float32 (slots, ", cout, ") matrix");
+    slot = slots.data_ptr<int32_t>();
+    side_rows = side.data_ptr<float>();
   }
   std::vector<float> zeros(kw * C, 0.0f);  // one run of taps outside the map
 #define ANYTIMEIFY_IMPLICIT(NV, P)                                                                              \
   implicit_kernel<NV, P>(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), blocks, taps,                  \
                          bias.data_ptr<float>(), cout, kept_index.data_ptr<int64_t>(), kept_index.numel(),        \
-                         out.data_ptr<float>(), oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, zeros.data(), act)
+                         out.data_ptr<float>(), oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, zeros.data(), relu, slot, \
+                         side_rows)
   switch (VB) {
     case 16: ANYTIMEIFY_IMPLICIT(1, 14); break;
     case 32: ANYTIMEIFY_IMPLICIT(2, 12); break;
@@ -459,7 +468,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fill_skipped", &fill_skipped, "Rows not kept set to fill, in place");
   m.def("halo_stencil", &halo_stencil, "RBF interpolation on the halo rows with the layer's shift, in place");
   m.def("add_residual", &add_residual, "out += residual, then an optional ReLU, in place");
-  m.def("relu_rows", &relu_rows, "ReLU of the listed rows, in place");
   m.def("fuse_branches", &fuse_branches, "Bilinear resize of every branch to the first's size, concatenated (NHWC)");
   m.def("implicit_conv", &implicit_conv, "Convolution at the kept output positions, written into their rows");
 }

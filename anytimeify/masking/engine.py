@@ -255,25 +255,27 @@ class MaskPlan:
         self._halo[radius] = (halo, neighbours)
         return halo, neighbours
 
-    def boundary_split(self, radius: int) -> Tuple[Tensor, Tensor]:
-        """Kept positions the halo stencil reads, and the others.
+    def boundary_slots(self, radius: int) -> Tuple[Tensor, int]:
+        """Slots of the kept positions the halo stencil reads (a skipped position within ``radius``).
 
         Returns:
-            ``(interior, boundary)``: ``interior`` a ``(B*H*W,)`` bool tensor, True at kept positions
-            with no skipped position within ``radius`` (nothing reads them before the layer's
-            activation); ``boundary`` the sorted flat indices of the other kept positions.
+            ``(slots, count)``: ``slots`` a ``(B*H*W,)`` int32 tensor, ``0..count-1`` at those kept
+            positions (in index order) and -1 elsewhere. A conv with a fused ReLU keeps their
+            values before the activation in ``count`` side rows for the stencil.
         """
-        key = ("boundary", radius)
+        key = ("slots", radius)
         cached = self._halo.get(key)  # type: ignore[call-overload]
         if cached is not None:
-            return cached
+            return cached  # type: ignore[return-value]
         size = 2 * radius + 1
         skipped = (~self.keep)[:, None].to(torch.float32)
         near = F.max_pool2d(skipped, size, stride=1, padding=radius)[:, 0] > 0
-        interior = (self.keep & ~near).reshape(-1).contiguous()
         boundary = torch.nonzero((self.keep & near).reshape(-1)).reshape(-1)
-        self._halo[key] = (interior, boundary)  # type: ignore[index]
-        return interior, boundary
+        slots = torch.full((self.positions,), -1, dtype=torch.int32)
+        slots[boundary] = torch.arange(boundary.numel(), dtype=torch.int32)
+        result = (slots, int(boundary.numel()))
+        self._halo[key] = result  # type: ignore[assignment]
+        return result
 
     def scratch(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A reusable buffer of at least ``shape``'s size, returned as a contiguous ``shape`` view."""
@@ -460,7 +462,7 @@ def halo_stencil(out_flat: Tensor, halo: Tensor, neighbours: Tensor, weights: Te
             keep = torch.ones(out_flat.shape[0], dtype=torch.bool)
             keep[halo] = False
         ext.halo_stencil(out_flat, halo, neighbours, weights.to(torch.float32).contiguous(), keep,
-                         torch.empty(0), False)
+                         torch.empty(0), False, torch.empty(0, dtype=torch.int32), torch.empty(0))
         return
     channels = out_flat.shape[1]
     if plan is not None:
@@ -689,6 +691,7 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         # then the halo rows get I(y*m) + shift in one stencil pass, and the kept rows the activation
         relu = activation == "relu"
         fill = weights.fill(relu)
+        none_i32, none_f32 = torch.empty(0, dtype=torch.int32), torch.empty(0)
         if strategy == "dense":
             x_cl = x.contiguous(memory_format=torch.channels_last)
             y = F.conv2d(x_cl, weight, weights.full_bias, geometry.stride, geometry.padding, geometry.dilation,
@@ -698,23 +701,24 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         else:
             out_flat = ext.masked_output(positions, out_channels, plan.kept_index, fill)
             if strategy == "implicit":
-                # the ReLU goes in as the rows are written, except where the stencil still reads them
-                act_rows = plan.boundary_split(radius)[0] if relu else torch.empty(0, dtype=torch.bool)
+                # with a ReLU the rows are written activated; the kept rows the stencil reads keep
+                # their values before the activation in side rows
+                slots, count = plan.boundary_slots(radius) if relu and halo.numel() else (none_i32, 0)
+                side = plan.scratch("side", (count, out_channels), torch.float32, x.device)
                 packed, padded_bias = weights.implicit
                 ext.implicit_conv(x.permute(0, 2, 3, 1).contiguous(), packed, padded_bias, plan.kept_index, out_flat,
                                   out_height, out_width, *geometry.kernel_size, *geometry.stride, *geometry.padding,
-                                  *geometry.dilation, act_rows)
+                                  *geometry.dilation, relu, slots, side)
             else:
                 x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
                 _gathered_conv_into(out_flat, x_flat, weights.full_bias, geometry, plan, in_height, in_width,
                                     weights.gemm)
+        activated = relu and strategy == "implicit"  # kept rows already hold act(y + shift)
         if halo.numel():
-            ext.halo_stencil(out_flat, halo, neighbours, tap_weights, plan.keep.reshape(-1), weights.fill(False), relu)
-        if relu:
-            if strategy == "implicit":
-                ext.relu_rows(out_flat, plan.boundary_split(radius)[1])
-            else:  # every row but the kept ones has it already; one vectorised pass is cheapest
-                out_flat.relu_()
+            ext.halo_stencil(out_flat, halo, neighbours, tap_weights, plan.keep.reshape(-1), weights.fill(False), relu,
+                             slots if activated else none_i32, side if activated else none_f32)
+        if relu and not activated:  # every row but the kept ones has it already: one vectorised pass
+            out_flat.relu_()
         return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
 
     if strategy == "dense":
