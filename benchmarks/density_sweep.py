@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from anytimeify.masking import _ext  # noqa: E402
 from anytimeify.masking.conv import MaskedConv2d, conv_output_size  # noqa: E402
-from anytimeify.masking.engine import MaskPlan  # noqa: E402
+from anytimeify.masking.engine import STRATEGIES, MaskPlan  # noqa: E402
 
 _logger = logging.getLogger(__name__)
 
@@ -170,12 +170,12 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: perf_counter with --threads threads; thread: CPU time of one thread")
     parser.add_argument("--strategies", default="auto",
-                        help="comma-separated engine strategies to time: auto, dense, gather (default auto)")
+                        help="comma-separated engine strategies to time: auto, dense, gather, implicit (default auto)")
     args = parser.parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for strategy in strategies:
-        if strategy not in ("auto", "dense", "gather"):
-            parser.error(f"unknown strategy {strategy!r}; choose from auto, dense, gather")
+        if strategy not in STRATEGIES:
+            parser.error(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     rounds = args.rounds or (3 if args.quick else 5)
     json.dump(run(args.quick, rounds, strategies, args.threads, args.clock), sys.stdout, indent=1)
     sys.stdout.write("\n")
