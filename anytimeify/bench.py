@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["clustered_field", "FixedMasks", "fold_for_inference", "ca_speedup", "profile_ops", "PAPER_SKIPS"]
+__all__ = ["clustered_field", "FixedMasks", "fold_for_inference", "ca_speedup", "profile_ops", "layer_profile",
+           "PAPER_SKIPS"]
 
 #: average fraction of pixels skipped after exits 1, 2, 3 on Cityscapes (REFERENCE.md §5)
 PAPER_SKIPS = (0.193, 0.384, 0.630)
@@ -143,7 +144,8 @@ def profile_ops(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence
     """Where the time goes: self CPU time per operator (torch.profiler), dense vs anytime with CA.
 
     Operators of the engine's Python code show up under the aten ops they call; the compiled
-    kernels as ``anytimeify_masked_ops`` calls.
+    kernels under ``anytimeify::<kernel>`` labels (``implicit_conv``, ``masked_output``,
+    ``halo_stencil``, ``add_residual``, ``fuse_branches``, ...).
     """
     import anytimeify
     from anytimeify.models import create_model
@@ -170,6 +172,95 @@ def profile_ops(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence
                              "share": round(e.self_cpu_time_total / 1e6 / total, 3)} for e in events[:top]],
             }
     return {"model": name, "input": [1, 3, *size], "threads": threads, **result}
+
+
+def _group_of(name: str) -> str:
+    """The stage a conv belongs to, from its module path (``stage4.2.branches.0...`` -> ``stage4``)."""
+    head = name.split(".")[0]
+    if head == "exits":
+        return "exit" + str(int(name.split(".")[1]) + 1)
+    return head
+
+
+def layer_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[float] = PAPER_SKIPS,
+                  threads: int = 2, seed: int = 0, reps: int = 3) -> dict:
+    """Where the time goes, per stage: every conv of the dense model and of the anytime model with CA.
+
+    Each conv call is timed by forward hooks (CPU ops are synchronous); a masked conv's time
+    includes its whole output pass (fill, halo interpolation, shift, ReLU, residual). Calls are
+    summed per stage (``conv1``, ``layer1``, ``transition2``, ``stage3``, ``exit1``, ``last_layer``,
+    ...), medians over ``reps`` runs, with the mean kept fraction of the stage's masked convs and
+    the strategies the engine chose. The rest of each model's time (additions, resizing, masks)
+    is reported as ``other_s``.
+    """
+    import anytimeify
+    from anytimeify.masking.conv import MaskedConv2d
+    from anytimeify.models import create_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    base = create_model(name).eval()
+    model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=FixedMasks(skips, seed=seed),
+                                                                      execution="sparse")).eval().freeze()
+    dense = fold_for_inference(base)
+    x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
+
+    def timed(module: nn.Module, run) -> Tuple[List[Dict[str, float]], List[float], Dict[str, dict]]:
+        starts: Dict[int, float] = {}
+        current: Dict[str, float] = {}
+        info: Dict[str, dict] = {}
+        handles = []
+        for path, sub in module.named_modules():
+            if not isinstance(sub, nn.Conv2d):
+                continue
+            group = _group_of(path)
+
+            def pre(m, args, key=id(sub)):
+                starts[key] = time.perf_counter()
+
+            def post(m, args, out, key=id(sub), group=group):
+                current[group] = current.get(group, 0.0) + time.perf_counter() - starts[key]
+                if isinstance(m, MaskedConv2d) and len(args) > 1 and args[1] is not None:
+                    entry = info.setdefault(group, {"keep": [], "strategies": set()})
+                    plan = args[2] if len(args) > 2 else None
+                    entry["keep"].append(plan.density if plan is not None else float(args[1].float().mean()))
+                    entry["strategies"].add(m.chosen_strategy(args[0].shape, args[1], plan))
+            handles += [sub.register_forward_pre_hook(pre), sub.register_forward_hook(post)]
+        runs, totals = [], []
+        try:
+            run()  # warm-up
+            info.clear()
+            for _ in range(reps):
+                current.clear()
+                start = time.perf_counter()
+                run()
+                totals.append(time.perf_counter() - start)
+                runs.append(dict(current))
+        finally:
+            for h in handles:
+                h.remove()
+        return runs, totals, info
+
+    with torch.no_grad():
+        dense_runs, dense_totals, _ = timed(dense, lambda: dense(x))
+        any_runs, any_totals, info = timed(model, lambda: list(model.anytime(x)))
+    groups = list(dict.fromkeys(list(dense_runs[0]) + list(any_runs[0])))
+    rows = []
+    for group in groups:
+        d = statistics.median(r.get(group, 0.0) for r in dense_runs)
+        a = statistics.median(r.get(group, 0.0) for r in any_runs)
+        entry = info.get(group)
+        rows.append({"stage": group, "dense_s": round(d, 4), "anytime_s": round(a, 4),
+                     "keep": round(statistics.mean(entry["keep"]), 3) if entry else 1.0,
+                     "strategies": sorted(entry["strategies"]) if entry else ["plain"]})
+    dense_total, any_total = statistics.median(dense_totals), statistics.median(any_totals)
+    return {
+        "model": name, "input": [1, 3, *size], "threads": threads, "reps": reps,
+        "dense_total_s": round(dense_total, 4), "anytime_total_s": round(any_total, 4),
+        "convs": rows,
+        "dense_other_s": round(dense_total - sum(r["dense_s"] for r in rows), 4),
+        "anytime_other_s": round(any_total - sum(r["anytime_s"] for r in rows), 4),
+    }
 
 
 if __name__ == "__main__":  # pragma: no cover

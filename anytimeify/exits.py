@@ -43,7 +43,8 @@ def fuse_branches(features: List[torch.Tensor], align_corners: bool = True) -> t
     kernel = _fusion_kernel(features)
     if kernel is not None:
         nhwc = [f.permute(0, 2, 3, 1).contiguous() for f in features]
-        return kernel.fuse_branches(nhwc, align_corners).permute(0, 3, 1, 2)
+        with torch.profiler.record_function("anytimeify::fuse_branches"):
+            return kernel.fuse_branches(nhwc, align_corners).permute(0, 3, 1, 2)
     size = features[0].shape[-2:]
     ups = [features[0]] + [
         F.interpolate(f, size=size, mode="bilinear", align_corners=align_corners) for f in features[1:]

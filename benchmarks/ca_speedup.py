@@ -7,13 +7,14 @@ speedup_vs_eager and realisation = speedup / flops_speedup.
     python benchmarks/ca_speedup.py                                   # W48 and W18-Small-v2 at 1024x2048
     python benchmarks/ca_speedup.py --models hrnet_w18_small_v2 --reps 3
     python benchmarks/ca_speedup.py --models hrnet_w48 --profile     # self CPU time per operator
+    python benchmarks/ca_speedup.py --models hrnet_w48 --layers      # conv time per stage, dense vs CA
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from anytimeify.bench import PAPER_SKIPS, ca_speedup, profile_ops
+from anytimeify.bench import PAPER_SKIPS, ca_speedup, layer_profile, profile_ops
 from anytimeify.cli import parse_size, parse_skips
 
 
@@ -25,7 +26,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="default: 3 for W48, 5 otherwise")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="per-operator profile instead of timings")
+    parser.add_argument("--layers", action="store_true", help="conv time per stage, dense vs anytime with CA")
     args = parser.parse_args()
+    if args.layers:
+        print(json.dumps([layer_profile(name, args.input, args.skip, args.threads, reps=args.reps or 3)
+                          for name in args.models], indent=2))
+        return
     if args.profile:
         print(json.dumps([profile_ops(name, args.input, args.skip, args.threads) for name in args.models], indent=2))
         return

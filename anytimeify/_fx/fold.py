@@ -179,8 +179,6 @@ def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] =
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    barrier_positions = sorted(order[n] for n in graph.nodes if n.name in barriers)
     fused = 0
     for node in list(graph.nodes):
         if node.op != "call_module" or calls.get(node.target) != 1 or "residual" in node.kwargs:
@@ -202,7 +200,16 @@ def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] =
         if len(others) != 1 or not isinstance(others[0], fx.Node) or others[0] is end:
             continue
         other = others[0]
-        if any(order[node] < b <= order[add] for b in barrier_positions):
+        between = []
+        cursor = node.next
+        while cursor is not add:
+            between.append(cursor)
+            cursor = cursor.next
+        if any(n.name in barriers for n in between):
+            continue
+        # the conv will run later: nothing in between may read (and so possibly modify in place)
+        # the tensor it reads
+        if any(node.args[0] in n.all_input_nodes for n in between if n not in chain):
             continue
         relu = _sole_user(add)
         if not (relu is not None and relu.op == "call_module" and calls.get(relu.target) == 1

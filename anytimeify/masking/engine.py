@@ -420,6 +420,11 @@ def _extension():
     return _ext.load()
 
 
+def _kernel(name: str):
+    """A profiler label for a compiled kernel call (``anytimeify::<name>`` in torch.profiler tables)."""
+    return torch.profiler.record_function("anytimeify::" + name)
+
+
 def _ext_for(x: Tensor, use_extension: bool = True):
     """The compiled kernels if they can run on ``x`` (float32 on the CPU), else None."""
     if not use_extension or x.dtype != torch.float32 or x.device.type != "cpu":
@@ -462,8 +467,9 @@ def halo_stencil(out_flat: Tensor, halo: Tensor, neighbours: Tensor, weights: Te
         else:  # the rows the stencil may read: every row that is not a halo row is kept or 0
             keep = torch.ones(out_flat.shape[0], dtype=torch.bool)
             keep[halo] = False
-        ext.halo_stencil(out_flat, halo, neighbours, weights.to(torch.float32).contiguous(), keep,
-                         torch.empty(0), False, torch.empty(0, dtype=torch.int32), torch.empty(0))
+        with _kernel("halo_stencil"):
+            ext.halo_stencil(out_flat, halo, neighbours, weights.to(torch.float32).contiguous(), keep,
+                             torch.empty(0), False, torch.empty(0, dtype=torch.int32), torch.empty(0))
         return
     channels = out_flat.shape[1]
     if plan is not None:
@@ -698,26 +704,30 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
             y = F.conv2d(x_cl, weight, weights.full_bias, geometry.stride, geometry.padding, geometry.dilation,
                          geometry.groups).contiguous(memory_format=torch.channels_last)
             out_flat = y.permute(0, 2, 3, 1).view(positions, out_channels)
-            ext.fill_skipped(out_flat, plan.kept_index, fill)
+            with _kernel("fill_skipped"):
+                ext.fill_skipped(out_flat, plan.kept_index, fill)
         else:
-            out_flat = ext.masked_output(positions, out_channels, plan.kept_index, fill)
+            with _kernel("masked_output"):
+                out_flat = ext.masked_output(positions, out_channels, plan.kept_index, fill)
             if strategy == "implicit":
                 # with a ReLU the rows are written activated; the kept rows the stencil reads keep
                 # their values before the activation in side rows
                 slots, count = plan.boundary_slots(radius) if relu and halo.numel() else (none_i32, 0)
                 side = plan.scratch("side", (count, out_channels), torch.float32, x.device)
                 packed, padded_bias = weights.implicit
-                ext.implicit_conv(x.permute(0, 2, 3, 1).contiguous(), packed, padded_bias, plan.kept_index, out_flat,
-                                  out_height, out_width, *geometry.kernel_size, *geometry.stride, *geometry.padding,
-                                  *geometry.dilation, relu, slots, side)
+                with _kernel("implicit_conv"):
+                    ext.implicit_conv(x.permute(0, 2, 3, 1).contiguous(), packed, padded_bias, plan.kept_index, out_flat,
+                                      out_height, out_width, *geometry.kernel_size, *geometry.stride, *geometry.padding,
+                                      *geometry.dilation, relu, slots, side)
             else:
                 x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
                 _gathered_conv_into(out_flat, x_flat, weights.full_bias, geometry, plan, in_height, in_width,
                                     weights.gemm)
         activated = relu and strategy == "implicit"  # kept rows already hold act(y + shift)
         if halo.numel():
-            ext.halo_stencil(out_flat, halo, neighbours, tap_weights, plan.keep.reshape(-1), weights.fill(False), relu,
-                             slots if activated else none_i32, side if activated else none_f32)
+            with _kernel("halo_stencil"):
+                ext.halo_stencil(out_flat, halo, neighbours, tap_weights, plan.keep.reshape(-1), weights.fill(False), relu,
+                                 slots if activated else none_i32, side if activated else none_f32)
         if relu and not activated:  # every row but the kept ones has it already: one vectorised pass
             out_flat.relu_()
         return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
@@ -752,8 +762,9 @@ def add_residual(out: Tensor, residual: Tensor, activation: Optional[str] = None
             and out.is_contiguous(memory_format=torch.channels_last)
             and residual.is_contiguous(memory_format=torch.channels_last)):
         channels = out.shape[1]
-        ext.add_residual(out.permute(0, 2, 3, 1).view(-1, channels), residual.permute(0, 2, 3, 1).reshape(-1, channels),
-                         activation == "relu")
+        with _kernel("add_residual"):
+            ext.add_residual(out.permute(0, 2, 3, 1).view(-1, channels), residual.permute(0, 2, 3, 1).reshape(-1, channels),
+                             activation == "relu")
         return out
     out = out + residual
     return out.relu_() if activation == "relu" else out
