@@ -409,6 +409,11 @@ def test_cost_model_choices():
     assert choose_strategy(geometry, 1000, 600) == "dense"
     assert choose_strategy(geometry, 1000, 990, implicit=True) == "dense"
     assert choose_strategy(geometry, 1000, 600, CostModel(implicit_gmacs=1e-3), implicit=True) == "dense"
+    # the implicit GEMM is slower on wide layers (384 input channels): it stops paying earlier
+    wide = conv_geometry(nn.Conv2d(384, 384, 3, padding=1))
+    assert choose_strategy(geometry, 1000, 800, implicit=True) == "implicit"
+    assert choose_strategy(wide, 1000, 600, implicit=True) == "implicit"
+    assert choose_strategy(wide, 1000, 750, implicit=True) == "dense"
 
 
 # CI must exercise the compiled path: there an unavailable extension fails instead of skipping

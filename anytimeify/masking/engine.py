@@ -330,10 +330,11 @@ class CostModel:
     The constants come from per-strategy times of the HRNet-W48 layers in
     ``benchmarks/density_sweep.py``:
 
-    * the compiled implicit GEMM (``"implicit"``) runs at 0.7-0.9 of the dense conv's throughput
-      over the kept positions (no im2col matrix; 0.8 is assumed, the 384-channel layers are at the
-      low end), so with ``margin`` it is chosen up to a keep fraction of about 0.7; above that the
-      dense conv followed by the blend costs 1-4% more than the plain conv;
+    * the compiled implicit GEMM (``"implicit"``) runs at about 0.9 of the dense conv's throughput
+      over the kept positions for up to 192 input channels and about 0.75 from 384 on (no im2col
+      matrix), so with ``margin`` it is chosen up to a keep fraction of about 0.8 (0.65 for the
+      wide layers); above that the dense conv followed by the blend costs 1-4% more than the
+      plain conv;
     * the PyTorch gathered conv (``"gather"``, the path without the compiled kernels and for
       grouped convs) breaks even with the dense conv at about 0.45 for a 3x3 conv with 48 channels,
       0.6-0.7 at 96 and 192 channels, 0.8 at 384 and for a 1x1 conv with 720 channels.
@@ -346,6 +347,8 @@ class CostModel:
         gemm_gmacs: throughput of the gathered GEMM of a conv with more than one tap (GMAC/s);
             for a 1x1 conv the gathered GEMM is the dense conv's own kernel, at ``dense_gmacs``.
         implicit_gmacs: throughput of the compiled implicit GEMM over the kept positions.
+        implicit_wide_gmacs: the same for convs with at least ``wide_channels`` input channels.
+        wide_channels: where the implicit GEMM's throughput drops (its weight blocks leave L1).
         gather_ns: cost of gathering one input element into the im2col matrix.
         zero_ns: cost of filling one output element of a skipped row.
         scatter_ns: cost of scattering one computed output element.
@@ -355,7 +358,9 @@ class CostModel:
 
     dense_gmacs: float = 60.0
     gemm_gmacs: float = 55.0
-    implicit_gmacs: float = 48.0
+    implicit_gmacs: float = 54.0
+    implicit_wide_gmacs: float = 45.0
+    wide_channels: int = 384
     gather_ns: float = 0.8
     zero_ns: float = 0.3
     scatter_ns: float = 0.5
@@ -379,7 +384,8 @@ class CostModel:
     def implicit_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
         """Estimated ns of the compiled implicit GEMM at ``kept`` of ``positions`` output positions."""
         macs = kept * geometry.macs_per_output()
-        return macs / self.implicit_gmacs + (positions - kept) * geometry.out_channels * self.zero_ns
+        rate = self.implicit_wide_gmacs if geometry.in_channels >= self.wide_channels else self.implicit_gmacs
+        return macs / rate + (positions - kept) * geometry.out_channels * self.zero_ns
 
 
 DEFAULT_COST_MODEL = CostModel()
