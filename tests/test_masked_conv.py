@@ -414,6 +414,10 @@ def test_cost_model_choices():
     assert choose_strategy(geometry, 1000, 800, implicit=True) == "implicit"
     assert choose_strategy(wide, 1000, 600, implicit=True) == "implicit"
     assert choose_strategy(wide, 1000, 750, implicit=True) == "dense"
+    # 18 output channels fill 32 lanes of the register blocks: the padded MACs count too
+    thin = conv_geometry(nn.Conv2d(18, 18, 3, padding=1))
+    assert choose_strategy(thin, 1000, 370, implicit=True) == "implicit"
+    assert choose_strategy(thin, 1000, 600, implicit=True) == "dense"
 
 
 # CI must exercise the compiled path: there an unavailable extension fails instead of skipping

@@ -384,6 +384,9 @@ class CostModel:
     def implicit_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
         """Estimated ns of the compiled implicit GEMM at ``kept`` of ``positions`` output positions."""
         macs = kept * geometry.macs_per_output()
+        # output channels are computed in register blocks: a partial last block costs a full one
+        block = implicit_block(geometry.out_channels)
+        macs = macs * (-(-geometry.out_channels // block) * block) / geometry.out_channels
         rate = self.implicit_wide_gmacs if geometry.in_channels >= self.wide_channels else self.implicit_gmacs
         return macs / rate + (positions - kept) * geometry.out_channels * self.zero_ns
 
