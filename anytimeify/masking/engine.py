@@ -10,15 +10,19 @@ without the dense conv where that pays, following what was measured on CPU (SPAR
   passes it to every :class:`~anytimeify.masking.conv.MaskedConv2d` that shares the mask. Nothing
   is stored on modules, so interleaved calls cannot corrupt each other.
 * Per layer, :func:`choose_strategy` compares the cost of the dense conv followed by the blend
-  with the cost of the gathered conv (im2col rows of the kept positions only, gathered in
+  with the cost of computing the kept positions only: with the compiled kernels, an implicit GEMM
+  (no im2col matrix, accumulators in registers, writing straight into the output rows); without
+  them (or for grouped convs), the gathered conv (im2col rows of the kept positions, gathered in
   cache-sized chunks, each chunk one GEMM run as a channels-last 1x1 convolution, which oneDNN
   executes faster than MKL's ``addmm``).
-* Both strategies finish in the same way: a channels-last output holding ``y`` at the kept
-  positions and 0 elsewhere, then the interpolation computed only on the halo (skipped positions
-  within the support radius of a kept one); everywhere else the exact result is 0.
-* The halo stencil and the output allocation (huge pages, zeroing only rows no kept output
-  overwrites) run in a small compiled C++/OpenMP kernel (:mod:`anytimeify.masking._ext`) when it
-  builds; the pure-PyTorch code here is the fallback and the reference of the tests.
+* Every strategy finishes in the same way: a channels-last output holding ``y`` at the kept
+  positions, then the interpolation computed only on the halo (skipped positions within the
+  support radius of a kept one); everywhere else the exact result is 0. A masked conv can carry
+  an inference epilogue (a folded BN's shift, a ReLU, a residual addition): the compiled output
+  pass then writes ``act(shift)`` to the skipped rows, ``I(y*m) + shift`` to the halo and
+  ``act(y + shift)`` to the kept rows, keeping the few pre-activation rows the stencil still reads.
+* The compiled kernels are C++/OpenMP (:mod:`anytimeify.masking._ext`, built at first use); the
+  pure-PyTorch code here is the fallback and the reference of the tests.
 """
 from __future__ import annotations
 
@@ -330,8 +334,8 @@ class CostModel:
     The constants come from per-strategy times of the HRNet-W48 layers in
     ``benchmarks/density_sweep.py``:
 
-    * the compiled implicit GEMM (``"implicit"``) runs at 0.75-0.9 of the dense conv's throughput
-      over the kept positions for up to 192 input channels and 0.65-0.8 from 384 on (no im2col
+    * the compiled implicit GEMM (``"implicit"``) runs at about 0.7-0.9 of the dense conv's
+      throughput over the kept positions up to 192 input channels, less from 384 on (no im2col
       matrix; the sweep's repetitions vary by about 10% on a shared machine, so the lower figures
       are assumed), so with ``margin`` it is chosen up to a keep fraction of about 0.72 (0.63 for
       the wide layers); above that the dense conv followed by the blend costs a few percent more
