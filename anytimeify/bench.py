@@ -139,6 +139,21 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
     }
 
 
+def _frozen_pair(name: str, size: Tuple[int, int], skips: Sequence[float], threads: int,
+                 seed: int) -> Tuple[nn.Module, nn.Module, torch.Tensor]:
+    """The BN-folded dense model, the frozen anytime model with fixed CA masks, and an input."""
+    import anytimeify
+    from anytimeify.models import create_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    base = create_model(name).eval()
+    model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=FixedMasks(skips, seed=seed),
+                                                                      execution="sparse")).eval().freeze()
+    x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
+    return fold_for_inference(base), model, x
+
+
 def profile_ops(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[float] = PAPER_SKIPS,
                 threads: int = 2, seed: int = 0, top: int = 12) -> dict:
     """Where the time goes: self CPU time per operator (torch.profiler), dense vs anytime with CA.
@@ -147,17 +162,9 @@ def profile_ops(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence
     kernels under ``anytimeify::<kernel>`` labels (``implicit_conv``, ``masked_output``,
     ``halo_stencil``, ``add_residual``, ``fuse_branches``, ...).
     """
-    import anytimeify
-    from anytimeify.models import create_model
     from torch.profiler import ProfilerActivity, profile
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    base = create_model(name).eval()
-    model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=FixedMasks(skips, seed=seed),
-                                                                      execution="sparse")).eval().freeze()
-    dense = fold_for_inference(base)
-    x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
+    dense, model, x = _frozen_pair(name, size, skips, threads, seed)
     result = {}
     with torch.no_grad():
         for label, fn in (("dense", lambda: dense(x)), ("anytime", lambda: list(model.anytime(x)))):
@@ -193,17 +200,9 @@ def layer_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequen
     the strategies the engine chose. The rest of each model's time (additions, resizing, masks)
     is reported as ``other_s``.
     """
-    import anytimeify
     from anytimeify.masking.conv import MaskedConv2d
-    from anytimeify.models import create_model
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    base = create_model(name).eval()
-    model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=FixedMasks(skips, seed=seed),
-                                                                      execution="sparse")).eval().freeze()
-    dense = fold_for_inference(base)
-    x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
+    dense, model, x = _frozen_pair(name, size, skips, threads, seed)
 
     def timed(module: nn.Module, run) -> Tuple[List[Dict[str, float]], List[float], Dict[str, dict]]:
         starts: Dict[int, float] = {}

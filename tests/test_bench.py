@@ -1,0 +1,45 @@
+"""The speed benchmarks' harness (anytimeify.bench): structure and counts, never timings."""
+import pytest
+
+from anytimeify.bench import PAPER_SKIPS, ca_speedup, layer_profile, profile_ops
+
+SIZE = (64, 128)
+
+
+def test_ca_speedup_reports_the_paper_counts():
+    result = ca_speedup("hrnet_w18_small_v2", SIZE, reps=1)
+    assert result["skips"] == pytest.approx(list(PAPER_SKIPS), abs=2e-3)
+    # W18-Small-v2 RH at 64x128 is 1/256 of the 1024x2048 figures (the JSON rounds to 0.01 GFLOPs);
+    # exit 1 is never masked
+    assert 256 * result["anytime_paper_gflops"][0] == pytest.approx(23.69, abs=256 * 0.005)
+    assert 256 * result["base_paper_gflops"] == pytest.approx(71.58, abs=256 * 0.005)
+    assert result["anytime_paper_gflops"] == sorted(result["anytime_paper_gflops"])
+    assert result["flops_speedup"] == pytest.approx(result["base_paper_gflops"] / result["anytime_paper_gflops"][-1],
+                                                    rel=0.05)
+    assert 1.0 < result["flops_speedup"] < 71.58 / 23.69
+    assert result["speedup"] == pytest.approx(result["dense_s"] / result["anytime_s"], rel=1e-2)
+    assert result["realisation"] == pytest.approx(result["speedup"] / result["flops_speedup"], rel=1e-2)
+
+
+def test_layer_profile_covers_every_stage():
+    result = layer_profile("hrnet_w18_small_v2", SIZE, reps=1)
+    stages = {row["stage"]: row for row in result["convs"]}
+    for name in ("conv1", "layer1", "stage2", "stage3", "stage4", "last_layer", "exit1", "exit2", "exit3"):
+        assert name in stages
+    assert stages["layer1"]["keep"] == 1.0 and stages["layer1"]["strategies"] == ["plain"]
+    # masks nest: each stage keeps what the exit before it left
+    assert stages["stage2"]["keep"] == pytest.approx(1 - PAPER_SKIPS[0], abs=0.02)
+    assert stages["stage4"]["keep"] == pytest.approx(1 - PAPER_SKIPS[2], abs=0.02)
+    allowed = {"plain", "zeros", "dense", "implicit", "gather"}
+    assert all(set(row["strategies"]) <= allowed for row in result["convs"])
+    assert stages["exit1"]["dense_s"] == 0.0 and stages["exit1"]["anytime_s"] > 0
+
+
+def test_profile_names_the_compiled_kernels():
+    from anytimeify.masking import _ext
+
+    result = profile_ops("hrnet_w18_small_v2", SIZE, top=200)
+    ops = {entry["op"] for entry in result["anytime"]["top_ops"]}
+    if _ext.available():
+        assert "anytimeify::implicit_conv" in ops and "anytimeify::halo_stencil" in ops
+    assert "aten::mkldnn_convolution" in {entry["op"] for entry in result["dense"]["top_ops"]}
