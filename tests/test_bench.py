@@ -16,7 +16,6 @@ def test_ca_speedup_reports_the_paper_counts():
     assert result["anytime_paper_gflops"] == sorted(result["anytime_paper_gflops"])
     assert result["flops_speedup"] == pytest.approx(result["base_paper_gflops"] / result["anytime_paper_gflops"][-1],
                                                     rel=0.05)
-    assert 1.0 < result["flops_speedup"] < 71.58 / 23.69
     assert result["speedup"] == pytest.approx(result["dense_s"] / result["anytime_s"], rel=1e-2)
     assert result["realisation"] == pytest.approx(result["speedup"] / result["flops_speedup"], rel=1e-2)
 

@@ -108,10 +108,7 @@ def fold_batch_norms(root: nn.Module, graph: fx.Graph, holders: Iterable[nn.Modu
     ``holders`` (the graph modules that call them).
     """
     holders = list(holders)
-    calls: dict = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = _call_counts(graph)
     folded = []
     for node in list(graph.nodes):
         if node.op != "call_module":
@@ -139,8 +136,27 @@ def fold_batch_norms(root: nn.Module, graph: fx.Graph, holders: Iterable[nn.Modu
     return folded
 
 
+def _call_counts(graph: fx.Graph) -> dict:
+    """How many nodes of ``graph`` call each module path."""
+    calls: dict = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
 def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _through_identities(root: nn.Module, node: fx.Node) -> Tuple[List[fx.Node], fx.Node | None]:
+    """The identity-module nodes that alone carry ``node``'s value on (folded BNs), and their sole reader."""
+    chain: List[fx.Node] = []
+    user = _sole_user(node)
+    while user is not None and user.op == "call_module" and type(root.get_submodule(str(user.target))) is nn.Identity:
+        chain.append(user)
+        user = _sole_user(user)
+    return chain, user
 
 
 def _fuse_relus(root: nn.Module, graph: fx.Graph, holders: List[nn.Module], calls: dict) -> None:
@@ -151,9 +167,7 @@ def _fuse_relus(root: nn.Module, graph: fx.Graph, holders: List[nn.Module], call
         conv = root.get_submodule(str(node.target))
         if not isinstance(conv, MaskedConv2d):
             continue
-        user = _sole_user(node)
-        while user is not None and user.op == "call_module" and type(root.get_submodule(str(user.target))) is nn.Identity:
-            user = _sole_user(user)
+        _, user = _through_identities(root, node)
         if user is None or user.op != "call_module" or calls.get(user.target) != 1:
             continue
         if _fusable_relu(root.get_submodule(str(user.target))) and _fuse_relu(conv):
@@ -175,10 +189,7 @@ def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] =
     own. The conv node moves down to the addition (its inputs are all earlier); no node named in
     ``barriers`` (segment ends) may lie between them. The caller recompiles and re-splits the graph.
     """
-    calls: dict = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = _call_counts(graph)
     fused = 0
     for node in list(graph.nodes):
         if node.op != "call_module" or calls.get(node.target) != 1 or "residual" in node.kwargs:
@@ -186,18 +197,13 @@ def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] =
         conv = root.get_submodule(str(node.target))
         if not isinstance(conv, MaskedConv2d) or conv.activation is not None:
             continue
-        chain = []
-        end = node
-        user = _sole_user(node)
-        while user is not None and user.op == "call_module" and type(root.get_submodule(str(user.target))) is nn.Identity:
-            chain.append(user)
-            end = user
-            user = _sole_user(user)
+        chain, user = _through_identities(root, node)
+        end = chain[-1] if chain else node
         if user is None or user.op != "call_function" or user.target not in _ADDS or user.kwargs or len(user.args) != 2:
             continue
         add = user
         others = [a for a in add.args if a is not end]
-        if len(others) != 1 or not isinstance(others[0], fx.Node) or others[0] is end:
+        if len(others) != 1 or not isinstance(others[0], fx.Node):
             continue
         other = others[0]
         between = []
@@ -221,7 +227,7 @@ def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] =
         node.kwargs = {**node.kwargs, "residual": other}
         last = add
         if relu is not None:
-            conv.set_epilogue(shift=conv.shift, activation="relu")
+            _fuse_relu(conv)
             last = relu
         last.replace_all_uses_with(end)
         for dead in ([relu] if relu is not None else []) + [add]:

@@ -257,14 +257,12 @@ class MaskedConv2d(nn.Conv2d):
             plan = MaskPlan(mask)
         else:
             plan.check(mask)
-        if residual is None:
-            return sparse_masked_conv2d(
-                x, self.weight, self.bias, self.geometry, self.interp_lambda, plan, strategy=self.strategy,
-                cost_model=self.cost_model, shift=self.shift, activation=self.activation, weights=self._layer_weights())
+        # with a residual the activation comes after the addition
         out = sparse_masked_conv2d(
             x, self.weight, self.bias, self.geometry, self.interp_lambda, plan, strategy=self.strategy,
-            cost_model=self.cost_model, shift=self.shift, activation=None, weights=self._layer_weights())
-        return add_residual(out, residual, self.activation)
+            cost_model=self.cost_model, shift=self.shift, activation=self.activation if residual is None else None,
+            weights=self._layer_weights())
+        return out if residual is None else add_residual(out, residual, self.activation)
 
     # ------------------------------------------------------------------------------ counting
     def dense_macs(self, x_shape: Sequence[int]) -> int:

@@ -567,8 +567,11 @@ class LayerWeights:
         self.groups = groups
         self._gemm: Optional[Tensor] = None
         self._implicit: Optional[Tuple[Tensor, Tensor]] = None
-        self._full_bias: Optional[Tensor] = None
-        self._full_bias_done = False
+        #: ``bias + shift``: the bias of the kept rows (None when both are None)
+        if self.shift is None:
+            self.full_bias = self.bias
+        else:
+            self.full_bias = self.shift.clone() if self.bias is None else self.bias + self.shift
         self._fills: Dict[bool, Tensor] = {}
 
     def fill(self, relu: bool) -> Tensor:
@@ -580,17 +583,6 @@ class LayerWeights:
                 value = value.clamp_min(0)
             self._fills[relu] = value
         return value
-
-    @property
-    def full_bias(self) -> Optional[Tensor]:
-        """``bias + shift``: the bias of the kept rows (None when both are None)."""
-        if not self._full_bias_done:
-            if self.shift is None:
-                self._full_bias = self.bias
-            else:
-                self._full_bias = self.shift.clone() if self.bias is None else self.bias + self.shift
-            self._full_bias_done = True
-        return self._full_bias
 
     @property
     def gemm(self) -> Tensor:
@@ -654,8 +646,7 @@ def _finish(out: Tensor, shift: Optional[Tensor], activation: Optional[str]) -> 
 
 def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
                          lam: Tensor, plan: MaskPlan, strategy: str = "auto",
-                         cost_model: CostModel = DEFAULT_COST_MODEL,
-                         gemm_weight: Optional[Tensor] = None, use_extension: bool = True,
+                         cost_model: CostModel = DEFAULT_COST_MODEL, use_extension: bool = True,
                          shift: Optional[Tensor] = None, activation: Optional[str] = None,
                          weights: Optional[LayerWeights] = None) -> Tensor:
     """Masked conv ``act(y*m + I(y*m)*(1-m) + shift)`` computing ``y`` only where the strategy needs it.
@@ -670,7 +661,6 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         strategy: ``"auto"`` (cost model), ``"dense"``, ``"gather"`` or ``"implicit"`` (the
             compiled implicit GEMM; where it cannot run, ``"gather"``).
         cost_model: estimates used by ``"auto"``.
-        gemm_weight: optional precomputed :func:`_gemm_weight` of ``weight`` (ignored with ``weights``).
         use_extension: allow the compiled kernels.
         shift: optional ``(C_out,)`` constant added after the blend (a folded BN's shift).
         activation: None or ``"relu"``, applied last.
@@ -685,8 +675,6 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if weights is None:
         weights = LayerWeights(weight, bias, shift, geometry.groups)
-        if gemm_weight is not None:
-            weights._gemm = gemm_weight
     batch, _, in_height, in_width = x.shape
     out_height, out_width = plan.height, plan.width
     positions = plan.positions
