@@ -204,7 +204,7 @@ class AnytimeModel(nn.Module):
         The copy computes what this model computes in eval mode (up to float rounding), faster; it
         cannot be trained, and later changes to this model's weights do not reach it.
         """
-        from ._fx.fold import fold_batch_norms, fuse_residuals
+        from ._fx.fold import fold_batch_norms, fuse_residuals, mark_reader_radii
 
         frozen = copy.deepcopy(self).eval()
         program = frozen._programs[False]
@@ -216,6 +216,8 @@ class AnytimeModel(nn.Module):
         ends = [name for name in program.mask_names if name is not None] + list(program.exit_names)
         if fuse_residuals(program.graph_module, graph, barriers=ends):
             program = _rebuild_program(program)
+        # a masked conv read only by the next masked conv of the same mask leaves unread rows unwritten
+        mark_reader_radii(frozen, program.graph_module.graph)
         object.__setattr__(frozen, "_programs", {False: program, True: program})
         frozen.frozen = True
         frozen._register_counters()

@@ -7,6 +7,7 @@ import anytimeify
 from anytimeify import Confidence
 from anytimeify.checkpoint import reference_key
 from anytimeify.masking import MaskedConv2d
+from anytimeify.masking.engine import MaskPlan, executed_interp_macs
 from anytimeify.models import hrnet_pose, hrnet_seg
 
 
@@ -259,16 +260,31 @@ def test_frozen_model_computes_the_same(net, x, with_confidence):
         # residual additions after masked convs run inside them (and the program was re-split)
         graph = frozen._programs[False].graph_module.graph
         assert any("residual" in node.kwargs for node in graph.nodes)
+        # a masked conv read only by the next masked conv (block conv1 -> conv2) knows how far it looks
+        assert any(m.reader_radius == 1 for m in masked)
         assert len(frozen._programs[False].segments) == len(model._programs[False].segments)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    # a masked conv whose only reader is a 1x1 conv of the same mask runs no halo stencil
+    unread = []
+
+    def stencil_macs(module, args, out):
+        plan = args[2] if len(args) > 2 and args[2] is not None else MaskPlan(args[1])
+        unread.append(executed_interp_macs(plan, module.interp_lambda, module.out_channels))
+
+    hooks = [m.register_forward_hook(stencil_macs) for m in frozen.modules()
+             if isinstance(m, MaskedConv2d) and m.reader_radius == 0]
     with torch.no_grad():
         ref = list(model.anytime(x))
         got = list(frozen.anytime(x))
+        for h in hooks:
+            h.remove()
         whole = frozen(x)
     for r, g, w in zip(ref, got, whole):
         assert _rel_err(g.logits, r.logits) <= 1e-4
         assert torch.equal(g.logits, w)
-        assert g.macs == r.macs
+        assert g.paper_macs == r.paper_macs and g.macs <= r.macs
+    assert ref[-1].macs - got[-1].macs == sum(unread)
+    assert sum(unread) > 0 if with_confidence else not unread
     with pytest.raises(RuntimeError, match="inference only"):
         frozen.train()
 

@@ -137,10 +137,13 @@ def conv_cases(draw, max_size: int = 12):
 @given(case=conv_cases(), lam=st.sampled_from([3.0, 3.0, 0.5, 1.0, 2.0, 5.0]),
        strategy=st.sampled_from(["auto", "dense", "gather", "implicit"]), use_ext=st.booleans(),
        shift=st.booleans(), activation=st.sampled_from([None, "relu"]),
-       residual=st.sampled_from([None, "nchw", "channels_last"]))
-def test_sparse_equals_dense(case, lam, strategy, use_ext, shift, activation, residual):
+       residual=st.sampled_from([None, "nchw", "channels_last"]), reader_radius=st.sampled_from([None, None, 0, 1]))
+def test_sparse_equals_dense(case, lam, strategy, use_ext, shift, activation, residual, reader_radius):
     conv, x, mask = case
     masked = MaskedConv2d.from_conv(conv)
+    # a conv whose only reader looks within reader_radius of the kept positions (set by freeze())
+    # may leave the other rows unwritten: only the rows that reader reads must agree
+    masked.reader_radius = reader_radius
     # the inference epilogue (a folded BN's shift, a fused ReLU) must agree too
     masked.set_epilogue(shift=torch.randn(conv.out_channels) if shift else None, activation=activation)
     res = None
@@ -157,6 +160,10 @@ def test_sparse_equals_dense(case, lam, strategy, use_ext, shift, activation, re
         with extension(use_ext):
             sparse = masked(x, mask, residual=res)
     assert sparse.shape == dense.shape
+    if reader_radius is not None and dense.numel():
+        read = F.max_pool2d(mask.float(), 2 * reader_radius + 1, 1, reader_radius) > 0  # (B, 1, H, W)
+        read = read.expand_as(dense)
+        sparse, dense = sparse[read], dense[read]
     assert (sparse - dense).abs().max() <= tolerance(dense) if dense.numel() else True
 
 
@@ -441,22 +448,34 @@ def test_extension_kernels_match_pytorch():
         halo_stencil(b, halo, neighbours, weights, use_extension=True)
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
     ext = _ext.load()
-    rows = ext.masked_output(plan.positions, 6, plan.kept_index, torch.empty(0))
+    rows = ext.masked_output(plan.positions, 6, plan.kept_index, torch.empty(0), torch.empty(0), False, True)
     rows.index_copy_(0, plan.kept_index, out[plan.kept_index])
     assert torch.equal(rows, out)
     big = MaskPlan(torch.rand(1, 1, 300, 400, generator=generator) < 0.5)  # large enough for huge pages
-    rows = ext.masked_output(big.positions, 16, big.kept_index, torch.empty(0))
+    rows = ext.masked_output(big.positions, 16, big.kept_index, torch.empty(0), torch.empty(0), False, True)
     assert torch.equal(rows[big.skipped_index], torch.zeros(int(big.skipped_index.numel()), 16))
     fill = torch.randn(16, generator=generator)
-    rows = ext.masked_output(big.positions, 16, big.kept_index, fill)
+    rows = ext.masked_output(big.positions, 16, big.kept_index, fill, torch.empty(0), False, True)
     assert torch.equal(rows[big.skipped_index], fill.expand(int(big.skipped_index.numel()), 16))
     dense = torch.randn(big.positions, 16, generator=generator)
     filled = dense.clone()
     ext.fill_skipped(filled, big.kept_index, fill)
     assert torch.equal(filled[big.kept_index], dense[big.kept_index])
     assert torch.equal(filled[big.skipped_index], fill.expand(int(big.skipped_index.numel()), 16))
+    # with a residual: act(fill + residual) on the skipped rows
+    residual = torch.randn(big.positions, 16, generator=generator)
+    for relu in (False, True):
+        rows = ext.masked_output(big.positions, 16, big.kept_index, fill, residual, relu, True)
+        expected = fill + residual[big.skipped_index]
+        assert torch.equal(rows[big.skipped_index], expected.clamp_min(0) if relu else expected)
+    # write_skipped=False writes no row (the memory keeps whatever it held)
+    rows = ext.masked_output(big.positions, 16, big.kept_index, fill, residual, True, False)
+    written = (fill + residual[big.skipped_index]).clamp_min(0)
+    assert not torch.equal(rows[big.skipped_index], written)
     with pytest.raises(RuntimeError, match="fill must be"):
-        ext.masked_output(10, 16, torch.arange(3), torch.zeros(5))
+        ext.masked_output(10, 16, torch.arange(3), torch.zeros(5), torch.empty(0), False, True)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        ext.masked_output(10, 16, torch.arange(3), torch.zeros(16), torch.zeros(9, 16), False, True)
 
 
 @pytest.mark.skipif(not _ext.available() and os.environ.get("CI") != "true",
@@ -486,7 +505,7 @@ def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padd
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     out = torch.full((positions, out_channels), 7.0)
     _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, out, *geometry, False,
-                              torch.empty(0, dtype=torch.int32), torch.empty(0))
+                              torch.empty(0, dtype=torch.int32), torch.empty(0), torch.empty(0))
     expected = ref.permute(0, 2, 3, 1).reshape(positions, out_channels)
     assert torch.allclose(out[kept], expected[kept], atol=1e-4, rtol=1e-5)
     untouched = torch.ones(positions, dtype=torch.bool)
@@ -498,10 +517,21 @@ def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padd
     slots[chosen] = torch.arange(chosen.numel(), dtype=torch.int32)
     side = torch.zeros(chosen.numel(), out_channels)
     relu_out = torch.full((positions, out_channels), 7.0)
-    _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, relu_out, *geometry, True, slots, side)
+    _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, relu_out, *geometry, True, slots, side,
+                              torch.empty(0))
     assert torch.allclose(relu_out[kept], expected[kept].clamp_min(0), atol=1e-4, rtol=1e-5)
     assert torch.allclose(side, expected[chosen], atol=1e-4, rtol=1e-5)
     assert bool((relu_out[untouched] == 7.0).all())
+    # a residual added in the same pass (with and without the ReLU); side rows keep conv + bias
+    residual = torch.randn(positions, out_channels, generator=generator)
+    for relu in (False, True):
+        res_out = torch.full((positions, out_channels), 7.0)
+        side.zero_()
+        _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, res_out, *geometry, relu, slots, side, residual)
+        summed = expected[kept] + residual[kept]
+        assert torch.allclose(res_out[kept], summed.clamp_min(0) if relu else summed, atol=1e-4, rtol=1e-5)
+        assert torch.allclose(side, expected[chosen], atol=1e-4, rtol=1e-5)
+        assert bool((res_out[untouched] == 7.0).all())
 
 
 # --------------------------------------------------------------------------------- MAC counting

@@ -3,12 +3,15 @@
 //   implicit_conv  the convolution at the kept output positions only, an implicit GEMM (no im2col
 //                  matrix) with register-blocked accumulators, writing straight into the output rows;
 //   masked_output  allocates the channels-last output (huge pages where the kernel allows) and fills
-//                  only the rows that no kept conv output will overwrite (0, or the layer's shift);
+//                  only the rows that no kept conv output will overwrite (0, or the layer's shift,
+//                  plus a folded residual), or none where the conv's only reader never reads them;
 //   fill_skipped   the same fill, in place, after a dense conv;
 //   halo_stencil   the RBF interpolation on the halo rows, in one pass over the neighbours of each
 //                  row, with the layer's per-channel shift and ReLU fused in;
 //   fuse_branches  HRNet's branch fusion (bilinear resize + concatenation) in one channels-last pass;
-//   add_residual   a residual connection (and the ReLU after it) folded into the masked conv's output;
+//   add_residual   a residual connection (and the ReLU after it) folded into the masked conv's output
+//                  where no other pass can take it (implicit_conv, masked_output and halo_stencil add
+//                  it as they write their rows);
 //   (with a ReLU, the implicit GEMM writes the activated rows and keeps the values before the
 //   activation of the kept rows next to the halo in a side buffer, which the stencil reads)
 // The pure-PyTorch code in engine.py is the reference; tests compare the two.
@@ -49,16 +52,29 @@ void advise_huge_pages(void* data, size_t bytes) {
 
 namespace {
 
-// Write fill (or 0 when fill is null) into every row of dst not listed in the sorted kept index.
+// Write fill (or 0 when fill is null) into every row of dst not listed in the sorted kept index;
+// with a residual (rows x channels), act(fill + residual row) instead.
 void fill_unlisted(float* dst, int64_t rows, int64_t channels, const int64_t* index, int64_t kept,
-                   const float* fill) {
+                   const float* fill, const float* res, bool relu) {
   const size_t row_bytes = sizeof(float) * channels;
   at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
     int64_t k = std::lower_bound(index, index + kept, begin) - index;
     int64_t r = begin;
     while (r < end) {
       const int64_t stop = (k < kept && index[k] < end) ? index[k] : end;
-      if (stop > r) {
+      if (stop > r && res != nullptr) {
+        for (int64_t q = r; q < stop; ++q) {
+          float* d = dst + q * channels;
+          const float* a = res + q * channels;
+          if (relu) {
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c) d[c] = std::max((fill ? fill[c] : 0.0f) + a[c], 0.0f);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c) d[c] = (fill ? fill[c] : 0.0f) + a[c];
+          }
+        }
+      } else if (stop > r) {
         if (fill == nullptr) {
           std::memset(dst + r * channels, 0, row_bytes * (stop - r));
         } else {
@@ -78,19 +94,31 @@ const float* optional_vector(const torch::Tensor& t, int64_t channels, const cha
   return t.data_ptr<float>();
 }
 
+// An optional (rows, channels) residual matrix (empty: none).
+const float* optional_rows(const torch::Tensor& t, int64_t rows, int64_t channels, const char* name) {
+  if (!t.defined() || t.numel() == 0) return nullptr;
+  check_rows(t, name);
+  TORCH_CHECK(t.size(0) == rows && t.size(1) == channels, name, " must be (", rows, ", ", channels, "), got ", t.sizes());
+  return t.data_ptr<float>();
+}
+
 }  // namespace
 
 // A (rows, channels) float32 matrix whose rows not listed in kept_index hold fill (a vector of
-// channels values; 0 where fill is empty); the kept rows are left uninitialised (the caller writes
-// them). kept_index must be sorted ascending (nonzero order).
-torch::Tensor masked_output(int64_t rows, int64_t channels, const torch::Tensor& kept_index, const torch::Tensor& fill) {
+// channels values; 0 where fill is empty), or act(fill + residual row) with a residual; the kept
+// rows are left uninitialised (the caller writes them). kept_index must be sorted ascending
+// (nonzero order). With write_skipped false no row is written: the caller writes every row that
+// is ever read (the rows a masked conv's only reader never reads stay uninitialised).
+torch::Tensor masked_output(int64_t rows, int64_t channels, const torch::Tensor& kept_index, const torch::Tensor& fill,
+                            const torch::Tensor& residual, bool relu, bool write_skipped) {
   check_index(kept_index, "kept_index");
   auto out = torch::empty({rows, channels}, torch::dtype(torch::kFloat32));
   float* dst = out.data_ptr<float>();
   const size_t row_bytes = sizeof(float) * channels;
   if (row_bytes * rows >= (size_t(1) << 22)) advise_huge_pages(dst, row_bytes * rows);
-  fill_unlisted(dst, rows, channels, kept_index.data_ptr<int64_t>(), kept_index.numel(),
-                optional_vector(fill, channels, "fill"));
+  if (write_skipped)
+    fill_unlisted(dst, rows, channels, kept_index.data_ptr<int64_t>(), kept_index.numel(),
+                  optional_vector(fill, channels, "fill"), optional_rows(residual, rows, channels, "residual"), relu);
   return out;
 }
 
@@ -99,17 +127,18 @@ void fill_skipped(torch::Tensor out, const torch::Tensor& kept_index, const torc
   check_rows(out, "out");
   check_index(kept_index, "kept_index");
   fill_unlisted(out.data_ptr<float>(), out.size(0), out.size(1), kept_index.data_ptr<int64_t>(), kept_index.numel(),
-                optional_vector(fill, out.size(1), "fill"));
+                optional_vector(fill, out.size(1), "fill"), nullptr, false);
 }
 
 // The RBF interpolation on the halo rows, in place, with the layer's per-channel shift (kept rows
 // with a slot are read from side[slot], their values before the activation):
-//   out[h[m]] = act( sum_{t: keep[nbr[m,t]]} w[t] * out[nbr[m,t]] + shift * (1 - sum_{t: keep[nbr[m,t]]} w[t]) )
+//   out[h[m]] = act( sum_{t: keep[nbr[m,t]]} w[t] * out[nbr[m,t]] + shift * (1 - sum_{t: keep[nbr[m,t]]} w[t])
+//                    [+ residual[h[m]]] )
 // The kept rows hold y + shift (the shift folded into the conv bias), so this is I(y*m) + shift.
 // Only kept rows are read and only halo (skipped) rows written, so rows are written directly.
 void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Tensor& neighbours,
                   const torch::Tensor& weights, const torch::Tensor& keep, const torch::Tensor& shift, bool relu,
-                  const torch::Tensor& slots, const torch::Tensor& side) {
+                  const torch::Tensor& slots, const torch::Tensor& side, const torch::Tensor& residual) {
   check_rows(out, "out");
   check_index(halo, "halo");
   check_index(neighbours, "neighbours");
@@ -124,6 +153,7 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
   if (count == 0) return;
   const int64_t channels = out.size(1);
   const float* sh = optional_vector(shift, channels, "shift");
+  const float* res = optional_rows(residual, out.size(0), channels, "residual");
   const int32_t* slot = nullptr;
   const float* side_rows = nullptr;
   if (slots.defined() && slots.numel()) {
@@ -157,9 +187,11 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
         for (int64_t c = 0; c < channels; ++c) a[c] += wt * src[c];
       }
       float* dst = data + rows[m] * channels;
+      const float* r = res ? res + rows[m] * channels : nullptr;
       const float rest = 1.0f - wsum;
       for (int64_t c = 0; c < channels; ++c) {
         float v = sh ? acc[c] + sh[c] * rest : acc[c];
+        if (r) v += r[c];
         dst[c] = relu ? std::max(v, 0.0f) : v;
       }
     }
@@ -186,7 +218,7 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
                      int64_t taps, const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out,
                      int64_t oh, int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                      int64_t dh, int64_t dw, const float* zeros, bool relu, const int32_t* slots,
-                     float* side) {
+                     float* side, const float* res) {
   constexpr int VB = NV * 16;
   constexpr int QMAX = P * kMaxGroups;
   // groups of P positions per task: several share each run's weights while they are in L1, but
@@ -277,12 +309,22 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
               const int q = g * P + p;
               if (!valid[q]) continue;
               const int64_t row = kept[task * Q + q];
-              if (relu) {
-                if (slots != nullptr && slots[row] >= 0) {  // the stencil still reads it: keep y + shift
-                  float* keep = side + int64_t(slots[row]) * cout + cb * VB;
-                  for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[p][v];
-                  std::memcpy(keep, tail, sizeof(float) * count);
+              if (slots != nullptr && slots[row] >= 0) {  // the stencil still reads it: keep y + shift
+                float* keep = side + int64_t(slots[row]) * cout + cb * VB;
+                for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[p][v];
+                std::memcpy(keep, tail, sizeof(float) * count);
+              }
+              if (res != nullptr) {
+                const float* rr = res + row * cout + cb * VB;
+                if (count == VB) {
+#pragma GCC unroll 4
+                  for (int v = 0; v < NV; ++v) acc[p][v] += *(const vec16u*)(rr + v * 16);
+                } else {
+                  std::memcpy(tail, rr, sizeof(float) * count);
+                  for (int v = 0; v < NV; ++v) acc[p][v] += *(vec16*)(tail + v * 16);
                 }
+              }
+              if (relu) {
                 const vec16 zero = {};
 #pragma GCC unroll 4
                 for (int v = 0; v < NV; ++v) acc[p][v] = acc[p][v] > zero ? acc[p][v] : zero;
@@ -303,9 +345,10 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
   });
 }
 
-// out[kept[i]] = act(conv(x)[kept[i]] + bias) for every kept output position (groups = 1). With the
-// ReLU, rows with a slot (slots: int32 per output row, -1 for none) also keep their value before
-// the activation in side[slot] (side: (slots, C_out)), for the halo stencil to read.
+// out[kept[i]] = act(conv(x)[kept[i]] + bias [+ residual[kept[i]]]) for every kept output position
+// (groups = 1). Rows with a slot (slots: int32 per output row, -1 for none; given where an
+// activation or a residual follows) also keep conv + bias in side[slot] (side: (slots, C_out)),
+// for the halo stencil to read.
 //   x       (B, H, W, C_in) contiguous float32 (channels-last activations)
 //   packed  (blocks, taps, C_in, VB) weights, VB in {16, 32, 48, 64}
 //   bias    (blocks * VB) float32 (zero padded)
@@ -313,7 +356,7 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
 void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias,
                    const torch::Tensor& kept_index, torch::Tensor out, int64_t oh, int64_t ow,
                    int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                   bool relu, const torch::Tensor& slots, torch::Tensor side) {
+                   bool relu, const torch::Tensor& slots, torch::Tensor side, const torch::Tensor& residual) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(),
               "x must be a contiguous (B, H, W, C) float32 CPU tensor");
   TORCH_CHECK(packed.scalar_type() == torch::kFloat32 && packed.dim() == 4 && packed.is_contiguous(),
@@ -332,7 +375,8 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(out.size(0) == x.size(0) * oh * ow, "out has ", out.size(0), " rows, expected ", x.size(0) * oh * ow);
   const int32_t* slot = nullptr;
   float* side_rows = nullptr;
-  if (relu && slots.defined() && slots.numel()) {
+  const float* res = optional_rows(residual, out.size(0), cout, "residual");
+  if (slots.defined() && slots.numel()) {
     TORCH_CHECK(slots.scalar_type() == torch::kInt32 && slots.is_contiguous() && slots.numel() == out.size(0),
                 "slots must be a contiguous int32 tensor with one entry per row of out");
     TORCH_CHECK(side.scalar_type() == torch::kFloat32 && side.is_contiguous() && side.dim() == 2 && side.size(1) == cout,
@@ -345,7 +389,7 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
   implicit_kernel<NV, P>(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), blocks, taps,                  \
                          bias.data_ptr<float>(), cout, kept_index.data_ptr<int64_t>(), kept_index.numel(),        \
                          out.data_ptr<float>(), oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, zeros.data(), relu, slot, \
-                         side_rows)
+                         side_rows, res)
   switch (VB) {
     case 16: ANYTIMEIFY_IMPLICIT(1, 14); break;
     case 32: ANYTIMEIFY_IMPLICIT(2, 12); break;

@@ -21,8 +21,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..exits import Exit
 from ..masking.conv import MaskedConv2d
+from ..masking.masks import mask_for_conv
 
-__all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals"]
+__all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals", "mark_reader_radii"]
 
 
 def _scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -235,3 +236,70 @@ def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] =
         fused += 1
     graph.lint()
     return fused
+
+
+def _sole_value_reader(node: fx.Node) -> fx.Node | None:
+    """The one node that reads ``node``'s values; mask lookups, which read only its size, aside."""
+    readers = [u for u in node.users if not (u.op == "call_function" and u.target is mask_for_conv)]
+    return readers[0] if len(readers) == 1 else None
+
+
+def _mask_source(node: fx.Node) -> fx.Node | None:
+    """The mask decider node of a masked conv call ``conv(x, mask_for_conv(decider, ...), plan)``."""
+    if len(node.args) < 2 or not isinstance(node.args[1], fx.Node):
+        return None
+    mask = node.args[1]
+    if mask.op != "call_function" or not mask.args or not isinstance(mask.args[0], fx.Node):
+        return None
+    return mask.args[0]
+
+
+def _same_size_radius(conv: MaskedConv2d) -> int | None:
+    """How far from an output position ``conv`` reads its input, where its output has its input's
+    size (stride 1, odd kernel, "same" padding); None otherwise."""
+    if tuple(conv.stride) != (1, 1) or not isinstance(conv.padding, tuple):
+        return None
+    radii = []
+    for k, d, p in zip(conv.kernel_size, conv.dilation, conv.padding):
+        if k % 2 == 0 or p != d * (k - 1) // 2:
+            return None
+        radii.append(p)
+    return max(radii)
+
+
+def mark_reader_radii(root: nn.Module, graph: fx.Graph) -> int:
+    """Tell masked convs whose output has a single masked reader how far that reader looks.
+
+    Pattern: a masked conv, called once, whose output (through identity modules only) is the
+    sole input ``x`` of another masked conv (besides the mask lookups that read its size), called once, governed by the same mask decider and
+    of the same output size (stride 1, "same" padding), so by the same mask. That reader computes
+    its kept positions from input rows within its kernel radius ``r`` of them (its skipped
+    positions read nothing), so the first conv gets ``reader_radius = r`` and leaves the rows
+    beyond unwritten. Returns how many convs were marked.
+    """
+    calls = _call_counts(graph)
+    marked = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or calls.get(node.target) != 1:
+            continue
+        conv = root.get_submodule(str(node.target))
+        if not isinstance(conv, MaskedConv2d):
+            continue
+        end, user = node, _sole_value_reader(node)
+        while (user is not None and user.op == "call_module"
+               and type(root.get_submodule(str(user.target))) is nn.Identity):
+            end, user = user, _sole_value_reader(user)
+        if user is None or user.op != "call_module" or calls.get(user.target) != 1:
+            continue
+        reader = root.get_submodule(str(user.target))
+        if not isinstance(reader, MaskedConv2d) or not user.args or user.args[0] is not end:
+            continue
+        if any(value is end for value in list(user.args[1:]) + list(user.kwargs.values())):
+            continue  # also read as the mask, plan or residual
+        source = _mask_source(node)
+        radius = _same_size_radius(reader)
+        if source is None or source is not _mask_source(user) or radius is None:
+            continue
+        conv.reader_radius = radius
+        marked += 1
+    return marked

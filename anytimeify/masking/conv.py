@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .engine import (
     ACTIVATIONS, DEFAULT_COST_MODEL, ConvGeometry, CostModel, LayerWeights, MaskPlan, choose_strategy,
-    add_residual, executed_interp_macs, implicit_available, sparse_masked_conv2d,
+    executed_interp_macs, implicit_available, sparse_masked_conv2d,
 )
 from .interp import INTERP_RADIUS, interpolate
 
@@ -91,6 +91,11 @@ class MaskedConv2d(nn.Conv2d):
         cost_model: the estimates ``"auto"`` decides with.
         shift: ``(C_out,)`` buffer added after the blend, or None.
         activation: None or ``"relu"``, applied last.
+        reader_radius: set by :meth:`~anytimeify.AnytimeModel.freeze` where the output's only
+            reader is a conv governed by the same mask that reads it only within this many
+            positions of the kept ones (0 for a 1x1 conv): the sparse execution then leaves the
+            rows that nobody reads unwritten (their content is undefined). None: every row is
+            written.
     """
 
     def __init__(self, *args, execution: str = "dense", **kwargs) -> None:
@@ -104,6 +109,7 @@ class MaskedConv2d(nn.Conv2d):
         self.cost_model: CostModel = DEFAULT_COST_MODEL
         self.register_buffer("shift", None)
         self.activation: Optional[str] = None
+        self.reader_radius: Optional[int] = None
         self._weights_cache: Optional[Tuple[Tuple, LayerWeights]] = None
 
     # -------------------------------------------------------------------------------- building
@@ -257,12 +263,10 @@ class MaskedConv2d(nn.Conv2d):
             plan = MaskPlan(mask)
         else:
             plan.check(mask)
-        # with a residual the activation comes after the addition
-        out = sparse_masked_conv2d(
+        return sparse_masked_conv2d(
             x, self.weight, self.bias, self.geometry, self.interp_lambda, plan, strategy=self.strategy,
-            cost_model=self.cost_model, shift=self.shift, activation=self.activation if residual is None else None,
-            weights=self._layer_weights())
-        return out if residual is None else add_residual(out, residual, self.activation)
+            cost_model=self.cost_model, shift=self.shift, activation=self.activation, weights=self._layer_weights(),
+            residual=residual, reader_radius=self.reader_radius)
 
     # ------------------------------------------------------------------------------ counting
     def dense_macs(self, x_shape: Sequence[int]) -> int:
@@ -322,6 +326,8 @@ class MaskedConv2d(nn.Conv2d):
         if strategy == "zeros":
             return 0
         conv = dense if strategy == "dense" else plan.kept * self.geometry.macs_per_output()
+        if self.reader_radius == 0:  # nobody reads the interpolated rows: no stencil runs
+            return conv
         return conv + executed_interp_macs(plan, self.interp_lambda, self.out_channels)
 
     def paper_macs(self, x_shape: Sequence[int], mask: Optional[Tensor], plan: Optional[MaskPlan] = None) -> float:

@@ -483,7 +483,7 @@ def halo_stencil(out_flat: Tensor, halo: Tensor, neighbours: Tensor, weights: Te
             keep[halo] = False
         with _kernel("halo_stencil"):
             ext.halo_stencil(out_flat, halo, neighbours, weights.to(torch.float32).contiguous(), keep,
-                             torch.empty(0), False, torch.empty(0, dtype=torch.int32), torch.empty(0))
+                             torch.empty(0), False, torch.empty(0, dtype=torch.int32), torch.empty(0), torch.empty(0))
         return
     channels = out_flat.shape[1]
     if plan is not None:
@@ -648,8 +648,9 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
                          lam: Tensor, plan: MaskPlan, strategy: str = "auto",
                          cost_model: CostModel = DEFAULT_COST_MODEL, use_extension: bool = True,
                          shift: Optional[Tensor] = None, activation: Optional[str] = None,
-                         weights: Optional[LayerWeights] = None) -> Tensor:
-    """Masked conv ``act(y*m + I(y*m)*(1-m) + shift)`` computing ``y`` only where the strategy needs it.
+                         weights: Optional[LayerWeights] = None, residual: Optional[Tensor] = None,
+                         reader_radius: Optional[int] = None) -> Tensor:
+    """Masked conv ``act(y*m + I(y*m)*(1-m) + shift [+ residual])`` computing ``y`` only where needed.
 
     Args:
         x: ``(B, C_in, H, W)`` input (any memory format).
@@ -665,6 +666,14 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         shift: optional ``(C_out,)`` constant added after the blend (a folded BN's shift).
         activation: None or ``"relu"``, applied last.
         weights: optional :class:`LayerWeights` of ``(weight, bias, shift)``, cached by the caller.
+        residual: optional ``(B, C_out, H_out, W_out)`` tensor added before the activation (a
+            residual connection folded into the conv). The compiled implicit GEMM adds it in its
+            output pass; elsewhere one more pass adds it (:func:`add_residual`).
+        reader_radius: set when the output's only reader is a conv governed by the same mask that
+            reads it only within this many positions of the kept ones (0: the kept positions only;
+            1: a 3x3 conv). The compiled path then leaves the rows nobody reads unwritten (0: every
+            skipped row; otherwise the rows beyond the interpolation's halo, where the halo is at
+            least that wide). None: every row is written.
 
     Returns:
         ``(B, C_out, H_out, W_out)`` output in channels-last memory format.
@@ -679,11 +688,19 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
     out_height, out_width = plan.height, plan.width
     positions = plan.positions
     out_channels = geometry.out_channels
+    if residual is not None:
+        if tuple(residual.shape) != (batch, out_channels, out_height, out_width):
+            raise ValueError(f"residual shape {tuple(residual.shape)} does not match the conv output "
+                             f"{(batch, out_channels, out_height, out_width)}")
     if plan.kept == positions:  # all kept: the plain conv (same memory format as given)
         y = F.conv2d(x, weight, weights.full_bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+        if residual is not None:
+            return add_residual(y, residual, activation, use_extension)
         return y.relu_() if activation == "relu" else y
     if plan.kept == 0:  # all skipped: y*m = 0, so its interpolation is 0 too
         out = x.new_zeros(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+        if residual is not None:
+            return add_residual(_finish(out, shift, None), residual, activation, use_extension)
         return _finish(out, shift, activation)
     ext = _ext_for(x, use_extension)
     implicit = ext is not None and geometry.groups == 1
@@ -699,40 +716,57 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         # fused output pass: kept rows hold y + shift, skipped rows act(shift) (0 without a shift),
         # then the halo rows get I(y*m) + shift in one stencil pass, and the kept rows the activation
         relu = activation == "relu"
-        fill = weights.fill(relu)
         none_i32, none_f32 = torch.empty(0, dtype=torch.int32), torch.empty(0)
+        # a residual the implicit GEMM's output pass can read in place: (B*H*W, C) rows
+        res_rows = _rows_of(residual, positions, out_channels) if strategy == "implicit" else None
+        unfused = residual is not None and res_rows is None
+        post_act = relu and unfused  # the activation then follows the separate residual pass
+        relu = relu and not unfused
+        # rows nobody reads: the only reader reads kept rows (0) or rows within its kernel radius,
+        # which the halo covers where the interpolation's support is at least that wide
+        write_skipped = reader_radius is None or (reader_radius > 0 and reader_radius > radius)
+        write_halo = reader_radius is None or reader_radius > 0
+        res_arg = res_rows if res_rows is not None else none_f32
         if strategy == "dense":
             x_cl = x.contiguous(memory_format=torch.channels_last)
             y = F.conv2d(x_cl, weight, weights.full_bias, geometry.stride, geometry.padding, geometry.dilation,
                          geometry.groups).contiguous(memory_format=torch.channels_last)
             out_flat = y.permute(0, 2, 3, 1).view(positions, out_channels)
-            with _kernel("fill_skipped"):
-                ext.fill_skipped(out_flat, plan.kept_index, fill)
+            if write_skipped:
+                with _kernel("fill_skipped"):
+                    ext.fill_skipped(out_flat, plan.kept_index, weights.fill(relu))
         else:
+            # with a residual in the pass, skipped rows become act(shift + residual)
+            fill = weights.fill(False) if res_rows is not None else weights.fill(relu)
             with _kernel("masked_output"):
-                out_flat = ext.masked_output(positions, out_channels, plan.kept_index, fill)
+                out_flat = ext.masked_output(positions, out_channels, plan.kept_index, fill, res_arg, relu,
+                                             write_skipped)
             if strategy == "implicit":
-                # with a ReLU the rows are written activated; the kept rows the stencil reads keep
-                # their values before the activation in side rows
-                slots, count = plan.boundary_slots(radius) if relu and halo.numel() else (none_i32, 0)
+                # with an activation or a residual the rows are written final; the kept rows the
+                # stencil reads keep y + shift in side rows
+                needs_side = (relu or res_rows is not None) and write_halo and halo.numel()
+                slots, count = plan.boundary_slots(radius) if needs_side else (none_i32, 0)
                 side = plan.scratch("side", (count, out_channels), torch.float32, x.device)
                 packed, padded_bias = weights.implicit
                 with _kernel("implicit_conv"):
                     ext.implicit_conv(x.permute(0, 2, 3, 1).contiguous(), packed, padded_bias, plan.kept_index, out_flat,
                                       out_height, out_width, *geometry.kernel_size, *geometry.stride, *geometry.padding,
-                                      *geometry.dilation, relu, slots, side)
+                                      *geometry.dilation, relu, slots, side, res_arg)
             else:
                 x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
                 _gathered_conv_into(out_flat, x_flat, weights.full_bias, geometry, plan, in_height, in_width,
                                     weights.gemm)
-        activated = relu and strategy == "implicit"  # kept rows already hold act(y + shift)
-        if halo.numel():
+        finalized = strategy == "implicit" and (relu or res_rows is not None)  # kept rows already final
+        if halo.numel() and write_halo:
             with _kernel("halo_stencil"):
                 ext.halo_stencil(out_flat, halo, neighbours, tap_weights, plan.keep.reshape(-1), weights.fill(False), relu,
-                                 slots if activated else none_i32, side if activated else none_f32)
-        if relu and not activated:  # every row but the kept ones has it already: one vectorised pass
+                                 slots if finalized else none_i32, side if finalized else none_f32, res_arg)
+        if relu and not finalized:  # every row but the kept ones has it already: one vectorised pass
             out_flat.relu_()
-        return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+        out = out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+        if unfused:
+            return add_residual(out, residual, "relu" if post_act else None, use_extension)
+        return out
 
     if strategy == "dense":
         x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -744,9 +778,22 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
         out_flat = x.new_zeros(positions, out_channels)
         _gathered_conv_into(out_flat, x_flat, bias, geometry, plan, in_height, in_width, weights.gemm)
-    halo_stencil(out_flat, halo, neighbours, tap_weights.to(out_flat.dtype), plan=plan, use_extension=False)
+    if reader_radius != 0:  # 0: the only reader reads kept rows only
+        halo_stencil(out_flat, halo, neighbours, tap_weights.to(out_flat.dtype), plan=plan, use_extension=False)
+    if residual is not None:
+        _finish(out_flat, shift, None)
+        out = out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+        return add_residual(out, residual, activation, use_extension=False)
     _finish(out_flat, shift, activation)
     return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+
+
+def _rows_of(t: Optional[Tensor], rows: int, channels: int) -> Optional[Tensor]:
+    """``t`` (``(B, C, H, W)``, channels-last contiguous float32 CPU) as a ``(rows, C)`` view, else None."""
+    if (t is None or t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4
+            or t.shape[1] != channels or not t.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    return t.permute(0, 2, 3, 1).view(rows, channels)
 
 
 def add_residual(out: Tensor, residual: Tensor, activation: Optional[str] = None,
