@@ -73,10 +73,19 @@ class FixedMasks:
 
 
 def fold_for_inference(model: nn.Module) -> nn.Module:
-    """The base model with every BN folded into its conv (torch.fx), in channels-last memory format."""
+    """The base model as the engine runs it densely: every BN folded into its conv (torch.fx), the
+    sums of upsampled branches (HRNet's fuse layers) in one pass each, channels-last memory format.
+
+    These are the rewrites :meth:`~anytimeify.AnytimeModel.freeze` applies to the unmasked parts of
+    an anytime model, so the dense baseline gets them too.
+    """
     from torch.fx.experimental.optimization import fuse
 
+    from ._fx.fold import fuse_sums
+
     folded = fuse(model.eval())
+    if fuse_sums(folded, folded.graph):
+        folded.recompile()
     return folded.to(memory_format=torch.channels_last)
 
 

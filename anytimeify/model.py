@@ -204,7 +204,7 @@ class AnytimeModel(nn.Module):
         The copy computes what this model computes in eval mode (up to float rounding), faster; it
         cannot be trained, and later changes to this model's weights do not reach it.
         """
-        from ._fx.fold import fold_batch_norms, fuse_residuals, mark_reader_radii
+        from ._fx.fold import fold_batch_norms, fuse_residuals, fuse_sums, mark_reader_radii
 
         frozen = copy.deepcopy(self).eval()
         program = frozen._programs[False]
@@ -214,7 +214,10 @@ class AnytimeModel(nn.Module):
         # residual additions (and the ReLU after them) move into the masked convs that feed them;
         # that rewrites the graph, so it is split into segments again
         ends = [name for name in program.mask_names if name is not None] + list(program.exit_names)
-        if fuse_residuals(program.graph_module, graph, barriers=ends):
+        rewritten = fuse_residuals(program.graph_module, graph, barriers=ends)
+        # HRNet's fuse layers (nearest upsampling, the sum of the branches, ReLU): one pass each
+        rewritten += fuse_sums(program.graph_module, graph)
+        if rewritten:
             program = _rebuild_program(program)
         # a masked conv read only by the next masked conv of the same mask leaves unread rows unwritten
         mark_reader_radii(frozen, program.graph_module.graph)

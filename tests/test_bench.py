@@ -1,7 +1,9 @@
 """The speed benchmarks' harness (anytimeify.bench): structure and counts, never timings."""
 import pytest
 
-from anytimeify.bench import PAPER_SKIPS, ca_speedup, layer_profile, profile_ops
+import torch
+
+from anytimeify.bench import PAPER_SKIPS, ca_speedup, fold_for_inference, layer_profile, profile_ops
 
 SIZE = (64, 128)
 
@@ -42,3 +44,19 @@ def test_profile_names_the_compiled_kernels():
     if _ext.available():
         assert "anytimeify::implicit_conv" in ops and "anytimeify::halo_stencil" in ops
     assert "aten::mkldnn_convolution" in {entry["op"] for entry in result["dense"]["top_ops"]}
+
+
+def test_dense_baseline_gets_the_frozen_models_rewrites():
+    """The dense reference runs BN-folded, with HRNet's fuse layers in one pass each, unchanged results."""
+    from anytimeify.masking.engine import fuse_sum
+    from anytimeify.models import create_model
+
+    torch.manual_seed(0)
+    base = create_model("hrnet_w18_small_v2").eval()
+    dense = fold_for_inference(base)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dense.modules())
+    assert sum(node.target is fuse_sum for node in dense.graph.nodes) >= 4
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        ref, got = base(x), dense(x.contiguous(memory_format=torch.channels_last))
+    assert (got - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))

@@ -7,7 +7,7 @@ import anytimeify
 from anytimeify import Confidence
 from anytimeify.checkpoint import reference_key
 from anytimeify.masking import MaskedConv2d
-from anytimeify.masking.engine import MaskPlan, executed_interp_macs
+from anytimeify.masking.engine import MaskPlan, executed_interp_macs, fuse_sum
 from anytimeify.models import hrnet_pose, hrnet_seg
 
 
@@ -260,6 +260,8 @@ def test_frozen_model_computes_the_same(net, x, with_confidence):
         # residual additions after masked convs run inside them (and the program was re-split)
         graph = frozen._programs[False].graph_module.graph
         assert any("residual" in node.kwargs for node in graph.nodes)
+        # HRNet's fuse layers (upsampled branches summed, ReLU) run as one pass each
+        assert any(node.target is fuse_sum for node in graph.nodes)
         # a masked conv read only by the next masked conv (block conv1 -> conv2) knows how far it looks
         assert any(m.reader_radius == 1 for m in masked)
         assert len(frozen._programs[False].segments) == len(model._programs[False].segments)

@@ -639,3 +639,89 @@ def test_branch_fusion_kernel_matches_pytorch(sizes, align_corners):
     assert (out - expected).abs().max() <= 1e-5
     out.sum().backward()
     assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not _ext.available() and os.environ.get("CI") != "true",
+                    reason="C++ extension not built (no compiler?)")
+@pytest.mark.parametrize("relu", [None, "relu"])
+@pytest.mark.parametrize("resizes", [
+    # HRNet's fuse layer of the first branch: the identity, then x2, x4, x8 nearest upsampling
+    [None, {"scale_factor": 2.0, "mode": "nearest"}, {"scale_factor": 4.0, "mode": "nearest"},
+     {"scale_factor": 8.0, "mode": "nearest"}],
+    # an upsampled first term, a fixed output size, nearest-exact, a non-power-of-two scale
+    [{"scale_factor": 2.0, "mode": "nearest"}, {"size": (24, 48), "mode": "nearest"},
+     {"scale_factor": 3.0, "mode": "nearest-exact"}, None],
+])
+def test_fuse_sum_kernel_matches_pytorch(resizes, relu):
+    """HRNet's fuse layer in one pass: bit for bit PyTorch's upsample + add chain + ReLU."""
+    from anytimeify.masking.engine import fuse_sum
+
+    assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
+    generator = torch.Generator().manual_seed(len(str(resizes)))
+    terms = []
+    for r in resizes:
+        if r is None:
+            h, w = 24, 48
+        elif "size" in r:
+            h, w = 5, 7  # resized to 24 x 48 by size
+        else:
+            h, w = int(24 / r["scale_factor"]), int(48 / r["scale_factor"])
+        terms.append(torch.randn(2, 6, h, w, generator=generator).contiguous(memory_format=torch.channels_last))
+    expected = F.interpolate(terms[0], **resizes[0]) if resizes[0] else terms[0]
+    for t, r in zip(terms[1:], resizes[1:]):
+        expected = expected + (F.interpolate(t, **r) if r else t)
+    if relu:
+        expected = torch.relu(expected)
+    with torch.no_grad():
+        out = fuse_sum(terms, resizes, relu)
+    assert out.shape == expected.shape == (2, 6, 24, 48)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, expected)
+    # the compiled kernel itself, with the source indices PyTorch's nearest resize picks
+    from anytimeify.masking.engine import _nearest_index
+
+    ys = [_nearest_index(t.shape[2], tuple(sorted(r.items())), 0) if r else torch.arange(24) for t, r in zip(terms, resizes)]
+    xs = [_nearest_index(t.shape[3], tuple(sorted(r.items())), 1) if r else torch.arange(48) for t, r in zip(terms, resizes)]
+    raw = _ext.load().fuse_sum([t.permute(0, 2, 3, 1) for t in terms], ys, xs, 24, 48, relu == "relu")
+    assert torch.equal(raw.permute(0, 3, 1, 2), expected)
+    # NCHW terms (no single-pass layout) take PyTorch's ops, with the same result
+    assert torch.equal(fuse_sum([t.contiguous() for t in terms], resizes, relu), expected)
+    with pytest.raises(ValueError, match="activation"):
+        fuse_sum(terms, resizes, "gelu")
+
+
+def test_fuse_sums_rewrites_upsample_chains():
+    """The graph pass fuses HRNet-style sums and leaves every other pattern alone."""
+    from anytimeify._fx.fold import fuse_sums
+    from anytimeify.masking.engine import fuse_sum
+
+    class Fuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up2, self.up4 = nn.Upsample(scale_factor=2.0), nn.Upsample(scale_factor=4.0)
+            self.bilinear = nn.Upsample(scale_factor=2.0, mode="bilinear")
+            self.shared = nn.Upsample(scale_factor=2.0)
+            self.act = nn.ReLU()
+
+        def forward(self, a, b, c):
+            fused = self.act(a + self.up2(b) + self.up4(c))     # fused, ReLU included
+            kept = a + self.bilinear(b)                          # bilinear: left alone
+            s = self.shared(b)                                   # read twice: added as a tensor
+            twice = a + s + s * 2
+            return fused, kept, twice
+
+    gm = torch.fx.symbolic_trace(Fuse())
+    a, b, c = torch.randn(1, 3, 8, 12), torch.randn(1, 3, 4, 6), torch.randn(1, 3, 2, 3)
+    with torch.no_grad():
+        expected = gm(a, b, c)
+    assert fuse_sums(gm, gm.graph) == 2
+    gm.recompile()
+    calls = [n for n in gm.graph.nodes if n.target is fuse_sum]
+    assert len(calls) == 2
+    assert calls[0].args[2] == "relu" and [r is None for r in calls[0].args[1]] == [True, False, False]
+    assert calls[1].args[2] is None and all(r is None for r in calls[1].args[1])  # a + s + s*2
+    assert sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == "bilinear") == 1
+    with torch.no_grad():
+        got = gm(a, b, c)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)

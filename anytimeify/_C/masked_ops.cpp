@@ -9,6 +9,7 @@
 //   halo_stencil   the RBF interpolation on the halo rows, in one pass over the neighbours of each
 //                  row, with the layer's per-channel shift and ReLU fused in;
 //   fuse_branches  HRNet's branch fusion (bilinear resize + concatenation) in one channels-last pass;
+//   fuse_sum       HRNet's fuse layers (nearest upsampling, the sum of the branches, ReLU) in one pass;
 //   add_residual   a residual connection (and the ReLU after it) folded into the masked conv's output
 //                  where no other pass can take it (implicit_conv, masked_output and halo_stencil add
 //                  it as they write their rows);
@@ -507,11 +508,72 @@ void add_residual(torch::Tensor out, const torch::Tensor& residual, bool relu) {
   });
 }
 
+// HRNet's fuse layers: act(t0 + t1' + t2' + ...), the terms added left to right as PyTorch's chain
+// of additions does, where tj' is tj read at rows ys[j] and columns xs[j] (a nearest-neighbour
+// resize; identity indices for a term of the output's size). One pass writes each output row
+// once, instead of one upsampled copy per term plus one pass per addition and one for the ReLU.
+//   terms  (B, h_j, w_j, C) contiguous float32 CPU tensors (channels-last activations)
+//   ys, xs int64 source row / column of every output row / column, per term (H and W entries)
+torch::Tensor fuse_sum(const std::vector<torch::Tensor>& terms, const std::vector<torch::Tensor>& ys,
+                       const std::vector<torch::Tensor>& xs, int64_t H, int64_t W, bool relu) {
+  TORCH_CHECK(!terms.empty() && ys.size() == terms.size() && xs.size() == terms.size(),
+              "fuse_sum needs one row and one column index per term");
+  const int64_t B = terms[0].size(0), C = terms[0].size(3);
+  for (size_t j = 0; j < terms.size(); ++j) {
+    const auto& t = terms[j];
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == 4 && t.is_contiguous(),
+                "terms must be contiguous (B, H, W, C) float32 CPU tensors");
+    TORCH_CHECK(t.size(0) == B && t.size(3) == C, "terms must share the batch size and channels, got ", t.sizes());
+    check_index(ys[j], "ys");
+    check_index(xs[j], "xs");
+    TORCH_CHECK(ys[j].numel() == H && xs[j].numel() == W, "index vectors must have ", H, " and ", W, " entries");
+    const int64_t* y = ys[j].data_ptr<int64_t>();
+    const int64_t* x = xs[j].data_ptr<int64_t>();
+    for (int64_t i = 0; i < H; ++i) TORCH_CHECK(y[i] >= 0 && y[i] < t.size(1), "row index out of range");
+    for (int64_t i = 0; i < W; ++i) TORCH_CHECK(x[i] >= 0 && x[i] < t.size(2), "column index out of range");
+  }
+  auto out = torch::empty({B, H, W, C}, torch::dtype(torch::kFloat32));
+  const size_t bytes = sizeof(float) * size_t(B * H * W * C);
+  if (bytes >= (size_t(1) << 22)) advise_huge_pages(out.data_ptr<float>(), bytes);
+  float* dst_base = out.data_ptr<float>();
+  const size_t n = terms.size();
+  at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<const float*> rows(n);
+    std::vector<const int64_t*> cols(n);
+    for (size_t j = 0; j < n; ++j) cols[j] = xs[j].data_ptr<int64_t>();
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / H, y = r % H;
+      for (size_t j = 0; j < n; ++j) {
+        const auto& t = terms[j];
+        rows[j] = t.data_ptr<float>() + ((b * t.size(1) + ys[j].data_ptr<int64_t>()[y]) * t.size(2)) * C;
+      }
+      float* dst = dst_base + r * W * C;
+      for (int64_t x = 0; x < W; ++x) {
+        float* o = dst + x * C;
+        const float* a = rows[0] + cols[0][x] * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] = a[c];
+        for (size_t j = 1; j < n; ++j) {
+          const float* t = rows[j] + cols[j][x] * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] += t[c];
+        }
+        if (relu) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] = std::max(o[c], 0.0f);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_output", &masked_output, "Output rows holding fill except the kept ones (left uninitialised)");
   m.def("fill_skipped", &fill_skipped, "Rows not kept set to fill, in place");
   m.def("halo_stencil", &halo_stencil, "RBF interpolation on the halo rows with the layer's shift, in place");
   m.def("add_residual", &add_residual, "out += residual, then an optional ReLU, in place");
   m.def("fuse_branches", &fuse_branches, "Bilinear resize of every branch to the first's size, concatenated (NHWC)");
+  m.def("fuse_sum", &fuse_sum, "act(sum of nearest-resized terms), HRNet's fuse layers, in one pass (NHWC)");
   m.def("implicit_conv", &implicit_conv, "Convolution at the kept output positions, written into their rows");
 }

@@ -21,9 +21,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..exits import Exit
 from ..masking.conv import MaskedConv2d
+from ..masking.engine import fuse_sum
 from ..masking.masks import mask_for_conv
 
-__all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals", "mark_reader_radii"]
+__all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals", "mark_reader_radii", "fuse_sums"]
 
 
 def _scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -303,3 +304,89 @@ def mark_reader_radii(root: nn.Module, graph: fx.Graph) -> int:
         conv.reader_radius = radius
         marked += 1
     return marked
+
+
+_RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu)
+
+
+def _nearest_resize(root: nn.Module, node: fx.Node, calls: dict) -> dict | None:
+    """``F.interpolate`` keywords of a nearest ``nn.Upsample`` module node called once, else None."""
+    if node.op != "call_module" or calls.get(node.target) != 1:
+        return None
+    module = root.get_submodule(str(node.target))
+    if type(module) is not nn.Upsample or module.mode not in ("nearest", "nearest-exact"):
+        return None
+    resize = {"size": module.size, "scale_factor": module.scale_factor, "mode": module.mode}
+    if getattr(module, "recompute_scale_factor", None) is not None:
+        resize["recompute_scale_factor"] = module.recompute_scale_factor
+    return resize
+
+
+def _is_relu(root: nn.Module, node: fx.Node, calls: dict) -> bool:
+    if node.op == "call_module":
+        return calls.get(node.target) == 1 and _fusable_relu(root.get_submodule(str(node.target)))
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and not node.kwargs
+    return node.op == "call_method" and node.target == "relu" and len(node.args) == 1 and not node.kwargs
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2
+            and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args))
+
+
+def fuse_sums(root: nn.Module, graph: fx.Graph) -> int:
+    """Rewrite sums of nearest-upsampled tensors (HRNet's fuse layers) into one :func:`fuse_sum` call.
+
+    Pattern: a left-nested chain of additions ``((t0 + t1) + t2) + ...`` (``+`` or ``torch.add``
+    without ``alpha``; every inner addition read only by the next), where each term is a tensor or
+    the output of an ``nn.Upsample`` module in a nearest mode (called once, read only by the
+    chain), optionally followed by a ReLU that is the last addition's only reader. The chain
+    must have at least two additions or one upsampled term. The fused call replaces the last
+    node and reads the upsamples' inputs; the upsample and addition nodes go. Returns how many
+    chains were rewritten; the caller recompiles (and re-splits) the graph.
+    """
+    calls = _call_counts(graph)
+    fused = 0
+    for node in list(graph.nodes):
+        if not _is_add(node):
+            continue
+        user = _sole_user(node)
+        if user is not None and _is_add(user) and user.args[0] is node:
+            continue  # not the end of its chain
+        adds, cursor = [node], node
+        while True:
+            left = cursor.args[0]
+            if _is_add(left) and len(left.users) == 1:
+                adds.append(left)
+                cursor = left
+            else:
+                break
+        adds.reverse()
+        operands = [adds[0].args[0]] + [a.args[1] for a in adds]
+        terms, resizes, upsamples = [], [], []
+        for operand in operands:
+            resize = _nearest_resize(root, operand, calls) if len(operand.users) == 1 else None
+            if resize is not None and isinstance(operand.args[0], fx.Node) and not operand.kwargs:
+                terms.append(operand.args[0])
+                resizes.append(resize)
+                upsamples.append(operand)
+            else:
+                terms.append(operand)
+                resizes.append(None)
+        if len(adds) < 2 and not upsamples:
+            continue
+        last = node
+        relu = _sole_user(node)
+        if relu is not None and _is_relu(root, relu, calls):
+            last = relu
+        else:
+            relu = None
+        with graph.inserting_before(last):
+            call = graph.call_function(fuse_sum, (tuple(terms), tuple(resizes), "relu" if relu is not None else None))
+        last.replace_all_uses_with(call)
+        for dead in ([relu] if relu is not None else []) + list(reversed(adds)) + upsamples:
+            graph.erase_node(dead)
+        fused += 1
+    graph.lint()
+    return fused

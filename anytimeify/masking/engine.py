@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -43,7 +44,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "MaskPlan", "IndexCache", "ConvGeometry", "CostModel", "DEFAULT_COST_MODEL", "choose_strategy",
     "sparse_masked_conv2d", "halo_stencil", "STRATEGIES", "ACTIVATIONS", "LayerWeights", "implicit_available", "add_residual",
-    "implicit_block",
+    "implicit_block", "fuse_sum",
 ]
 
 #: execution strategies of the sparse engine ("auto" lets the cost model choose)
@@ -817,6 +818,66 @@ def add_residual(out: Tensor, residual: Tensor, activation: Optional[str] = None
         return out
     out = out + residual
     return out.relu_() if activation == "relu" else out
+
+
+def _resized(t: Tensor, resize: Optional[dict]) -> Tensor:
+    return t if resize is None else F.interpolate(t, **resize)
+
+
+@functools.lru_cache(maxsize=256)
+def _nearest_index(length: int, resize_items: tuple, axis: int) -> Tensor:
+    """The source index of every output row (axis 0) or column (axis 1) of a nearest resize,
+    as PyTorch's own kernel picks it (read off a resized ramp, so it is exact by construction)."""
+    resize = dict(resize_items)
+    shape = (1, 1, length, 1) if axis == 0 else (1, 1, 1, length)
+    ramp = torch.arange(length, dtype=torch.float32).reshape(shape)
+    picked = F.interpolate(ramp, **resize)
+    return (picked[0, 0, :, 0] if axis == 0 else picked[0, 0, 0, :]).to(torch.int64).contiguous()
+
+
+def fuse_sum(terms: Sequence[Tensor], resizes: Sequence[Optional[dict]], activation: Optional[str] = None) -> Tensor:
+    """``act(r0(t0) + r1(t1) + ...)``, added left to right, where ``rj`` is a nearest-neighbour
+    ``F.interpolate`` with the keyword arguments ``resizes[j]`` (None: the term as it is).
+
+    HRNet's fuse layers have this form (the branches upsampled by ``nn.Upsample`` and summed,
+    then a ReLU); :func:`anytimeify._fx.fold.fuse_sums` rewrites them into calls of this function.
+    For float32 channels-last CPU inference the compiled kernel reads every term once and writes
+    the result once; otherwise PyTorch's ops run. Both give the same result bit for bit.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    ext = _ext_for(terms[0])
+    if ext is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in terms)):
+        out_size = _resized_size(terms[0], resizes[0])
+        if (all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4
+                and t.is_contiguous(memory_format=torch.channels_last) for t in terms)
+                and all(_resized_size(t, r) == out_size for t, r in zip(terms, resizes))
+                and all(t.shape[:2] == terms[0].shape[:2] for t in terms)):
+            ys, xs = [], []
+            for t, r in zip(terms, resizes):
+                items = tuple(sorted(r.items())) if r is not None else None
+                ys.append(_nearest_index(t.shape[2], items, 0) if items else torch.arange(out_size[0]))
+                xs.append(_nearest_index(t.shape[3], items, 1) if items else torch.arange(out_size[1]))
+            with _kernel("fuse_sum"):
+                out = ext.fuse_sum([t.permute(0, 2, 3, 1) for t in terms], ys, xs, out_size[0], out_size[1],
+                                   activation == "relu")
+            return out.permute(0, 3, 1, 2)
+    out = _resized(terms[0], resizes[0])
+    for t, r in zip(terms[1:], resizes[1:]):
+        out = out + _resized(t, r)
+    return torch.relu(out) if activation == "relu" else out
+
+
+def _resized_size(t: Tensor, resize: Optional[dict]) -> Tuple[int, int]:
+    """The (H, W) of ``_resized(t, resize)``, for nearest resizes with integer results."""
+    if resize is None:
+        return int(t.shape[2]), int(t.shape[3])
+    if resize.get("size") is not None:
+        size = resize["size"]
+        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    scale = resize["scale_factor"]
+    sy, sx = (scale, scale) if isinstance(scale, (int, float)) else scale
+    return int(math.floor(t.shape[2] * sy)), int(math.floor(t.shape[3] * sx))
 
 
 def executed_interp_macs(plan: MaskPlan, lam: Tensor, channels: int) -> int:
