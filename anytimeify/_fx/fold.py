@@ -186,7 +186,7 @@ def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] =
     Pattern (after BN folding): a masked conv, called once, whose output (through identity
     modules only) is the sole input of an addition ``conv_out + other`` (``+``, ``+=`` or
     ``torch.add`` without ``alpha``), optionally followed by a ReLU module that is the addition's
-    only reader and called once. The conv node then takes ``other`` as its ``residual`` keyword,
+    only reader. The conv node then takes ``other`` as its ``residual`` keyword,
     applies the ReLU as its activation, and replaces both nodes, so the sum costs no pass of its
     own. The conv node moves down to the addition (its inputs are all earlier); no node named in
     ``barriers`` (segment ends) may lie between them. The caller recompiles and re-splits the graph.
@@ -219,8 +219,9 @@ def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] =
         # the tensor it reads
         if any(node.args[0] in n.all_input_nodes for n in between if n not in chain):
             continue
+        # the ReLU node goes, its module stays (a stateless module others may still call)
         relu = _sole_user(add)
-        if not (relu is not None and relu.op == "call_module" and calls.get(relu.target) == 1
+        if not (relu is not None and relu.op == "call_module"
                 and _fusable_relu(root.get_submodule(str(relu.target)))):
             relu = None
         # the conv and its identity chain move down to the addition, where ``other`` exists
@@ -322,9 +323,11 @@ def _nearest_resize(root: nn.Module, node: fx.Node, calls: dict) -> dict | None:
     return resize
 
 
-def _is_relu(root: nn.Module, node: fx.Node, calls: dict) -> bool:
+def _is_relu(root: nn.Module, node: fx.Node) -> bool:
+    """A ReLU node (module, function or method); a module may be called elsewhere too (HRNet's
+    ``fuse_act``): only this node goes, the stateless module stays."""
     if node.op == "call_module":
-        return calls.get(node.target) == 1 and _fusable_relu(root.get_submodule(str(node.target)))
+        return _fusable_relu(root.get_submodule(str(node.target)))
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and not node.kwargs
     return node.op == "call_method" and node.target == "relu" and len(node.args) == 1 and not node.kwargs
@@ -341,8 +344,8 @@ def fuse_sums(root: nn.Module, graph: fx.Graph) -> int:
     Pattern: a left-nested chain of additions ``((t0 + t1) + t2) + ...`` (``+`` or ``torch.add``
     without ``alpha``; every inner addition read only by the next), where each term is a tensor or
     the output of an ``nn.Upsample`` module in a nearest mode (called once, read only by the
-    chain), optionally followed by a ReLU that is the last addition's only reader. The chain
-    must have at least two additions or one upsampled term. The fused call replaces the last
+    chain), optionally followed by a ReLU that is the last addition's only reader. A single
+    addition of two tensors is rewritten only with its ReLU (two passes become one). The fused call replaces the last
     node and reads the upsamples' inputs; the upsample and addition nodes go. Returns how many
     chains were rewritten; the caller recompiles (and re-splits) the graph.
     """
@@ -374,14 +377,14 @@ def fuse_sums(root: nn.Module, graph: fx.Graph) -> int:
             else:
                 terms.append(operand)
                 resizes.append(None)
-        if len(adds) < 2 and not upsamples:
-            continue
         last = node
         relu = _sole_user(node)
-        if relu is not None and _is_relu(root, relu, calls):
+        if relu is not None and _is_relu(root, relu):
             last = relu
         else:
             relu = None
+        if len(adds) < 2 and not upsamples and relu is None:
+            continue  # a single addition: nothing to save
         with graph.inserting_before(last):
             call = graph.call_function(fuse_sum, (tuple(terms), tuple(resizes), "relu" if relu is not None else None))
         last.replace_all_uses_with(call)
