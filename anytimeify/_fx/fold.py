@@ -317,7 +317,10 @@ def _nearest_resize(root: nn.Module, node: fx.Node, calls: dict) -> dict | None:
     module = root.get_submodule(str(node.target))
     if type(module) is not nn.Upsample or module.mode not in ("nearest", "nearest-exact"):
         return None
-    resize = {"size": module.size, "scale_factor": module.scale_factor, "mode": module.mode}
+    def frozen(value):  # lists become tuples: the resize keys a cache
+        return tuple(value) if isinstance(value, list) else value
+
+    resize = {"size": frozen(module.size), "scale_factor": frozen(module.scale_factor), "mode": module.mode}
     if getattr(module, "recompute_scale_factor", None) is not None:
         resize["recompute_scale_factor"] = module.recompute_scale_factor
     return resize

@@ -791,10 +791,10 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
 
 def _rows_of(t: Optional[Tensor], rows: int, channels: int) -> Optional[Tensor]:
     """``t`` (``(B, C, H, W)``, channels-last contiguous float32 CPU) as a ``(rows, C)`` view, else None."""
-    if (t is None or t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4
-            or t.shape[1] != channels or not t.is_contiguous(memory_format=torch.channels_last)):
+    if t is None or t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or t.shape[1] != channels:
         return None
-    return t.permute(0, 2, 3, 1).view(rows, channels)
+    nhwc = t.permute(0, 2, 3, 1)
+    return nhwc.view(rows, channels) if nhwc.is_contiguous() else None
 
 
 def add_residual(out: Tensor, residual: Tensor, activation: Optional[str] = None,
@@ -850,7 +850,7 @@ def fuse_sum(terms: Sequence[Tensor], resizes: Sequence[Optional[dict]], activat
     if ext is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in terms)):
         out_size = _resized_size(terms[0], resizes[0])
         if (all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4
-                and t.is_contiguous(memory_format=torch.channels_last) for t in terms)
+                and t.permute(0, 2, 3, 1).is_contiguous() for t in terms)
                 and all(_resized_size(t, r) == out_size for t, r in zip(terms, resizes))
                 and all(t.shape[:2] == terms[0].shape[:2] for t in terms)):
             ys, xs = [], []
