@@ -251,7 +251,8 @@ def _mask_source(node: fx.Node) -> fx.Node | None:
     if len(node.args) < 2 or not isinstance(node.args[1], fx.Node):
         return None
     mask = node.args[1]
-    if mask.op != "call_function" or not mask.args or not isinstance(mask.args[0], fx.Node):
+    if (mask.op != "call_function" or mask.target is not mask_for_conv or not mask.args
+            or not isinstance(mask.args[0], fx.Node)):
         return None
     return mask.args[0]
 
