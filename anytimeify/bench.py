@@ -99,19 +99,11 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
                reps: int = 5, threads: int = 2, seed: int = 0) -> dict:
     """Measure eager, folded-dense and anytime-with-CA latency of a built-in model (see module doc)."""
     import anytimeify
-    from anytimeify.models import create_model
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    base = create_model(name).eval()
-    masks = FixedMasks(skips, seed=seed)
-    model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=masks, execution="sparse"))
-    model = model.eval().freeze()  # BN folded as in the dense reference
+    base, dense, model, x_cl = _frozen_pair(name, size, skips, threads, seed)
     if model.num_exits - 1 != len(skips):
         raise ValueError(f"{name} has {model.num_exits - 1} early exits; give that many skip fractions, got {list(skips)}")
-    dense = fold_for_inference(base)
-    x = torch.randn(1, 3, *size)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
+    x = x_cl.contiguous()  # the eager model as users run it: NCHW
     eager_t: List[float] = []
     dense_t: List[float] = []
     anytime_t: List[float] = []
@@ -149,8 +141,9 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
 
 
 def _frozen_pair(name: str, size: Tuple[int, int], skips: Sequence[float], threads: int,
-                 seed: int) -> Tuple[nn.Module, nn.Module, torch.Tensor]:
-    """The BN-folded dense model, the frozen anytime model with fixed CA masks, and an input."""
+                 seed: int) -> Tuple[nn.Module, nn.Module, nn.Module, torch.Tensor]:
+    """The eager base model, its BN-folded dense form, the frozen anytime model with fixed CA masks
+    (BN folded as in the dense reference), and a channels-last input."""
     import anytimeify
     from anytimeify.models import create_model
 
@@ -160,7 +153,7 @@ def _frozen_pair(name: str, size: Tuple[int, int], skips: Sequence[float], threa
     model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=FixedMasks(skips, seed=seed),
                                                                       execution="sparse")).eval().freeze()
     x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)
-    return fold_for_inference(base), model, x
+    return base, fold_for_inference(base), model, x
 
 
 def profile_ops(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[float] = PAPER_SKIPS,
@@ -173,7 +166,7 @@ def profile_ops(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence
     """
     from torch.profiler import ProfilerActivity, profile
 
-    dense, model, x = _frozen_pair(name, size, skips, threads, seed)
+    _, dense, model, x = _frozen_pair(name, size, skips, threads, seed)
     result = {}
     with torch.no_grad():
         for label, fn in (("dense", lambda: dense(x)), ("anytime", lambda: list(model.anytime(x)))):
@@ -211,7 +204,7 @@ def layer_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequen
     """
     from anytimeify.masking.conv import MaskedConv2d
 
-    dense, model, x = _frozen_pair(name, size, skips, threads, seed)
+    _, dense, model, x = _frozen_pair(name, size, skips, threads, seed)
 
     def timed(module: nn.Module, run) -> Tuple[List[Dict[str, float]], List[float], Dict[str, dict]]:
         starts: Dict[int, float] = {}

@@ -13,24 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .masking.conv import MaskedConv2d
+from .masking.engine import inference_kernels
 from .masking.masks import geometry_of, mask_for_conv, plan_for_mask
 
 __all__ = ["Exit", "fuse_branches", "original_head", "redesigned_head", "HEAD_KINDS"]
 
 HEAD_KINDS = ("original", "redesigned")
-
-
-def _fusion_kernel(features: List[torch.Tensor]):
-    """The compiled fusion kernel where it applies (fp32 CPU inference, not while tracing), else None."""
-    if torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-        return None
-    if any(f.dim() != 4 or f.dtype != torch.float32 or f.device.type != "cpu" for f in features):
-        return None
-    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
-        return None
-    from .masking.engine import _extension
-
-    return _extension()
 
 
 def fuse_branches(features: List[torch.Tensor], align_corners: bool = True) -> torch.Tensor:
@@ -40,7 +28,7 @@ def fuse_branches(features: List[torch.Tensor], align_corners: bool = True) -> t
     tensor; otherwise (training, other devices and dtypes, no compiler) PyTorch's ops do, with the
     same result up to float rounding.
     """
-    kernel = _fusion_kernel(features)
+    kernel = inference_kernels(features)
     if kernel is not None:
         nhwc = [f.permute(0, 2, 3, 1).contiguous() for f in features]
         with torch.profiler.record_function("anytimeify::fuse_branches"):

@@ -537,16 +537,22 @@ torch::Tensor fuse_sum(const std::vector<torch::Tensor>& terms, const std::vecto
   if (bytes >= (size_t(1) << 22)) advise_huge_pages(out.data_ptr<float>(), bytes);
   float* dst_base = out.data_ptr<float>();
   const size_t n = terms.size();
+  std::vector<const float*> data(n);
+  std::vector<const int64_t*> row_of(n), cols(n);
+  std::vector<int64_t> heights(n), widths(n);
+  for (size_t j = 0; j < n; ++j) {
+    data[j] = terms[j].data_ptr<float>();
+    row_of[j] = ys[j].data_ptr<int64_t>();
+    cols[j] = xs[j].data_ptr<int64_t>();
+    heights[j] = terms[j].size(1);
+    widths[j] = terms[j].size(2);
+  }
   at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
     std::vector<const float*> rows(n);
-    std::vector<const int64_t*> cols(n);
-    for (size_t j = 0; j < n; ++j) cols[j] = xs[j].data_ptr<int64_t>();
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / H, y = r % H;
-      for (size_t j = 0; j < n; ++j) {
-        const auto& t = terms[j];
-        rows[j] = t.data_ptr<float>() + ((b * t.size(1) + ys[j].data_ptr<int64_t>()[y]) * t.size(2)) * C;
-      }
+      for (size_t j = 0; j < n; ++j)
+        rows[j] = data[j] + ((b * heights[j] + row_of[j][y]) * widths[j]) * C;
       float* dst = dst_base + r * W * C;
       for (int64_t x = 0; x < W; ++x) {
         float* o = dst + x * C;

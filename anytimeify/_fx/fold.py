@@ -151,13 +151,15 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _through_identities(root: nn.Module, node: fx.Node) -> Tuple[List[fx.Node], fx.Node | None]:
-    """The identity-module nodes that alone carry ``node``'s value on (folded BNs), and their sole reader."""
+def _through_identities(root: nn.Module, node: fx.Node,
+                        sole_reader=_sole_user) -> Tuple[List[fx.Node], fx.Node | None]:
+    """The identity-module nodes that alone carry ``node``'s value on (folded BNs), and their sole
+    reader (``sole_reader`` says which node, if any, is a node's only reader)."""
     chain: List[fx.Node] = []
-    user = _sole_user(node)
+    user = sole_reader(node)
     while user is not None and user.op == "call_module" and type(root.get_submodule(str(user.target))) is nn.Identity:
         chain.append(user)
-        user = _sole_user(user)
+        user = sole_reader(user)
     return chain, user
 
 
@@ -274,8 +276,9 @@ def mark_reader_radii(root: nn.Module, graph: fx.Graph) -> int:
     """Tell masked convs whose output has a single masked reader how far that reader looks.
 
     Pattern: a masked conv, called once, whose output (through identity modules only) is the
-    sole input ``x`` of another masked conv (besides the mask lookups that read its size), called once, governed by the same mask decider and
-    of the same output size (stride 1, "same" padding), so by the same mask. That reader computes
+    sole input ``x`` of another masked conv (besides the mask lookups that read its size), called
+    once, governed by the same mask decider and of the same output size (stride 1, "same"
+    padding), so by the same mask. That reader computes
     its kept positions from input rows within its kernel radius ``r`` of them (its skipped
     positions read nothing), so the first conv gets ``reader_radius = r`` and leaves the rows
     beyond unwritten. Returns how many convs were marked.
@@ -288,10 +291,8 @@ def mark_reader_radii(root: nn.Module, graph: fx.Graph) -> int:
         conv = root.get_submodule(str(node.target))
         if not isinstance(conv, MaskedConv2d):
             continue
-        end, user = node, _sole_value_reader(node)
-        while (user is not None and user.op == "call_module"
-               and type(root.get_submodule(str(user.target))) is nn.Identity):
-            end, user = user, _sole_value_reader(user)
+        chain, user = _through_identities(root, node, _sole_value_reader)
+        end = chain[-1] if chain else node
         if user is None or user.op != "call_module" or calls.get(user.target) != 1:
             continue
         reader = root.get_submodule(str(user.target))
@@ -318,6 +319,7 @@ def _nearest_resize(root: nn.Module, node: fx.Node, calls: dict) -> dict | None:
     module = root.get_submodule(str(node.target))
     if type(module) is not nn.Upsample or module.mode not in ("nearest", "nearest-exact"):
         return None
+
     def frozen(value):  # lists become tuples: the resize keys a cache
         return tuple(value) if isinstance(value, list) else value
 
@@ -349,8 +351,8 @@ def fuse_sums(root: nn.Module, graph: fx.Graph) -> int:
     without ``alpha``; every inner addition read only by the next), where each term is a tensor or
     the output of an ``nn.Upsample`` module in a nearest mode (called once, read only by the
     chain), optionally followed by a ReLU that is the last addition's only reader. A single
-    addition of two tensors is rewritten only with its ReLU (two passes become one). The fused call replaces the last
-    node and reads the upsamples' inputs; the upsample and addition nodes go. Returns how many
+    addition of two tensors is rewritten only with its ReLU (two passes become one). The fused
+    call replaces the last node and reads the upsamples' inputs; the upsample and addition nodes go. Returns how many
     chains were rewritten; the caller recompiles (and re-splits) the graph.
     """
     calls = _call_counts(graph)
@@ -361,14 +363,9 @@ def fuse_sums(root: nn.Module, graph: fx.Graph) -> int:
         user = _sole_user(node)
         if user is not None and _is_add(user) and user.args[0] is node:
             continue  # not the end of its chain
-        adds, cursor = [node], node
-        while True:
-            left = cursor.args[0]
-            if _is_add(left) and len(left.users) == 1:
-                adds.append(left)
-                cursor = left
-            else:
-                break
+        adds = [node]
+        while _is_add(adds[-1].args[0]) and len(adds[-1].args[0].users) == 1:
+            adds.append(adds[-1].args[0])
         adds.reverse()
         operands = [adds[0].args[0]] + [a.args[1] for a in adds]
         terms, resizes, upsamples = [], [], []

@@ -447,6 +447,18 @@ def _ext_for(x: Tensor, use_extension: bool = True):
     return _extension()
 
 
+def inference_kernels(tensors: Sequence[Tensor]):
+    """The compiled kernels for a dense inference op on ``tensors`` (HRNet's branch fusion, fuse
+    layers): 4-d float32 CPU tensors, no autograd, not while tracing; else None (use PyTorch)."""
+    if torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return None
+    if any(t.dim() != 4 or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return _extension()
+
+
 def implicit_available(geometry: ConvGeometry, x: Tensor, use_extension: bool = True) -> bool:
     """Whether the compiled implicit GEMM can run a conv of ``geometry`` on tensors like ``x``.
 
@@ -846,11 +858,10 @@ def fuse_sum(terms: Sequence[Tensor], resizes: Sequence[Optional[dict]], activat
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    ext = _ext_for(terms[0])
-    if ext is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in terms)):
+    ext = inference_kernels(terms)
+    if ext is not None:
         out_size = _resized_size(terms[0], resizes[0])
-        if (all(t.dtype == torch.float32 and t.device.type == "cpu" and t.dim() == 4
-                and t.permute(0, 2, 3, 1).is_contiguous() for t in terms)
+        if (all(t.permute(0, 2, 3, 1).is_contiguous() for t in terms)
                 and all(_resized_size(t, r) == out_size for t, r in zip(terms, resizes))
                 and all(t.shape[:2] == terms[0].shape[:2] for t in terms)):
             ys, xs = [], []
