@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .engine import (
-    ACTIVATIONS, DEFAULT_COST_MODEL, ConvGeometry, CostModel, LayerWeights, MaskPlan, choose_strategy,
+    ACTIVATIONS, DEFAULT_COST_MODEL, ConvGeometry, CostModel, LayerWeights, MaskPlan, _version_of, choose_strategy,
     executed_interp_macs, implicit_available, sparse_masked_conv2d,
 )
 from .interp import INTERP_RADIUS, interpolate
@@ -247,7 +247,7 @@ class MaskedConv2d(nn.Conv2d):
 
     def _layer_weights(self) -> LayerWeights:
         """The engine's layouts of the weights, rebuilt when a parameter or the shift changes."""
-        key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) if t is not None else None
+        key = tuple((t.data_ptr(), _version_of(t), tuple(t.shape), t.dtype) if t is not None else None
                     for t in (self.weight, self.bias, self.shift)) + (self.groups,)
         if self._weights_cache is None or self._weights_cache[0] != key:
             self._weights_cache = (key, LayerWeights(self.weight, self.bias, self.shift, self.groups))
