@@ -690,6 +690,66 @@ def test_fuse_sum_kernel_matches_pytorch(resizes, relu):
         fuse_sum(terms, resizes, "gelu")
 
 
+def test_sparse_conv_built_under_inference_mode():
+    # parameters created under inference_mode are inference tensors, which have no version counter
+    with torch.inference_mode():
+        conv = nn.Conv2d(4, 6, 3, padding=1)
+        masked = MaskedConv2d.from_conv(conv, execution="sparse")
+        x = torch.randn(1, 4, 9, 11)
+        mask = torch.rand(1, 1, 9, 11, generator=torch.Generator().manual_seed(0)) < 0.5
+        sparse = masked(x, mask)
+        masked.execution = "dense"
+        dense = masked(x, mask)
+    assert (sparse - dense).abs().max() <= tolerance(dense)
+
+
+def test_buffer_pool_reuses_dead_outputs_only(monkeypatch):
+    from anytimeify.masking import engine
+
+    assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
+    ext = _ext.load()
+    previous = engine.set_buffer_pool_limit(64 << 20)
+    try:
+        engine.release_buffers()
+        plan = MaskPlan(torch.rand(1, 1, 256, 256, generator=torch.Generator().manual_seed(3)) < 0.5)
+        fill = torch.arange(32, dtype=torch.float32)
+        rows = ext.masked_output(plan.positions, 32, plan.kept_index, fill, torch.empty(0), False, True)  # 8 MiB
+        pointer = rows.data_ptr()
+        rows.fill_(7.0)
+        assert engine.buffer_pool_stats()["unused_buffers"] == 0
+        del rows  # its memory goes back to the pool ...
+        stats = engine.buffer_pool_stats()
+        assert stats["unused_buffers"] == 1 and stats["unused_bytes"] >= 8 << 20
+        again = ext.masked_output(plan.positions, 32, plan.kept_index, fill, torch.empty(0), False, True)
+        assert again.data_ptr() == pointer  # ... and serves the next output of its size
+        assert engine.buffer_pool_stats()["hits"] == stats["hits"] + 1
+        # a reused buffer is written as a fresh one would be: fill on every skipped row
+        assert torch.equal(again[plan.skipped_index], fill.expand(int(plan.skipped_index.numel()), 32))
+        # a live output is never handed out twice
+        other = ext.masked_output(plan.positions, 32, plan.kept_index, fill, torch.empty(0), False, True)
+        assert other.data_ptr() != again.data_ptr()
+        other.fill_(1.0)
+        assert torch.equal(again[plan.skipped_index], fill.expand(int(plan.skipped_index.numel()), 32))
+        del again, other
+        assert engine.buffer_pool_stats()["unused_buffers"] == 2
+        engine.release_buffers()
+        assert engine.buffer_pool_stats()["unused_bytes"] == 0
+        # limit 0: nothing is kept
+        engine.set_buffer_pool_limit(0)
+        out = ext.masked_output(plan.positions, 32, plan.kept_index, fill, torch.empty(0), False, True)
+        del out
+        assert engine.buffer_pool_stats()["unused_bytes"] == 0
+    finally:
+        engine.set_buffer_pool_limit(previous)
+    with pytest.raises(ValueError, match="limit_bytes must be an int >= 0, got -1"):
+        engine.set_buffer_pool_limit(-1)
+    monkeypatch.setenv("ANYTIMEIFY_POOL_MB", "lots")
+    with pytest.raises(ValueError, match="ANYTIMEIFY_POOL_MB must be a whole number of MiB >= 0, got 'lots'"):
+        _ext._pool_limit_from_env()
+    monkeypatch.setenv("ANYTIMEIFY_POOL_MB", "16")
+    assert _ext._pool_limit_from_env() == 16 << 20
+
+
 def test_fuse_sums_rewrites_upsample_chains():
     """The graph pass fuses HRNet-style sums and leaves every other pattern alone."""
     from anytimeify._fx.fold import fuse_sums

@@ -66,16 +66,32 @@ def _build() -> Optional[ModuleType]:
     )
 
 
+def _pool_limit_from_env() -> Optional[int]:
+    """Bytes from ``ANYTIMEIFY_POOL_MB`` (MiB of unused output buffers kept for reuse; 0: no
+    pooling), or None when unset."""
+    text = os.environ.get("ANYTIMEIFY_POOL_MB", "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"ANYTIMEIFY_POOL_MB must be a whole number of MiB >= 0, got {text!r}; "
+                         "unset it for the default (2048)")
+    return int(text) << 20
+
+
 def load() -> Optional[ModuleType]:
     """The compiled kernels, or None when disabled or unavailable (logged once)."""
     if os.environ.get("ANYTIMEIFY_NO_EXT", "") not in ("", "0"):
         return None
     if _state["tried"]:
         return _state["module"]
+    pool_limit = _pool_limit_from_env()  # a bad value is the user's error, not a build failure
     with _lock:
         if not _state["tried"]:
             try:
-                _state["module"] = _build()
+                module = _build()
+                if module is not None and pool_limit is not None:
+                    module.set_pool_limit(pool_limit)
+                _state["module"] = module
             except Exception as error:  # any build or load failure means: use the PyTorch path
                 _logger.warning("could not build the masked-conv C++ extension (%s); using the PyTorch path",
                                 str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__)
