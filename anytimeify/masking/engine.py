@@ -332,15 +332,19 @@ class CostModel:
     """Time estimates (nanoseconds per thread, this CPU class) of the strategies of one layer.
 
     Only the ratios of the estimates matter, so single-thread figures serve for any thread count.
-    The constants come from per-strategy times of the HRNet-W48 layers in
-    ``benchmarks/density_sweep.py``:
+    The constants come from per-strategy times of HRNet-W48 and W18-Small-v2 layers (2 threads,
+    clustered masks; ``benchmarks/density_sweep.py`` and its ``--strategies`` option):
 
-    * the compiled implicit GEMM (``"implicit"``) runs at about 0.7-0.9 of the dense conv's
-      throughput over the kept positions up to 192 input channels, less from 384 on (no im2col
-      matrix; the sweep's repetitions vary by about 10% on a shared machine, so the lower figures
-      are assumed), so with ``margin`` it is chosen up to a keep fraction of about 0.72 (0.63 for
-      the wide layers); above that the dense conv followed by the blend costs a few percent more
-      than the plain conv (the blend itself);
+    * the compiled implicit GEMM (``"implicit"``) runs at about 0.85-0.95 of the dense conv's
+      throughput over the kept positions (counting the padded lanes of its register blocks), a
+      little less from 384 input channels on. Its outputs come from the engine's buffer pool,
+      while the dense conv's output is a fresh allocation, which costs page faults and zeroing
+      once it is above glibc's 32 MB mmap threshold (``fresh_ns``). The dense conv followed by the
+      blend (``mask_ns``: filling the skipped rows and the halo) measured 0.72-0.98 of the plain
+      conv, the thin layers (18-36 channels) at the low end. So the implicit GEMM is chosen up to
+      a keep fraction of about 0.86-0.92 (0.82 for 384 input channels; 0.9 and more for 1x1 convs
+      with outputs above 32 MB, as the W48 and W18 heads'); in the measurements it was faster than the dense conv plus the
+      blend at keep 0.8 on every layer but one (0.94x against 0.98x).
     * the PyTorch gathered conv (``"gather"``, the path without the compiled kernels and for
       grouped convs) breaks even with the dense conv at about 0.45 for a 3x3 conv with 48 channels,
       0.6-0.7 at 96 and 192 channels, 0.8 at 384 and for a 1x1 conv with 720 channels.
@@ -349,40 +353,55 @@ class CostModel:
     that the masked layer is not slower than the dense one where the two are close.
 
     Args:
-        dense_gmacs: throughput of the dense channels-last conv (GMAC/s).
+        dense_gmacs: throughput of the dense channels-last conv (GMAC/s) with a multiple of 16
+            output channels (see :meth:`dense_rate`).
         gemm_gmacs: throughput of the gathered GEMM of a conv with more than one tap (GMAC/s);
-            for a 1x1 conv the gathered GEMM is the dense conv's own kernel, at ``dense_gmacs``.
+            for a 1x1 conv the gathered GEMM is the dense conv's own kernel, at its rate.
         implicit_gmacs: throughput of the compiled implicit GEMM over the kept positions.
         implicit_wide_gmacs: the same for convs with at least ``wide_channels`` input channels.
         wide_channels: where the implicit GEMM's throughput drops (its weight blocks leave L1).
         gather_ns: cost of gathering one input element into the im2col matrix.
         zero_ns: cost of filling one output element of a skipped row.
         scatter_ns: cost of scattering one computed output element.
-        mask_ns: cost of masking one element of the dense result.
+        mask_ns: cost of the blend per element of the dense result.
+        fresh_ns: cost per element of a fresh dense output of at least ``fresh_bytes``.
+        fresh_bytes: output size from which a fresh allocation is mapped anew (glibc: 32 MB).
         margin: a masked strategy must be estimated at most ``margin`` times the dense cost.
     """
 
     dense_gmacs: float = 60.0
     gemm_gmacs: float = 55.0
-    implicit_gmacs: float = 48.0
-    implicit_wide_gmacs: float = 42.0
+    implicit_gmacs: float = 54.0
+    implicit_wide_gmacs: float = 52.0
     wide_channels: int = 384
     gather_ns: float = 0.8
     zero_ns: float = 0.3
     scatter_ns: float = 0.5
-    mask_ns: float = 0.15
-    margin: float = 0.9
+    mask_ns: float = 0.4
+    fresh_ns: float = 1.0
+    fresh_bytes: int = 32 << 20
+    margin: float = 0.95
+
+    def dense_rate(self, geometry: ConvGeometry) -> float:
+        """Throughput of the dense conv (GMAC/s): oneDNN computes output channels in blocks of 16
+        lanes, so a partial last block costs a full one (measured at 18 / 36 / 72 channels: 0.42 /
+        0.57 / 0.79 of the rate of 48 or 96; the padding alone explains 0.56 / 0.75 / 0.9)."""
+        channels = geometry.out_channels
+        return self.dense_gmacs * channels / (-(-channels // 16) * 16)
 
     def dense_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
-        """Estimated ns of the dense conv plus masking its result."""
+        """Estimated ns of the dense conv plus the blend of its result."""
         macs = positions * geometry.macs_per_output()
-        return macs / self.dense_gmacs + positions * geometry.out_channels * self.mask_ns
+        elements = positions * geometry.out_channels
+        # the dense conv's output is a fresh allocation (the engine's own outputs come from its pool)
+        fresh = elements * self.fresh_ns if elements * 4 >= self.fresh_bytes else 0.0
+        return macs / self.dense_rate(geometry) + elements * self.mask_ns + fresh
 
     def gather_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
         """Estimated ns of the PyTorch gathered conv at ``kept`` of ``positions`` output positions."""
         macs = kept * geometry.macs_per_output()
         # a 1x1 conv is itself one GEMM over positions: gathered or dense, the same kernel runs
-        gemm_gmacs = self.dense_gmacs if geometry.taps == 1 else self.gemm_gmacs
+        gemm_gmacs = self.dense_rate(geometry) if geometry.taps == 1 else self.gemm_gmacs
         gather = kept * geometry.taps * geometry.in_channels * self.gather_ns
         output = positions * geometry.out_channels * self.zero_ns + kept * geometry.out_channels * self.scatter_ns
         return macs / gemm_gmacs + gather + output
