@@ -342,15 +342,16 @@ class CostModel:
       once it is above glibc's 32 MB mmap threshold (``fresh_ns``). The dense conv followed by the
       blend (``mask_ns``: filling the skipped rows and the halo) measured 0.72-0.98 of the plain
       conv, the thin layers (18-36 channels) at the low end. So the implicit GEMM is chosen up to
-      a keep fraction of about 0.86-0.92 (0.82 for 384 input channels; 0.9 and more for 1x1 convs
-      with outputs above 32 MB, as the W48 and W18 heads'); in the measurements it was faster than the dense conv plus the
-      blend at keep 0.8 on every layer but one (0.94x against 0.98x).
+      a keep fraction of about 0.91-0.94 (0.87 for 384 input channels; 0.96 and more for 1x1
+      convs with outputs above 32 MB, as the W48 and W18 heads').
     * the PyTorch gathered conv (``"gather"``, the path without the compiled kernels and for
       grouped convs) breaks even with the dense conv at about 0.45 for a 3x3 conv with 48 channels,
       0.6-0.7 at 96 and 192 channels, 0.8 at 384 and for a 1x1 conv with 720 channels.
 
-    With ``margin`` a masked strategy must be estimated clearly cheaper than the dense conv, so
-    that the masked layer is not slower than the dense one where the two are close.
+    With ``margin`` the gathered conv must be estimated clearly cheaper than the dense conv plus
+    the blend. The implicit GEMM needs no margin (``implicit_margin`` 1): in the density sweep it
+    was at least as fast as the dense conv plus the blend at every keep fraction up to 0.9 on the
+    W48 layers, and above the break-even both are within a few percent of each other.
 
     Args:
         dense_gmacs: throughput of the dense channels-last conv (GMAC/s) with a multiple of 16
@@ -366,7 +367,8 @@ class CostModel:
         mask_ns: cost of the blend per element of the dense result.
         fresh_ns: cost per element of a fresh dense output of at least ``fresh_bytes``.
         fresh_bytes: output size from which a fresh allocation is mapped anew (glibc: 32 MB).
-        margin: a masked strategy must be estimated at most ``margin`` times the dense cost.
+        margin: the gathered conv must be estimated at most ``margin`` times the dense cost.
+        implicit_margin: the same for the implicit GEMM.
     """
 
     dense_gmacs: float = 60.0
@@ -380,7 +382,8 @@ class CostModel:
     mask_ns: float = 0.4
     fresh_ns: float = 1.0
     fresh_bytes: int = 32 << 20
-    margin: float = 0.95
+    margin: float = 0.9
+    implicit_margin: float = 1.0
 
     def dense_rate(self, geometry: ConvGeometry) -> float:
         """Throughput of the dense conv (GMAC/s): oneDNN computes output channels in blocks of 16
@@ -393,9 +396,12 @@ class CostModel:
         """Estimated ns of the dense conv plus the blend of its result."""
         macs = positions * geometry.macs_per_output()
         elements = positions * geometry.out_channels
-        # the dense conv's output is a fresh allocation (the engine's own outputs come from its pool)
-        fresh = elements * self.fresh_ns if elements * 4 >= self.fresh_bytes else 0.0
-        return macs / self.dense_rate(geometry) + elements * self.mask_ns + fresh
+        return macs / self.dense_rate(geometry) + elements * self.mask_ns + self.fresh_cost(elements)
+
+    def fresh_cost(self, elements: int) -> float:
+        """Estimated ns of faulting in a fresh output of ``elements`` floats (the dense conv's and
+        the PyTorch path's outputs; the compiled kernels' outputs come from the buffer pool)."""
+        return elements * self.fresh_ns if elements * 4 >= self.fresh_bytes else 0.0
 
     def gather_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
         """Estimated ns of the PyTorch gathered conv at ``kept`` of ``positions`` output positions."""
@@ -404,7 +410,7 @@ class CostModel:
         gemm_gmacs = self.dense_rate(geometry) if geometry.taps == 1 else self.gemm_gmacs
         gather = kept * geometry.taps * geometry.in_channels * self.gather_ns
         output = positions * geometry.out_channels * self.zero_ns + kept * geometry.out_channels * self.scatter_ns
-        return macs / gemm_gmacs + gather + output
+        return macs / gemm_gmacs + gather + output + self.fresh_cost(positions * geometry.out_channels)
 
     def implicit_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
         """Estimated ns of the compiled implicit GEMM at ``kept`` of ``positions`` output positions."""
@@ -440,8 +446,9 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
     if kept == 0:
         return masked
     dense = cost_model.dense_cost(geometry, positions, kept)
-    cost = (cost_model.implicit_cost if implicit else cost_model.gather_cost)(geometry, positions, kept)
-    return masked if cost <= cost_model.margin * dense else "dense"
+    if implicit:
+        return masked if cost_model.implicit_cost(geometry, positions, kept) <= cost_model.implicit_margin * dense else "dense"
+    return masked if cost_model.gather_cost(geometry, positions, kept) <= cost_model.margin * dense else "dense"
 
 
 # -------------------------------------------------------------------------------------- kernels
