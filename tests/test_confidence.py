@@ -240,6 +240,39 @@ def test_mask_aware_flops(net, x):
         assert m.paper_gflops < r.paper_gflops
 
 
+def test_frozen_model_reads_only_what_it_wrote(net, x):
+    """Every output of the compiled kernels taken from a buffer pool filled with NaN: rows left
+    unwritten (nobody reads them) keep NaN, so a kernel that reads one would spoil the result."""
+    from anytimeify.masking import _ext, engine
+
+    assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
+    ext = _ext.load()
+    model = anytimeify.convert(net, confidence=Confidence(criterion=_top_left_skipped, execution="sparse")).eval()
+    frozen = model.freeze()
+    previous_limit = engine.set_buffer_pool_limit(256 << 20)
+    previous_min = ext.set_pool_min_bytes(0)
+    try:
+        engine.release_buffers()
+        poisoned = [ext.pooled_empty([1 << 19]) for _ in range(48)]  # 48 unused 2 MiB buffers ...
+        for buffer in poisoned:
+            buffer.fill_(float("nan"))
+        del poisoned, buffer  # ... back in the pool, holding NaN
+        assert engine.buffer_pool_stats()["unused_buffers"] == 48
+        with torch.no_grad():
+            ref = list(model.anytime(x))
+            hits = engine.buffer_pool_stats()["hits"]
+            runs = [list(frozen.anytime(x)) for _ in range(2)]  # the second reuses the first's buffers
+        assert engine.buffer_pool_stats()["hits"] > hits
+    finally:
+        ext.set_pool_min_bytes(previous_min)
+        engine.set_buffer_pool_limit(previous_limit)
+        engine.release_buffers()
+    for got in runs:
+        for r, g in zip(ref, got):
+            assert torch.isfinite(g.logits).all()
+            assert _rel_err(g.logits, r.logits) <= 1e-4
+
+
 @pytest.mark.parametrize("with_confidence", [False, True])
 def test_frozen_model_computes_the_same(net, x, with_confidence):
     conf = Confidence(criterion=_top_left_skipped, execution="sparse") if with_confidence else None

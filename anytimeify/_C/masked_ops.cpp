@@ -61,7 +61,7 @@ void advise_huge_pages(void* data, size_t bytes) {
 // serves allocations above 32 MB with fresh mmaps, so every such output costs the kernel's page
 // faults and page zeroing again: measured on HRNet-W48 at 1024x2048, the branch fusion of the head
 // took 0.32 s inside the model against 0.04 s with its memory reused. The kernels here therefore
-// allocate their outputs of kMinPooled bytes and more from a pool: a tensor's memory goes back to
+// allocate their outputs of kMinPooled (4 MiB) and more from a pool: a tensor's memory goes back to
 // the pool when the tensor dies and serves the next output of about its size, with its pages
 // still mapped. The pool keeps at most `limit` bytes of unused buffers (set_pool_limit; 0 turns it
 // off) and release_pool() returns them all to the system.
@@ -75,6 +75,7 @@ struct BufferPool {
   std::multimap<size_t, void*> unused;  // capacity -> buffer
   size_t unused_bytes = 0;
   size_t limit = size_t(2) << 30;
+  size_t min_bytes = kMinPooled;  // smaller outputs come from torch::empty
   int64_t hits = 0, misses = 0;
 };
 
@@ -105,13 +106,12 @@ torch::Tensor pooled_empty(const std::vector<int64_t>& sizes) {
   for (int64_t s : sizes) numel *= s;
   const size_t bytes = sizeof(float) * size_t(std::max<int64_t>(numel, 0));
   BufferPool& p = pool();
-  if (bytes < kMinPooled) return torch::empty(sizes, torch::dtype(torch::kFloat32));
   const size_t capacity = (bytes + kPoolAlign - 1) / kPoolAlign * kPoolAlign;
   void* data = nullptr;
   size_t taken = capacity;
   {
     std::lock_guard<std::mutex> lock(p.mutex);
-    if (p.limit == 0) return torch::empty(sizes, torch::dtype(torch::kFloat32));
+    if (p.limit == 0 || bytes == 0 || bytes < p.min_bytes) return torch::empty(sizes, torch::dtype(torch::kFloat32));
     // the smallest unused buffer that fits, unless it wastes more than an eighth of itself
     auto it = p.unused.lower_bound(capacity);
     if (it != p.unused.end() && it->first - capacity <= it->first / 8) {
@@ -150,6 +150,17 @@ int64_t set_pool_limit(int64_t bytes) {
     }
   }
   for (void* d : dropped) std::free(d);
+  return previous;
+}
+
+// Smallest output taken from the pool (tests pool everything to check that no kernel reads memory
+// it did not write); returns the previous value.
+int64_t set_pool_min_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "the smallest pooled size must be >= 0 bytes, got ", bytes);
+  BufferPool& p = pool();
+  std::lock_guard<std::mutex> lock(p.mutex);
+  const int64_t previous = int64_t(p.min_bytes);
+  p.min_bytes = size_t(bytes);
   return previous;
 }
 
@@ -699,6 +710,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fuse_sum", &fuse_sum, "act(sum of nearest-resized terms), HRNet's fuse layers, in one pass (NHWC)");
   m.def("pooled_empty", &pooled_empty, "Uninitialised float32 CPU tensor, from the buffer pool when large");
   m.def("set_pool_limit", &set_pool_limit, "Bytes of unused buffers the pool keeps (0: off); returns the previous");
+  m.def("set_pool_min_bytes", &set_pool_min_bytes, "Smallest output size taken from the pool; returns the previous");
   m.def("release_pool", &release_pool, "Return every unused pooled buffer to the system");
   m.def("pool_stats", &pool_stats, "(unused bytes, unused buffers, hits, misses, limit) of the buffer pool");
   m.def("implicit_conv", &implicit_conv, "Convolution at the kept output positions, written into their rows");

@@ -292,7 +292,8 @@ class MaskedConv2d(nn.Conv2d):
             return "gather"
         if self.strategy != "auto":
             return self.strategy
-        return choose_strategy(self.geometry, plan.positions, plan.kept, self.cost_model, implicit=implicit)
+        return choose_strategy(self.geometry, plan.positions, plan.kept, self.cost_model, implicit=implicit,
+                               device_type=self.weight.device.type)
 
     def executed_macs(self, x_shape: Sequence[int], mask: Tensor, plan: Optional[MaskPlan] = None) -> int:
         """Multiply-adds this module's current execution really performs (bias excluded).

@@ -426,7 +426,8 @@ DEFAULT_COST_MODEL = CostModel()
 
 
 def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
-                    cost_model: CostModel = DEFAULT_COST_MODEL, implicit: bool = False) -> str:
+                    cost_model: CostModel = DEFAULT_COST_MODEL, implicit: bool = False,
+                    device_type: str = "cpu") -> str:
     """Pick the cheapest strategy of one layer: "dense", "gather" or "implicit".
 
     Args:
@@ -436,6 +437,10 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
         cost_model: the time estimates.
         implicit: whether the compiled implicit GEMM can run this layer (see
             :func:`implicit_available`); it then replaces the PyTorch gathered conv.
+        device_type: where the layer runs. The cost model describes the CPU; on other devices
+            (where it was never measured) the choice is the dense kernel plus the blend, the
+            execution of the paper's reference, which measured no speed-up from masking on GPU.
+            ``MaskedConv2d.strategy = "gather"`` still selects the gathered conv there.
 
     Returns:
         ``"dense"`` (full conv, then the blend), ``"gather"`` or ``"implicit"`` (kept positions only).
@@ -445,6 +450,8 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
         return "dense"
     if kept == 0:
         return masked
+    if device_type != "cpu":
+        return "dense"
     dense = cost_model.dense_cost(geometry, positions, kept)
     if implicit:
         return masked if cost_model.implicit_cost(geometry, positions, kept) <= cost_model.implicit_margin * dense else "dense"
@@ -779,7 +786,8 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
     ext = _ext_for(x, use_extension)
     implicit = ext is not None and geometry.groups == 1
     if strategy == "auto":
-        strategy = choose_strategy(geometry, positions, plan.kept, cost_model, implicit=implicit)
+        strategy = choose_strategy(geometry, positions, plan.kept, cost_model, implicit=implicit,
+                                   device_type=x.device.type)
     elif strategy == "implicit" and not implicit:
         strategy = "gather"
 
