@@ -9,6 +9,7 @@ per round); figures are medians.
 
     python benchmarks/density_sweep.py            # full sweep, about 2-3 minutes on 2 cores
     python benchmarks/density_sweep.py --quick    # 4 densities, fewer rounds, smaller layers
+    python benchmarks/density_sweep.py --model w18_small_v2   # HRNet-W18-Small-v2's layers
     python benchmarks/density_sweep.py --clock thread   # 1 thread, CPU time of that thread
 
 OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, set here unless the environment sets
@@ -48,14 +49,25 @@ from anytimeify.masking.engine import STRATEGIES, MaskPlan  # noqa: E402
 
 _logger = logging.getLogger(__name__)
 
-#: (name, in channels, out channels, kernel, height, width, bias) at a 1024x2048 input
-LAYERS: List[Tuple[str, int, int, int, int, int, bool]] = [
-    ("3x3_48ch_256x512", 48, 48, 3, 256, 512, False),
-    ("3x3_96ch_128x256", 96, 96, 3, 128, 256, False),
-    ("3x3_192ch_64x128", 192, 192, 3, 64, 128, False),
-    ("3x3_384ch_32x64", 384, 384, 3, 32, 64, False),
-    ("1x1_720ch_256x512", 720, 720, 1, 256, 512, True),
-]
+#: (name, in channels, out channels, kernel, height, width, bias) at a 1024x2048 input: the block
+#: convs of every branch and the head's first 1x1 conv, per model
+MODEL_LAYERS: Dict[str, List[Tuple[str, int, int, int, int, int, bool]]] = {
+    "w48": [
+        ("3x3_48ch_256x512", 48, 48, 3, 256, 512, False),
+        ("3x3_96ch_128x256", 96, 96, 3, 128, 256, False),
+        ("3x3_192ch_64x128", 192, 192, 3, 64, 128, False),
+        ("3x3_384ch_32x64", 384, 384, 3, 32, 64, False),
+        ("1x1_720ch_256x512", 720, 720, 1, 256, 512, True),
+    ],
+    "w18_small_v2": [
+        ("3x3_18ch_256x512", 18, 18, 3, 256, 512, False),
+        ("3x3_36ch_128x256", 36, 36, 3, 128, 256, False),
+        ("3x3_72ch_64x128", 72, 72, 3, 64, 128, False),
+        ("3x3_144ch_32x64", 144, 144, 3, 32, 64, False),
+        ("1x1_270ch_256x512", 270, 270, 1, 256, 512, True),
+    ],
+}
+LAYERS = MODEL_LAYERS["w48"]
 
 
 def clustered_mask(height: int, width: int, keep: float, generator: torch.Generator) -> torch.Tensor:
@@ -79,7 +91,8 @@ def clustered_mask(height: int, width: int, keep: float, generator: torch.Genera
 CLOCKS: Dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
-def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: str = "wall") -> Dict[str, object]:
+def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: str = "wall",
+        model: str = "w48") -> Dict[str, object]:
     """Run the sweep and return the JSON-able result."""
     if clock == "thread":
         threads = 1  # thread_time sees only the calling thread
@@ -96,7 +109,7 @@ def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: st
     scale = 2 if quick else 1
     extension = _ext.available()
     setups = []
-    for name, cin, cout, k, height, width, bias in LAYERS:
+    for name, cin, cout, k, height, width, bias in MODEL_LAYERS[model]:
         height, width = height // scale, width // scale
         conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias).to(memory_format=torch.channels_last)
         masked = MaskedConv2d.from_conv(conv, execution="sparse")
@@ -156,7 +169,7 @@ def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: st
                 row[f"realisation{suffix}"] = round(speedup / flop_ratio, 3) if flop_ratio else None
             results.append(row)
     return {
-        "input": [1, 3, 1024 // scale, 2048 // scale], "threads": threads, "clock": clock, "rounds": rounds,
+        "model": model, "input": [1, 3, 1024 // scale, 2048 // scale], "threads": threads, "clock": clock, "rounds": rounds,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "extension": extension, "results": results,
     }
@@ -165,6 +178,8 @@ def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: st
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 densities, half-resolution layers, 3 rounds")
+    parser.add_argument("--model", choices=sorted(MODEL_LAYERS), default="w48",
+                        help="whose layers: HRNet-W48 (default) or HRNet-W18-Small-v2")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved repetitions (default 5, quick 3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
@@ -177,7 +192,7 @@ def main(argv: List[str] | None = None) -> int:
         if strategy not in STRATEGIES:
             parser.error(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     rounds = args.rounds or (3 if args.quick else 5)
-    json.dump(run(args.quick, rounds, strategies, args.threads, args.clock), sys.stdout, indent=1)
+    json.dump(run(args.quick, rounds, strategies, args.threads, args.clock, args.model), sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
 
