@@ -452,10 +452,11 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
         return masked
     if device_type != "cpu":
         return "dense"
-    dense = cost_model.dense_cost(geometry, positions, kept)
     if implicit:
-        return masked if cost_model.implicit_cost(geometry, positions, kept) <= cost_model.implicit_margin * dense else "dense"
-    return masked if cost_model.gather_cost(geometry, positions, kept) <= cost_model.margin * dense else "dense"
+        cost, margin = cost_model.implicit_cost(geometry, positions, kept), cost_model.implicit_margin
+    else:
+        cost, margin = cost_model.gather_cost(geometry, positions, kept), cost_model.margin
+    return masked if cost <= margin * cost_model.dense_cost(geometry, positions, kept) else "dense"
 
 
 # -------------------------------------------------------------------------------------- kernels
