@@ -74,18 +74,21 @@ class FixedMasks:
 
 def fold_for_inference(model: nn.Module) -> nn.Module:
     """The base model as the engine runs it densely: every BN folded into its conv (torch.fx), the
-    sums of upsampled branches (HRNet's fuse layers) in one pass each, channels-last memory format.
+    sums of upsampled branches (HRNet's fuse layers) in one pass each, every conv run by the
+    engine's fastest dense kernel for its shape (:class:`~anytimeify.masking.conv.EngineConv2d`),
+    channels-last memory format.
 
     These are the rewrites :meth:`~anytimeify.AnytimeModel.freeze` applies to the unmasked parts of
     an anytime model, so the dense baseline gets them too.
     """
     from torch.fx.experimental.optimization import fuse
 
-    from ._fx.fold import fuse_sums
+    from ._fx.fold import fuse_sums, use_engine_convs
 
     folded = fuse(model.eval())
     if fuse_sums(folded, folded.graph):
         folded.recompile()
+    use_engine_convs(folded)
     return folded.to(memory_format=torch.channels_last)
 
 

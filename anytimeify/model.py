@@ -199,12 +199,13 @@ class AnytimeModel(nn.Module):
     # -- execution -----------------------------------------------------------------------------
 
     def freeze(self) -> "AnytimeModel":
-        """An inference copy: batch norms folded into the convs before them, channels-last weights.
+        """An inference copy: batch norms folded into the convs before them, channels-last weights,
+        the unmasked convs run by the engine's fastest dense kernel (:class:`~anytimeify.masking.conv.EngineConv2d`).
 
         The copy computes what this model computes in eval mode (up to float rounding), faster; it
         cannot be trained, and later changes to this model's weights do not reach it.
         """
-        from ._fx.fold import fold_batch_norms, fuse_residuals, fuse_sums, mark_reader_radii
+        from ._fx.fold import fold_batch_norms, fuse_residuals, fuse_sums, mark_reader_radii, use_engine_convs
 
         frozen = copy.deepcopy(self).eval()
         program = frozen._programs[False]
@@ -221,6 +222,8 @@ class AnytimeModel(nn.Module):
             program = _rebuild_program(program)
         # a masked conv read only by the next masked conv of the same mask leaves unread rows unwritten
         mark_reader_radii(frozen, program.graph_module.graph)
+        # the unmasked convs run the engine's fastest dense kernel, as the dense baseline's do
+        use_engine_convs(frozen, [program.graph_module] + [seg.module for seg in program.segments])
         object.__setattr__(frozen, "_programs", {False: program, True: program})
         frozen.frozen = True
         frozen._register_counters()

@@ -31,7 +31,7 @@ def test_layer_profile_covers_every_stage():
     # masks nest: each stage keeps what the exit before it left
     assert stages["stage2"]["keep"] == pytest.approx(1 - PAPER_SKIPS[0], abs=0.02)
     assert stages["stage4"]["keep"] == pytest.approx(1 - PAPER_SKIPS[2], abs=0.02)
-    allowed = {"plain", "zeros", "dense", "implicit", "gather"}
+    allowed = {"plain", "zeros", "dense", "implicit", "implicit_rows", "gather"}
     assert all(set(row["strategies"]) <= allowed for row in result["convs"])
     assert stages["exit1"]["dense_s"] == 0.0 and stages["exit1"]["anytime_s"] > 0
 
@@ -56,6 +56,11 @@ def test_dense_baseline_gets_the_frozen_models_rewrites():
     dense = fold_for_inference(base)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dense.modules())
     assert sum(node.target is fuse_sum for node in dense.graph.nodes) >= 4
+    # every conv runs the engine's dense kernels, as the frozen anytime model's unmasked convs do
+    from anytimeify.masking.conv import EngineConv2d
+
+    convs = [m for m in dense.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(isinstance(m, EngineConv2d) for m in convs)
     x = torch.randn(1, 3, *SIZE)
     with torch.no_grad():
         ref, got = base(x), dense(x.contiguous(memory_format=torch.channels_last))

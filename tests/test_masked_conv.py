@@ -72,16 +72,24 @@ def reference_masked_conv(conv: nn.Conv2d, x: torch.Tensor, mask: torch.Tensor, 
 
 
 @st.composite
-def conv_cases(draw, max_size: int = 12):
-    """A conv, an input and a mask (per-sample density, all-kept / all-skipped samples included)."""
+def conv_cases(draw, max_size: int = 12, rows: bool = False):
+    """A conv, an input and a mask (per-sample density, all-kept / all-skipped samples included).
+
+    With ``rows`` only convs the row-vectorised implicit GEMM runs (ungrouped, dilation 1,
+    horizontal stride 1, up to 40 output channels, any count but multiples of 16 above 16)."""
     k = draw(st.sampled_from([1, 3, 5, 7]))
     stride = draw(st.sampled_from([1, 2]))
-    dilation = draw(st.sampled_from([1, 2]))
-    group_kind = draw(st.sampled_from(["1", "2", "depthwise"]))
+    dilation = 1 if rows else draw(st.sampled_from([1, 2]))
+    group_kind = "1" if rows else draw(st.sampled_from(["1", "2", "depthwise"]))
     if group_kind == "depthwise":
         in_channels = draw(st.integers(1, 6))
         groups = in_channels
         out_channels = in_channels * draw(st.integers(1, 2))
+    elif rows:
+        groups = 1
+        in_channels = draw(st.integers(1, 20))
+        out_channels = draw(st.integers(1, 40).filter(lambda c: c <= 16 or c % 16))
+        stride = (stride, 1)
     else:
         groups = int(group_kind)
         in_channels = groups * draw(st.integers(1, 4))
@@ -135,7 +143,7 @@ def conv_cases(draw, max_size: int = 12):
 # ----------------------------------------------------------------------- sparse == dense (sweep)
 @settings(max_examples=520, **SETTINGS)
 @given(case=conv_cases(), lam=st.sampled_from([3.0, 3.0, 0.5, 1.0, 2.0, 5.0]),
-       strategy=st.sampled_from(["auto", "dense", "gather", "implicit"]), use_ext=st.booleans(),
+       strategy=st.sampled_from(["auto", "dense", "gather", "implicit", "implicit_rows"]), use_ext=st.booleans(),
        shift=st.booleans(), activation=st.sampled_from([None, "relu"]),
        residual=st.sampled_from([None, "nchw", "channels_last"]), reader_radius=st.sampled_from([None, None, 0, 1]))
 def test_sparse_equals_dense(case, lam, strategy, use_ext, shift, activation, residual, reader_radius):
@@ -165,6 +173,20 @@ def test_sparse_equals_dense(case, lam, strategy, use_ext, shift, activation, re
         read = read.expand_as(dense)
         sparse, dense = sparse[read], dense[read]
     assert (sparse - dense).abs().max() <= tolerance(dense) if dense.numel() else True
+
+
+@pytest.mark.skipif(not _ext.available() and os.environ.get("CI") != "true",
+                    reason="C++ extension not built (no compiler?)")
+@settings(max_examples=150, **SETTINGS)
+@given(case=conv_cases(max_size=40, rows=True), lam=st.sampled_from([3.0, 0.5, 1.0, 2.0]), shift=st.booleans(),
+       activation=st.sampled_from([None, "relu"]), residual=st.sampled_from([None, "nchw", "channels_last"]),
+       reader_radius=st.sampled_from([None, None, 0, 1]))
+def test_sparse_rows_equals_dense(case, lam, shift, activation, residual, reader_radius):
+    """The row-vectorised implicit GEMM, with every epilogue, equals the dense oracle (wider maps:
+    runs of kept positions longer than a block of 32)."""
+    assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
+    test_sparse_equals_dense.hypothesis.inner_test(case, lam, "implicit_rows", True, shift, activation, residual,
+                                                   reader_radius)
 
 
 # -------------------------------------------------------------- dense == the formula, written out
@@ -422,12 +444,18 @@ def test_cost_model_choices():
     assert choose_strategy(geometry, 1000, 960, implicit=True) == "dense"
     assert choose_strategy(wide, 1000, 850, implicit=True) == "implicit"
     assert choose_strategy(wide, 1000, 900, implicit=True) == "dense"
-    # 18 output channels fill 32 lanes of the implicit GEMM's register blocks and 32 of oneDNN's:
-    # both pay for the padded lanes, so the break-even stays where it is for 48 channels
+    # 18 output channels fill 32 lanes of the channel-blocked implicit GEMM's register blocks and
+    # 32 of oneDNN's; the row-vectorised kernel wastes none, so it wins up to high keep fractions
+    # where the kept positions form runs along the rows (clustered masks)...
     thin = conv_geometry(nn.Conv2d(18, 18, 3, padding=1))
     assert CostModel().dense_rate(thin) == pytest.approx(60.0 * 18 / 32)
-    assert choose_strategy(thin, 1000, 800, implicit=True) == "implicit"
-    assert choose_strategy(thin, 1000, 990, implicit=True) == "dense"
+    assert choose_strategy(thin, 1000, 800, implicit=True, runs=10) == "implicit_rows"
+    assert choose_strategy(thin, 1000, 990, implicit=True, runs=10) == "implicit_rows"
+    # ...but not where every kept position is a run of its own (its blocks would be mostly waste)
+    assert choose_strategy(thin, 1000, 500, implicit=True, runs=500) == "implicit"
+    # it is never chosen without the compiled kernels, nor for layers it cannot run or never wins
+    assert choose_strategy(thin, 1000, 800, runs=10) in ("gather", "dense")
+    assert choose_strategy(geometry, 1000, 800, implicit=True, runs=10) != "implicit_rows"
     # the cost model describes the CPU: elsewhere the dense kernel plus the blend runs
     assert choose_strategy(geometry, 1000, 50, device_type="cuda") == "dense"
     assert choose_strategy(geometry, 1000, 0, device_type="cuda") == "gather"
@@ -501,20 +529,80 @@ def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padd
     from anytimeify.masking.engine import _pack_implicit, implicit_block
 
     assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
-    generator = torch.Generator().manual_seed(in_channels * 1000 + out_channels)
-    x = torch.randn(2, in_channels, *size, generator=generator)
-    weight = torch.randn(out_channels, in_channels, k, k, generator=generator)
-    bias = torch.randn(out_channels, generator=generator)
-    ref = F.conv2d(x, weight, bias, stride, padding, dilation)
-    positions = ref.shape[0] * ref.shape[2] * ref.shape[3]
-    kept = torch.nonzero(torch.rand(positions, generator=generator) < 0.4).reshape(-1)
+    weight, bias = _kernel_weights(in_channels, out_channels, k)
     packed, padded_bias = _pack_implicit(weight, bias)
     assert packed.shape[-1] == implicit_block(out_channels) and packed.shape[-1] in (16, 32, 48, 64)
-    geometry = (ref.shape[2], ref.shape[3], k, k, stride, stride, padding, padding, dilation, dilation)
+    def run(x_nhwc, kept, out, oh, ow, relu, slots, side, residual):
+        _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, out, oh, ow, k, k, stride, stride, padding,
+                                  padding, dilation, dilation, relu, slots, side, residual)
+
+    _check_implicit_kernel(run, weight, bias, size, (stride, stride), (padding, padding), dilation)
+
+
+@pytest.mark.skipif(not _ext.available() and os.environ.get("CI") != "true",
+                    reason="C++ extension not built (no compiler?)")
+@pytest.mark.parametrize("in_channels,out_channels,k,stride,padding,size", [
+    (18, 18, 3, 1, (1, 1), (37, 45)), (5, 19, 3, 1, (1, 1), (20, 33)), (18, 36, 5, 1, (2, 2), (17, 50)),
+    (7, 3, 1, 1, (0, 0), (9, 9)), (4, 1, 3, 2, (0, 0), (9, 70)), (3, 30, 3, 2, (2, 1), (31, 8)),
+    (20, 72, 3, 1, (1, 1), (23, 17)), (9, 40, 3, 1, (0, 2), (5, 3)), (16, 16, 7, 1, (3, 3), (12, 40)),
+    (18, 18, 3, 1, (1, 1), (64, 130)),  # several tasks per thread, blocks of 32 positions in long rows
+])
+def test_implicit_rows_matches_conv2d(in_channels, out_channels, k, stride, padding, size):
+    """The row-vectorised implicit GEMM (thin outputs) writes exactly the conv's kept rows, for every
+    chunk width, vertical stride, asymmetric padding and map borders."""
+    from anytimeify.masking.conv import conv_geometry
+    from anytimeify.masking.engine import _pack_rows, rows_layout
+
+    assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
+    weight, bias = _kernel_weights(in_channels, out_channels, k)
+    geometry = conv_geometry(nn.Conv2d(in_channels, out_channels, k, (stride, 1), padding))
+    chunk, chunks = rows_layout(geometry)
+    assert chunk in (4, 6, 8, 10, 12) and chunk * chunks >= out_channels > chunk * (chunks - 1)
+    packed, padded_bias = _pack_rows(weight, bias, chunk, chunks)
+    def run(x_nhwc, kept, out, oh, ow, relu, slots, side, residual):
+        _ext.load().implicit_rows(x_nhwc, packed, padded_bias, kept, out, oh, ow, stride, *padding, chunk, relu,
+                                  slots, side, residual)
+
+    _check_implicit_kernel(run, weight, bias, size, (stride, 1), padding, 1)
+
+
+def test_rows_layout_eligibility():
+    from anytimeify.masking.conv import conv_geometry
+    from anytimeify.masking.engine import rows_layout
+
+    # 18 channels: 2 chunks of 9, rounded up to 10; 19: 2 x 10; 72: 6 x 12; 3: one chunk of 4
+    assert rows_layout(conv_geometry(nn.Conv2d(18, 18, 3, padding=1))) == (10, 2)
+    assert rows_layout(conv_geometry(nn.Conv2d(720, 19, 1))) == (10, 2)
+    assert rows_layout(conv_geometry(nn.Conv2d(72, 72, 3, padding=1))) == (12, 6)
+    assert rows_layout(conv_geometry(nn.Conv2d(8, 3, 3, stride=(2, 1)))) == (4, 1)
+    # it cannot run strided or dilated along x, dilated along y, or grouped; and multiples of 16
+    # above 16 channels go to the channel-blocked kernel, which wastes no lanes there
+    for conv in (nn.Conv2d(18, 18, 3, stride=2), nn.Conv2d(18, 18, 3, dilation=(2, 1)),
+                 nn.Conv2d(18, 18, 3, dilation=(1, 2)), nn.Conv2d(18, 18, 3, groups=2), nn.Conv2d(48, 48, 3)):
+        assert rows_layout(conv_geometry(conv)) is None
+
+
+def _kernel_weights(in_channels, out_channels, k):
+    generator = torch.Generator().manual_seed(in_channels * 1000 + out_channels)
+    return (torch.randn(out_channels, in_channels, k, k, generator=generator),
+            torch.randn(out_channels, generator=generator))
+
+
+def _check_implicit_kernel(run, weight, bias, size, stride, padding, dilation):
+    """``run(x_nhwc, kept, out, oh, ow, relu, slots, side, residual)`` (an implicit GEMM kernel) must
+    write ``act(conv + bias [+ residual])`` into exactly the kept rows, and conv + bias into the
+    side rows of the kept rows with a slot."""
+    out_channels, in_channels = weight.shape[:2]
+    generator = torch.Generator().manual_seed(out_channels * 7 + in_channels)
+    x = torch.randn(2, in_channels, *size, generator=generator)
+    ref = F.conv2d(x, weight, bias, stride, padding, dilation)
+    oh, ow = ref.shape[2:]
+    positions = ref.shape[0] * oh * ow
+    kept = torch.nonzero(torch.rand(positions, generator=generator) < 0.4).reshape(-1)
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    no_slots, empty = torch.empty(0, dtype=torch.int32), torch.empty(0)
     out = torch.full((positions, out_channels), 7.0)
-    _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, out, *geometry, False,
-                              torch.empty(0, dtype=torch.int32), torch.empty(0), torch.empty(0))
+    run(x_nhwc, kept, out, oh, ow, False, no_slots, empty, empty)
     expected = ref.permute(0, 2, 3, 1).reshape(positions, out_channels)
     assert torch.allclose(out[kept], expected[kept], atol=1e-4, rtol=1e-5)
     untouched = torch.ones(positions, dtype=torch.bool)
@@ -526,8 +614,7 @@ def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padd
     slots[chosen] = torch.arange(chosen.numel(), dtype=torch.int32)
     side = torch.zeros(chosen.numel(), out_channels)
     relu_out = torch.full((positions, out_channels), 7.0)
-    _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, relu_out, *geometry, True, slots, side,
-                              torch.empty(0))
+    run(x_nhwc, kept, relu_out, oh, ow, True, slots, side, empty)
     assert torch.allclose(relu_out[kept], expected[kept].clamp_min(0), atol=1e-4, rtol=1e-5)
     assert torch.allclose(side, expected[chosen], atol=1e-4, rtol=1e-5)
     assert bool((relu_out[untouched] == 7.0).all())
@@ -536,11 +623,69 @@ def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padd
     for relu in (False, True):
         res_out = torch.full((positions, out_channels), 7.0)
         side.zero_()
-        _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, res_out, *geometry, relu, slots, side, residual)
+        run(x_nhwc, kept, res_out, oh, ow, relu, slots, side, residual)
         summed = expected[kept] + residual[kept]
         assert torch.allclose(res_out[kept], summed.clamp_min(0) if relu else summed, atol=1e-4, rtol=1e-5)
         assert torch.allclose(side, expected[chosen], atol=1e-4, rtol=1e-5)
         assert bool((res_out[untouched] == 7.0).all())
+
+
+# ------------------------------------------------------------------ the engine's unmasked convs
+@pytest.mark.parametrize("kernel", ["onednn", "implicit", "implicit_rows"])
+@pytest.mark.parametrize("in_channels,out_channels,k,stride,padding,dilation,groups,bias,size", [
+    (18, 18, 3, 1, 1, 1, 1, True, (37, 45)), (5, 19, 1, 1, 0, 1, 1, False, (20, 33)),
+    (16, 48, 3, 2, 1, 1, 1, True, (23, 17)), (6, 36, 3, (2, 1), (0, 2), 1, 1, True, (15, 40)),
+    (12, 20, 3, 1, 2, 2, 1, True, (23, 17)), (8, 8, 3, 1, 1, 1, 4, True, (10, 12)),  # grouped: PyTorch's conv
+])
+def test_dense_conv2d_matches_conv2d(kernel, in_channels, out_channels, k, stride, padding, dilation, groups, bias,
+                                     size):
+    """Every kernel of the engine's unmasked conv computes the conv, in channels-last layout; where
+    a kernel cannot run (row kernel on a strided or dilated conv, grouped convs) another one does."""
+    from anytimeify.masking.conv import conv_geometry
+    from anytimeify.masking.engine import dense_conv2d
+
+    conv = nn.Conv2d(in_channels, out_channels, k, stride, padding, dilation, groups, bias)
+    x = torch.randn(2, in_channels, *size, generator=torch.Generator().manual_seed(out_channels))
+    with torch.no_grad():
+        expected = conv(x)
+        for use_ext in (True, False):
+            with extension(use_ext):
+                got = dense_conv2d(x, conv.weight, conv.bias, conv_geometry(conv), kernel=kernel)
+            assert got.shape == expected.shape
+            assert (got - expected).abs().max() <= tolerance(expected)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        dense_conv2d(x, conv.weight, conv.bias, conv_geometry(conv), kernel="fast")
+
+
+def test_engine_conv_module():
+    """EngineConv2d shares the conv's parameters, picks its kernel by the cost model and falls back
+    to the plain conv for training, autograd and tensors the kernels do not take."""
+    from anytimeify.masking.conv import EngineConv2d
+
+    conv = nn.Conv2d(18, 18, 3, padding=1)
+    engine_conv = EngineConv2d.from_conv(conv).eval()
+    assert engine_conv.weight is conv.weight and engine_conv.bias is conv.bias
+    assert list(engine_conv.state_dict()) == list(conv.state_dict())
+    x = torch.randn(1, 18, 40, 64)
+    with torch.no_grad():
+        expected = conv(x)
+        assert (engine_conv(x) - expected).abs().max() <= tolerance(expected)
+        with extension(False):  # without the compiled kernels it is PyTorch's conv
+            assert torch.equal(engine_conv(x), expected)
+    # gradients flow (the plain conv runs) when autograd needs them
+    x.requires_grad_(True)
+    engine_conv(x).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+    # the cost model's choices: thin outputs -> the row kernel; outputs above 32 MB (fresh pages for
+    # PyTorch's conv) -> the implicit GEMM with a pooled output; a small 48-channel conv -> oneDNN
+    if _ext.available():
+        assert engine_conv.kernel((1, 18, 256, 512)) == "implicit_rows"
+        assert EngineConv2d.from_conv(nn.Conv2d(64, 256, 1)).kernel((1, 64, 256, 512)) == "implicit"
+        assert EngineConv2d.from_conv(nn.Conv2d(48, 48, 3, padding=1)).kernel((1, 48, 64, 64)) == "onednn"
+    with pytest.raises(TypeError, match="plain torch.nn.Conv2d"):
+        EngineConv2d.from_conv(MaskedConv2d.from_conv(nn.Conv2d(2, 2, 1)))
+    with pytest.raises(ValueError, match="padding_mode='zeros'"):
+        EngineConv2d.from_conv(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
 
 
 # --------------------------------------------------------------------------------- MAC counting

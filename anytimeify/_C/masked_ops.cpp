@@ -2,6 +2,7 @@
 //
 //   implicit_conv  the convolution at the kept output positions only, an implicit GEMM (no im2col
 //                  matrix) with register-blocked accumulators, writing straight into the output rows;
+//   implicit_rows  the same for thin outputs (few channels), vectorised over output positions;
 //   masked_output  allocates the channels-last output (huge pages where the kernel allows) and fills
 //                  only the rows that no kept conv output will overwrite (0, or the layer's shift,
 //                  plus a folded residual), or none where the conv's only reader never reads them;
@@ -191,7 +192,9 @@ namespace {
 void fill_unlisted(float* dst, int64_t rows, int64_t channels, const int64_t* index, int64_t kept,
                    const float* fill, const float* res, bool relu) {
   const size_t row_bytes = sizeof(float) * channels;
-  at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
+  // a parallel region costs more than a small fill (waking the other threads): 4 MiB per task at least
+  const int64_t grain = std::max<int64_t>(1024, (int64_t(1) << 20) / std::max<int64_t>(channels, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     int64_t k = std::lower_bound(index, index + kept, begin) - index;
     int64_t r = begin;
     while (r < end) {
@@ -305,7 +308,9 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
   const int64_t* nbr = neighbours.data_ptr<int64_t>();
   const int64_t* rows = halo.data_ptr<int64_t>();
   const float* w = weights.data_ptr<float>();
-  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+  // at least about 2^19 multiply-adds per task: a parallel region costs more than a small halo
+  const int64_t grain = std::max<int64_t>(64, (int64_t(1) << 19) / std::max<int64_t>(taps * channels, 1));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     std::vector<const float*> srcs(taps);
     std::vector<float> wts(taps);
     alignas(64) float tail[16];
@@ -551,6 +556,214 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
 #undef ANYTIMEIFY_IMPLICIT
 }
 
+// ------------------------------------------------------------------ implicit GEMM, thin outputs
+// For convs with few output channels (HRNet-W18's 18- and 36-channel branches, class maps) the
+// channel-blocked kernel above wastes the padded lanes of its 16-channel vectors (18 channels fill
+// 32 lanes). This kernel vectorises over output positions instead: a block of 32 consecutive
+// positions of one output row (two vectors of 16) and NC output channels keep 2 x NC accumulators
+// in registers; each input value vector is reused for NC channels and each broadcast weight for
+// both vectors. It needs the input in planar form along x: every input row a block reads is
+// transposed once into a per-thread ring of kh planar rows (p[ci * PW + ix + pw], zero outside the
+// map), which the next output rows reuse. Stride and dilation along x must be 1 (dilation 1 along
+// y); blocks start at a kept position, so runs of kept positions waste at most one partial block.
+// Weights are packed (kh, kw, C_in, CP) with CP = chunks * NC output channels, zero padded.
+namespace {
+
+typedef int32_t vec16i __attribute__((vector_size(64)));
+
+// One level of a 16x16 transpose: row r (bit S clear) and row r + S exchange the elements at the
+// columns with bit S set (in r) against those with it clear (in r + S).
+template <int S>
+inline void transpose_level(vec16* m) {
+  vec16i ma, mb;
+  for (int c = 0; c < 16; ++c) {
+    ma[c] = (c & S) ? 16 + c - S : c;
+    mb[c] = (c & S) ? 16 + c : c + S;
+  }
+  for (int r = 0; r < 16; ++r) {
+    if (r & S) continue;
+    const vec16 a = m[r], b = m[r + S];
+    m[r] = __builtin_shuffle(a, b, ma);
+    m[r + S] = __builtin_shuffle(a, b, mb);
+  }
+}
+
+// One channels-last input row (W positions of C floats) as planar rows p[ci * PW + ix + pw], the
+// rest of each planar row zero; 16 x 16 tiles go through registers.
+void planar_row(const float* src, int64_t W, int64_t C, float* p, int64_t PW, int64_t pw) {
+  for (int64_t ci = 0; ci < C; ++ci) {
+    float* d = p + ci * PW;
+    std::memset(d, 0, sizeof(float) * pw);
+    std::memset(d + W + pw, 0, sizeof(float) * (PW - W - pw));
+  }
+  const int64_t C16 = C & ~int64_t(15), W16 = W & ~int64_t(15);
+  for (int64_t ix0 = 0; ix0 < W16; ix0 += 16) {
+    for (int64_t c0 = 0; c0 < C16; c0 += 16) {
+      vec16 m[16];
+      for (int k = 0; k < 16; ++k) m[k] = *(const vec16u*)(src + (ix0 + k) * C + c0);
+      transpose_level<8>(m);
+      transpose_level<4>(m);
+      transpose_level<2>(m);
+      transpose_level<1>(m);
+      for (int k = 0; k < 16; ++k) *(vec16u*)(p + (c0 + k) * PW + ix0 + pw) = m[k];
+    }
+    for (int64_t ix = ix0; ix < ix0 + 16; ++ix)
+      for (int64_t ci = C16; ci < C; ++ci) p[ci * PW + ix + pw] = src[ix * C + ci];
+  }
+  for (int64_t ix = W16; ix < W; ++ix)
+    for (int64_t ci = 0; ci < C; ++ci) p[ci * PW + ix + pw] = src[ix * C + ci];
+}
+
+template <int NC>
+void rows_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* packed, int64_t CP,
+                 const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out, int64_t oh,
+                 int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t ph, int64_t pw, bool relu,
+                 const int32_t* slots, float* side, const float* res) {
+  constexpr int NB = 2;            // vectors of 16 positions per block
+  constexpr int BW = 16 * NB;      // positions per block
+  const int64_t PW = ow + BW - 1 + kw - 1;  // planar row length: every block reads within it
+  // tasks: equal shares of the kept positions (masks are clustered, rows are not equally kept)
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(n / 256, int64_t(at::get_num_threads()) * 8));
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> ring(size_t(kh) * C * PW);
+    std::vector<int64_t> tag(kh, -1);  // the input row (b * H + iy) each ring slot holds
+    std::vector<const float*> planes(kh);
+    alignas(64) float buf[NB][NC][16];
+    for (int64_t task = t0; task < t1; ++task) {
+      int64_t i = n * task / tasks;
+      const int64_t i_end = n * (task + 1) / tasks;
+      int64_t current = -1;
+      while (i < i_end) {
+        const int64_t r = kept[i] / ow;  // output row b * oh + y
+        const int64_t row0 = r * ow;
+        const int64_t x0 = kept[i] - row0;  // a block: up to BW positions of this row from a kept one
+        const int64_t stop = row0 + std::min<int64_t>(x0 + BW, ow);
+        uint64_t lanes = 0;
+        int64_t j = i;
+        for (; j < i_end && kept[j] < stop; ++j) lanes |= uint64_t(1) << (kept[j] - row0 - x0);
+        if (r != current) {
+          current = r;
+          const int64_t b = r / oh, y = r % oh;
+          for (int64_t ky = 0; ky < kh; ++ky) {
+            const int64_t iy = y * sh - ph + ky;
+            if (iy < 0 || iy >= H) { planes[ky] = nullptr; continue; }  // zero padding: no terms
+            const int64_t id = b * H + iy;
+            const int64_t slot = iy % kh;  // the kh rows of one output row fall in distinct slots
+            float* p = ring.data() + size_t(slot) * C * PW;
+            planes[ky] = p;
+            if (tag[slot] != id) {
+              planar_row(x + id * W * C, W, C, p, PW, pw);
+              tag[slot] = id;
+            }
+          }
+        }
+        for (int64_t c0 = 0; c0 < CP; c0 += NC) {
+          vec16 acc[NB][NC];
+#pragma GCC unroll 12
+          for (int co = 0; co < NC; ++co)
+            for (int v = 0; v < NB; ++v) acc[v][co] = vec16{} + bias[c0 + co];
+          for (int64_t ky = 0; ky < kh; ++ky) {
+            const float* p = planes[ky];
+            if (p == nullptr) continue;
+            for (int64_t ci = 0; ci < C; ++ci) {
+              const float* pr = p + ci * PW + x0;
+              const float* wc = packed + (ky * kw * C + ci) * CP + c0;
+              for (int64_t kx = 0; kx < kw; ++kx) {
+                vec16 in[NB];
+                for (int v = 0; v < NB; ++v) in[v] = *(const vec16u*)(pr + kx + 16 * v);
+                const float* wp = wc + kx * C * CP;
+#pragma GCC unroll 12
+                for (int co = 0; co < NC; ++co) {
+                  const float w = wp[co];
+                  for (int v = 0; v < NB; ++v) acc[v][co] += in[v] * w;
+                }
+              }
+            }
+          }
+#pragma GCC unroll 12
+          for (int co = 0; co < NC; ++co)
+            for (int v = 0; v < NB; ++v) *(vec16*)buf[v][co] = acc[v][co];
+          const int64_t count = std::min<int64_t>(NC, cout - c0);
+          for (uint64_t m = lanes; m; m &= m - 1) {
+            const int lane = __builtin_ctzll(m);
+            const int64_t row = row0 + x0 + lane;
+            const float* block = &buf[lane >> 4][0][lane & 15];
+            float* dst = out + row * cout + c0;
+            // the stencil still reads this row: keep y + shift before the residual and activation
+            float* keep = (slots != nullptr && slots[row] >= 0) ? side + int64_t(slots[row]) * cout + c0 : nullptr;
+            const float* rr = res != nullptr ? res + row * cout + c0 : nullptr;
+            for (int64_t co = 0; co < count; ++co) {
+              float v = block[co * 16];
+              if (keep) keep[co] = v;
+              if (rr) v += rr[co];
+              dst[co] = relu ? std::max(v, 0.0f) : v;
+            }
+          }
+        }
+        i = j;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// out[kept[i]] = act(conv(x)[kept[i]] + bias [+ residual[kept[i]]]), like implicit_conv, for
+// convs with stride 1 and dilation 1 along x and dilation 1 along y (groups = 1), vectorised over
+// output positions (see above). Arguments as implicit_conv's, except:
+//   packed  (kh, kw, C_in, CP) weights, CP a multiple of nc >= C_out, zero padded
+//   bias    (CP) float32 (zero padded)
+//   nc      output channels per chunk: 4, 6, 8, 10 or 12
+void implicit_rows(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias,
+                   const torch::Tensor& kept_index, torch::Tensor out, int64_t oh, int64_t ow, int64_t sh,
+                   int64_t ph, int64_t pw, int64_t nc, bool relu, const torch::Tensor& slots, torch::Tensor side,
+                   const torch::Tensor& residual) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(),
+              "x must be a contiguous (B, H, W, C) float32 CPU tensor");
+  TORCH_CHECK(packed.scalar_type() == torch::kFloat32 && packed.dim() == 4 && packed.is_contiguous(),
+              "packed must be a contiguous (kh, kw, C_in, CP) float32 tensor");
+  check_rows(out, "out");
+  check_index(kept_index, "kept_index");
+  const int64_t H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t kh = packed.size(0), kw = packed.size(1), CP = packed.size(3);
+  const int64_t cout = out.size(1);
+  TORCH_CHECK(packed.size(2) == C, "packed weights ", packed.sizes(), " do not match ", C, " input channels");
+  TORCH_CHECK(nc > 0 && CP % nc == 0 && CP >= cout && CP - nc < cout, "packed weights cover ", CP,
+              " output channels in chunks of ", nc, ", the output has ", cout);
+  TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == CP,
+              "bias must be a contiguous float32 vector of ", CP, " values");
+  TORCH_CHECK(sh >= 1 && ph >= 0 && pw >= 0 && ow == W + 2 * pw - kw + 1 && oh == (H + 2 * ph - kh) / sh + 1,
+              "output size ", oh, "x", ow, " does not match a ", kh, "x", kw, " kernel (stride ", sh,
+              ", 1) over ", H, "x", W, " with padding ", ph, ", ", pw);
+  TORCH_CHECK(out.size(0) == x.size(0) * oh * ow, "out has ", out.size(0), " rows, expected ", x.size(0) * oh * ow);
+  const int32_t* slot = nullptr;
+  float* side_rows = nullptr;
+  const float* res = optional_rows(residual, out.size(0), cout, "residual");
+  if (slots.defined() && slots.numel()) {
+    TORCH_CHECK(slots.scalar_type() == torch::kInt32 && slots.is_contiguous() && slots.numel() == out.size(0),
+                "slots must be a contiguous int32 tensor with one entry per row of out");
+    TORCH_CHECK(side.scalar_type() == torch::kFloat32 && side.is_contiguous() && side.dim() == 2 && side.size(1) == cout,
+                "side must be a contiguous float32 (slots, ", cout, ") matrix");
+    slot = slots.data_ptr<int32_t>();
+    side_rows = side.data_ptr<float>();
+  }
+#define ANYTIMEIFY_ROWS(NC)                                                                                    \
+  case NC:                                                                                                     \
+    rows_kernel<NC>(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), CP, bias.data_ptr<float>(), cout, \
+                    kept_index.data_ptr<int64_t>(), kept_index.numel(), out.data_ptr<float>(), oh, ow, kh, kw, \
+                    sh, ph, pw, relu, slot, side_rows, res);                                                  \
+    break;
+  switch (nc) {
+    ANYTIMEIFY_ROWS(4)
+    ANYTIMEIFY_ROWS(6)
+    ANYTIMEIFY_ROWS(8)
+    ANYTIMEIFY_ROWS(10)
+    ANYTIMEIFY_ROWS(12)
+    default: TORCH_CHECK(false, "output channels per chunk must be 4, 6, 8, 10 or 12, got ", nc);
+  }
+#undef ANYTIMEIFY_ROWS
+}
+
 // ------------------------------------------------------------------------- branch fusion
 // HRNet's fusion of its branches (exits.fuse_branches): every feature map bilinearly resized to the
 // first one's size and all of them concatenated along channels, in one pass that writes each
@@ -733,4 +946,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release_pool", &release_pool, "Return every unused pooled buffer to the system");
   m.def("pool_stats", &pool_stats, "(unused bytes, unused buffers, hits, misses, limit) of the buffer pool");
   m.def("implicit_conv", &implicit_conv, "Convolution at the kept output positions, written into their rows");
+  m.def("implicit_rows", &implicit_rows, "implicit_conv vectorised over output positions, for thin outputs");
 }

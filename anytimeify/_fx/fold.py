@@ -20,11 +20,12 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..exits import Exit
-from ..masking.conv import MaskedConv2d
+from ..masking.conv import EngineConv2d, MaskedConv2d
 from ..masking.engine import fuse_sum
 from ..masking.masks import mask_for_conv
 
-__all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals", "mark_reader_radii", "fuse_sums"]
+__all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals", "mark_reader_radii", "fuse_sums",
+           "use_engine_convs"]
 
 
 def _scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +102,29 @@ def _set(module: nn.Module, path: str, new: nn.Module) -> None:
         return  # this graph module never calls that path
     if hasattr(parent, leaf):
         setattr(parent, leaf, new)
+
+
+def use_engine_convs(root: nn.Module, holders: Iterable[nn.Module] = ()) -> int:
+    """Swap every plain ``nn.Conv2d`` (zero padding, symmetric) of ``root`` and ``holders`` for an
+    :class:`~anytimeify.masking.conv.EngineConv2d` sharing its parameters; returns how many.
+
+    Run it last: the other rewrites recognise convs by type. A conv reachable from several
+    holders becomes one engine conv in all of them.
+    """
+    swapped = {}
+    for holder in [root] + list(holders):
+        for path, module in list(holder.named_modules()):
+            if type(module) is not nn.Conv2d or module.padding_mode != "zeros":
+                continue
+            new = swapped.get(id(module))
+            if new is None:
+                try:
+                    new = EngineConv2d.from_conv(module)
+                except ValueError:  # asymmetric "same" padding: leave it to PyTorch
+                    continue
+                swapped[id(module)] = new
+            _set(holder, path, new)
+    return len(swapped)
 
 
 def fold_batch_norms(root: nn.Module, graph: fx.Graph, holders: Iterable[nn.Module]) -> List[str]:

@@ -20,14 +20,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from .engine import (
-    ACTIVATIONS, DEFAULT_COST_MODEL, ConvGeometry, CostModel, LayerWeights, MaskPlan, _version_of, choose_strategy,
-    executed_interp_macs, implicit_available, sparse_masked_conv2d,
+    ACTIVATIONS, DEFAULT_COST_MODEL, ConvGeometry, CostModel, LayerWeights, MaskPlan, _version_of, resolve_strategy,
+    dense_conv2d, dense_kernel, executed_interp_macs, implicit_available, inference_kernels, sparse_masked_conv2d,
 )
 from .interp import INTERP_RADIUS, interpolate
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["MaskedConv2d", "conv_output_size", "conv_geometry", "EXECUTIONS", "INIT_LAMBDA"]
+__all__ = ["MaskedConv2d", "EngineConv2d", "conv_output_size", "conv_geometry", "EXECUTIONS", "INIT_LAMBDA"]
 
 #: executions of a masked conv
 EXECUTIONS = ("dense", "sparse")
@@ -86,8 +86,8 @@ class MaskedConv2d(nn.Conv2d):
     Attributes:
         execution: ``"dense"`` (differentiable oracle) or ``"sparse"`` (inference engine).
         strategy: the sparse engine's per-layer choice: ``"auto"`` (cost model), ``"dense"``,
-            ``"gather"`` or ``"implicit"``; a test and benchmarking knob, ``"auto"`` is right for
-            real use.
+            ``"gather"``, ``"implicit"`` or ``"implicit_rows"``; a test and benchmarking knob,
+            ``"auto"`` is right for real use.
         cost_model: the estimates ``"auto"`` decides with.
         shift: ``(C_out,)`` buffer added after the blend, or None.
         activation: None or ``"relu"``, applied last.
@@ -278,8 +278,8 @@ class MaskedConv2d(nn.Conv2d):
         """The strategy the sparse execution takes for this input and mask.
 
         Returns:
-            ``"plain"`` (all kept), ``"zeros"`` (all skipped), ``"dense"``, ``"gather"`` or
-            ``"implicit"``.
+            ``"plain"`` (all kept), ``"zeros"`` (all skipped), ``"dense"``, ``"gather"``,
+            ``"implicit"`` or ``"implicit_rows"``.
         """
         self.check_mask(x_shape, mask)
         plan = plan if plan is not None else MaskPlan(mask)
@@ -287,13 +287,8 @@ class MaskedConv2d(nn.Conv2d):
             return "plain"
         if plan.kept == 0:
             return "zeros"
-        implicit = implicit_available(self.geometry, self.weight)
-        if self.strategy == "implicit" and not implicit:
-            return "gather"
-        if self.strategy != "auto":
-            return self.strategy
-        return choose_strategy(self.geometry, plan.positions, plan.kept, self.cost_model, implicit=implicit,
-                               device_type=self.weight.device.type)
+        return resolve_strategy(self.strategy, self.geometry, plan, implicit_available(self.geometry, self.weight),
+                                self.cost_model, self.weight.device.type, int(x_shape[0]) * int(x_shape[2]) * int(x_shape[3]))
 
     def executed_macs(self, x_shape: Sequence[int], mask: Tensor, plan: Optional[MaskPlan] = None) -> int:
         """Multiply-adds this module's current execution really performs (bias excluded).
@@ -365,3 +360,69 @@ class MaskedConv2d(nn.Conv2d):
             p = kept / plane
             total += dense_per_sample * p + (1 - p) * p * self.out_channels * 49 * plane
         return total
+
+
+class EngineConv2d(nn.Conv2d):
+    """An unmasked inference conv run by the engine's fastest dense kernel for its shape.
+
+    :meth:`~anytimeify.AnytimeModel.freeze` swaps the unmasked convs of an anytime model for it,
+    and the benchmarks' dense baseline (:func:`anytimeify.bench.fold_for_inference`) swaps every
+    conv of the base model, so both run the same kernels: where the cost model expects the
+    compiled implicit GEMM over every position to beat PyTorch's conv (outputs above 32 MB, which
+    PyTorch allocates afresh on every call; 18 or 36 output channels, where oneDNN wastes padded
+    lanes) it runs that (:func:`~anytimeify.masking.engine.dense_conv2d`), else ``F.conv2d``.
+    With autograd, while tracing, without the compiled kernels or off float32 CPU it is the plain
+    ``nn.Conv2d``. It shares the parameters of the conv it replaces, so state-dict names do not change.
+    """
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "EngineConv2d":
+        """The engine conv sharing ``conv``'s weight and bias (zero padding, explicit or "valid"/"same")."""
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"EngineConv2d.from_conv expects a plain torch.nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"EngineConv2d supports padding_mode='zeros' only; {conv} has {conv.padding_mode!r}")
+        engine_conv = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                          padding=_explicit_padding(conv), dilation=conv.dilation, groups=conv.groups,
+                          bias=conv.bias is not None, device="meta")
+        engine_conv.weight = conv.weight
+        if conv.bias is not None:
+            engine_conv.bias = conv.bias
+        engine_conv.train(conv.training)
+        return engine_conv
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros":
+            raise ValueError(f"EngineConv2d supports padding_mode='zeros' only, got {self.padding_mode!r}")
+        self._geometry = conv_geometry(self)
+        self._weights_cache: Optional[tuple] = None
+        self._kernels: dict = {}
+
+    @property
+    def geometry(self) -> ConvGeometry:
+        """The conv's hyper-parameters (explicit symmetric zero padding)."""
+        return self._geometry
+
+    def _layer_weights(self) -> LayerWeights:
+        """The engine's layouts of the weights, rebuilt when a parameter changes."""
+        key = tuple((t.data_ptr(), _version_of(t), tuple(t.shape), t.dtype) if t is not None else None
+                    for t in (self.weight, self.bias))
+        if self._weights_cache is None or self._weights_cache[0] != key:
+            self._weights_cache = (key, LayerWeights(self.weight, self.bias, None, self.groups))
+        return self._weights_cache[1]
+
+    def kernel(self, x_shape: Sequence[int]) -> str:
+        """The kernel an input of ``x_shape`` runs with the compiled kernels (see
+        :func:`~anytimeify.masking.engine.dense_kernel`)."""
+        key = (int(x_shape[0]), int(x_shape[2]), int(x_shape[3]))
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = dense_kernel(self._geometry, *key)
+        return kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training or inference_kernels([x, self.weight]) is None:
+            return super().forward(x)
+        return dense_conv2d(x, self.weight, self.bias, self._geometry, weights=self._layer_weights(),
+                            kernel=self.kernel(x.shape))

@@ -44,11 +44,14 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "MaskPlan", "IndexCache", "ConvGeometry", "CostModel", "DEFAULT_COST_MODEL", "choose_strategy",
     "sparse_masked_conv2d", "halo_stencil", "STRATEGIES", "ACTIVATIONS", "LayerWeights", "implicit_available", "add_residual",
-    "implicit_block", "fuse_sum", "buffer_pool_stats", "set_buffer_pool_limit", "release_buffers",
+    "implicit_block", "rows_layout", "resolve_strategy", "dense_conv2d", "dense_kernel", "fuse_sum", "buffer_pool_stats", "set_buffer_pool_limit", "release_buffers",
 ]
 
 #: execution strategies of the sparse engine ("auto" lets the cost model choose)
-STRATEGIES = ("auto", "dense", "gather", "implicit")
+STRATEGIES = ("auto", "dense", "gather", "implicit", "implicit_rows")
+
+#: most output channels per chunk of the row-vectorised implicit GEMM (2 x 12 accumulators)
+ROWS_MAX_CHUNK = 12
 
 
 def conv_output_hw(height: int, width: int, kernel_size: Tuple[int, int], stride: Tuple[int, int],
@@ -116,6 +119,7 @@ class MaskPlan:
         self.kept = int(self.kept_index.numel())
         self._kept_per_sample: Optional[List[int]] = None
         self._skipped_index: Optional[Tensor] = None
+        self._row_runs: Optional[int] = None
         self._gather: Dict[Tuple, object] = {}
         self._halo: Dict[object, Tuple[Tensor, Tensor]] = {}
         self._scratch: Dict[Tuple, Tensor] = {}
@@ -153,6 +157,16 @@ class MaskPlan:
             column = self.keep.reshape(-1, 1).to(dtype)
             self._scratch[key] = column
         return column
+
+    @property
+    def row_runs(self) -> int:
+        """Number of runs of consecutive kept positions along the rows of the mask (the blocks of
+        positions the row-vectorised implicit GEMM computes start at the first kept position of a run)."""
+        if self._row_runs is None:
+            keep = self.keep
+            starts = int(keep[:, :, :1].sum()) + int((keep[:, :, 1:] & ~keep[:, :, :-1]).sum())
+            self._row_runs = starts
+        return self._row_runs
 
     @property
     def skipped_index(self) -> Tensor:
@@ -344,6 +358,15 @@ class CostModel:
       conv, the thin layers (18-36 channels) at the low end. So the implicit GEMM is chosen up to
       a keep fraction of about 0.91-0.94 (0.87 for 384 input channels; 0.96 and more for 1x1
       convs with outputs above 32 MB, as the W48 and W18 heads').
+      With 16-channel register blocks (one vector of accumulators per position) or short
+      reduction runs (fewer than ``short_run`` floats per kernel row: 18 input channels x 3 taps)
+      it measured about 0.8 of that (``slow_block_factor``).
+    * its row-vectorised form (``"implicit_rows"``, for thin outputs: see :func:`rows_layout`)
+      wastes no lanes on padded channels, so on 18-, 36- and 72-channel layers it beat the
+      channel-blocked kernel from a keep fraction of about 0.3 / 0.8 / 0.8 on, and the dense conv
+      plus the blend at every keep fraction up to 0.9 (18 channels: 1.56x at 0.9). It pays for a
+      transposition of its input (``transpose_ns`` per element) and for the partial blocks at the
+      ends of runs of kept positions.
     * the PyTorch gathered conv (``"gather"``, the path without the compiled kernels and for
       grouped convs) breaks even with the dense conv at about 0.45 for a 3x3 conv with 48 channels,
       0.6-0.7 at 96 and 192 channels, 0.8 at 384 and for a 1x1 conv with 720 channels.
@@ -369,6 +392,12 @@ class CostModel:
         fresh_bytes: output size from which a fresh allocation is mapped anew (glibc: 32 MB).
         margin: the gathered conv must be estimated at most ``margin`` times the dense cost.
         implicit_margin: the same for the implicit GEMM.
+        short_run: floats per kernel row (``C_in * kw``) below which the implicit GEMM slows.
+        slow_block_factor: its throughput with 16-channel blocks or short runs, relative.
+        rows_gmacs: throughput of the row-vectorised implicit GEMM (before the chunk factor, see
+            :meth:`rows_cost`).
+        rows_block: positions per block of the row-vectorised kernel.
+        transpose_ns: cost per input element of its transposition.
     """
 
     dense_gmacs: float = 60.0
@@ -384,6 +413,11 @@ class CostModel:
     fresh_bytes: int = 32 << 20
     margin: float = 0.9
     implicit_margin: float = 1.0
+    short_run: int = 64
+    slow_block_factor: float = 0.8
+    rows_gmacs: float = 66.0
+    rows_block: int = 32
+    transpose_ns: float = 0.4
 
     def dense_rate(self, geometry: ConvGeometry) -> float:
         """Throughput of the dense conv (GMAC/s): oneDNN computes output channels in blocks of 16
@@ -419,16 +453,57 @@ class CostModel:
         block = implicit_block(geometry.out_channels)
         macs = macs * (-(-geometry.out_channels // block) * block) / geometry.out_channels
         rate = self.implicit_wide_gmacs if geometry.in_channels >= self.wide_channels else self.implicit_gmacs
+        if block == 16 or geometry.in_channels * geometry.kernel_size[1] < self.short_run:
+            rate *= self.slow_block_factor
         return macs / rate + (positions - kept) * geometry.out_channels * self.zero_ns
+
+    def rows_cost(self, geometry: ConvGeometry, positions: int, kept: int, runs: int = 0,
+                  in_positions: Optional[int] = None) -> float:
+        """Estimated ns of the row-vectorised implicit GEMM (``"implicit_rows"``; inf where it cannot run).
+
+        Its blocks of ``rows_block`` positions start at the first kept position of a run, so each of
+        the ``runs`` runs of kept positions along the rows wastes about half a block; its chunks of
+        ``nc`` output channels run at ``rows_gmacs * nc / (nc + 2)`` (fewer accumulators per loaded
+        vector), and every input element is transposed once (``transpose_ns``; ``in_positions``:
+        ``B*H_in*W_in``, by default ``positions``).
+        """
+        layout = rows_layout(geometry)
+        if layout is None:
+            return math.inf
+        chunk, chunks = layout
+        computed = min(positions, kept + runs * self.rows_block // 2)
+        macs = computed * geometry.in_channels * geometry.taps * chunk * chunks
+        rate = self.rows_gmacs * chunk / (chunk + 2)
+        inputs = (positions if in_positions is None else in_positions) * geometry.in_channels
+        return (macs / rate + inputs * self.transpose_ns
+                + (positions - kept) * geometry.out_channels * self.zero_ns)
 
 
 DEFAULT_COST_MODEL = CostModel()
 
 
+def rows_layout(geometry: ConvGeometry) -> Optional[Tuple[int, int]]:
+    """``(nc, chunks)`` of the row-vectorised implicit GEMM for this conv, or None where it cannot
+    run (it needs groups 1, stride and dilation 1 along x and dilation 1 along y) or never pays
+    (a multiple of 16 output channels above 16).
+
+    The output channels are split into ``chunks`` equal chunks of at most :data:`ROWS_MAX_CHUNK`
+    channels, rounded up to an even ``nc`` of at least 4 (18 channels: 3 x 6; 19: 2 x 10).
+    """
+    if geometry.groups != 1 or geometry.stride[1] != 1 or geometry.dilation != (1, 1):
+        return None
+    if geometry.out_channels % 16 == 0 and geometry.out_channels > 16:
+        return None  # the channel-blocked kernel wastes no lanes there and was faster on every such layer
+    chunks = -(-geometry.out_channels // ROWS_MAX_CHUNK)
+    chunk = -(-geometry.out_channels // chunks)
+    chunk = max(4, chunk + chunk % 2)
+    return chunk, chunks
+
+
 def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
                     cost_model: CostModel = DEFAULT_COST_MODEL, implicit: bool = False,
-                    device_type: str = "cpu") -> str:
-    """Pick the cheapest strategy of one layer: "dense", "gather" or "implicit".
+                    device_type: str = "cpu", runs: int = 0, in_positions: Optional[int] = None) -> str:
+    """Pick the cheapest strategy of one layer: "dense", "gather", "implicit" or "implicit_rows".
 
     Args:
         geometry: the conv.
@@ -436,14 +511,20 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
         kept: kept output positions.
         cost_model: the time estimates.
         implicit: whether the compiled implicit GEMM can run this layer (see
-            :func:`implicit_available`); it then replaces the PyTorch gathered conv.
+            :func:`implicit_available`); it then replaces the PyTorch gathered conv, and its
+            row-vectorised form (``"implicit_rows"``, for thin outputs) is considered too.
         device_type: where the layer runs. The cost model describes the CPU; on other devices
             (where it was never measured) the choice is the dense kernel plus the blend, the
             execution of the paper's reference, which measured no speed-up from masking on GPU.
             ``MaskedConv2d.strategy = "gather"`` still selects the gathered conv there.
 
+        runs: runs of kept positions along the rows (:attr:`MaskPlan.row_runs`), for the
+            row-vectorised kernel's estimate.
+        in_positions: ``B*H_in*W_in`` (default ``positions``).
+
     Returns:
-        ``"dense"`` (full conv, then the blend), ``"gather"`` or ``"implicit"`` (kept positions only).
+        ``"dense"`` (full conv, then the blend), ``"gather"``, ``"implicit"`` or ``"implicit_rows"``
+        (kept positions only).
     """
     masked = "implicit" if implicit else "gather"
     if kept >= positions:
@@ -454,9 +535,29 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
         return "dense"
     if implicit:
         cost, margin = cost_model.implicit_cost(geometry, positions, kept), cost_model.implicit_margin
+        rows = cost_model.rows_cost(geometry, positions, kept, runs, in_positions)
+        if rows < cost:
+            masked, cost = "implicit_rows", rows
     else:
         cost, margin = cost_model.gather_cost(geometry, positions, kept), cost_model.margin
     return masked if cost <= margin * cost_model.dense_cost(geometry, positions, kept) else "dense"
+
+
+def resolve_strategy(strategy: str, geometry: ConvGeometry, plan: MaskPlan, implicit: bool,
+                     cost_model: CostModel = DEFAULT_COST_MODEL, device_type: str = "cpu",
+                     in_positions: Optional[int] = None) -> str:
+    """The strategy a masked conv runs (some kept, some skipped positions): ``strategy`` itself,
+    the cost model's choice for ``"auto"``, and the fallbacks where a kernel cannot run
+    (``"implicit_rows"`` -> ``"implicit"`` for other geometries, ``"implicit"`` -> ``"gather"``
+    without the compiled kernels). ``implicit``: whether the compiled implicit GEMM can run."""
+    if strategy == "auto":
+        return choose_strategy(geometry, plan.positions, plan.kept, cost_model, implicit=implicit,
+                               device_type=device_type, runs=plan.row_runs, in_positions=in_positions)
+    if strategy == "implicit_rows" and (not implicit or rows_layout(geometry) is None):
+        strategy = "implicit"
+    if strategy == "implicit" and not implicit:
+        strategy = "gather"
+    return strategy
 
 
 # -------------------------------------------------------------------------------------- kernels
@@ -632,6 +733,18 @@ def _pack_implicit(weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tens
     return packed, padded_bias
 
 
+def _pack_rows(weight: Tensor, bias: Optional[Tensor], chunk: int, chunks: int) -> Tuple[Tensor, Tensor]:
+    """Weights packed ``(kh, kw, C_in, CP)`` (``CP = chunk * chunks``, zero padded) for the
+    row-vectorised implicit GEMM, and the padded bias."""
+    out_channels = weight.shape[0]
+    padded = weight.new_zeros(chunk * chunks, *weight.shape[1:])
+    padded[:out_channels] = weight
+    padded_bias = weight.new_zeros(chunk * chunks)
+    if bias is not None:
+        padded_bias[:out_channels] = bias
+    return padded.permute(2, 3, 1, 0).contiguous(), padded_bias
+
+
 class LayerWeights:
     """A masked conv's weights in the layouts the engine's kernels read, built on first use.
 
@@ -649,6 +762,7 @@ class LayerWeights:
         self.groups = groups
         self._gemm: Optional[Tensor] = None
         self._implicit: Optional[Tuple[Tensor, Tensor]] = None
+        self._rows: Optional[Tuple[Tensor, Tensor, int]] = None
         #: ``bias + shift``: the bias of the kept rows (None when both are None)
         if self.shift is None:
             self.full_bias = self.bias
@@ -679,6 +793,14 @@ class LayerWeights:
         if self._implicit is None:
             self._implicit = _pack_implicit(self.weight.float(), None if self.full_bias is None else self.full_bias.float())
         return self._implicit
+
+    def rows(self, chunk: int, chunks: int) -> Tuple[Tensor, Tensor, int]:
+        """Packed weights, padded ``bias + shift`` and chunk width of the row-vectorised implicit GEMM."""
+        if self._rows is None or self._rows[2] != chunk:
+            packed, bias = _pack_rows(self.weight.float(), None if self.full_bias is None else self.full_bias.float(),
+                                      chunk, chunks)
+            self._rows = (packed, bias, chunk)
+        return self._rows
 
 
 #: bytes of im2col rows gathered per chunk: the GEMM then reads them from cache, not memory
@@ -741,8 +863,9 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         geometry: the conv's hyper-parameters (explicit symmetric zero padding).
         lam: interpolation ``lambda`` (scalar tensor).
         plan: the mask's plan (its mask is ``(B, 1, H_out, W_out)``).
-        strategy: ``"auto"`` (cost model), ``"dense"``, ``"gather"`` or ``"implicit"`` (the
-            compiled implicit GEMM; where it cannot run, ``"gather"``).
+        strategy: ``"auto"`` (cost model), ``"dense"``, ``"gather"``, ``"implicit"`` (the
+            compiled implicit GEMM; where it cannot run, ``"gather"``) or ``"implicit_rows"`` (its
+            row-vectorised form for thin outputs; where it cannot run, ``"implicit"``).
         cost_model: estimates used by ``"auto"``.
         use_extension: allow the compiled kernels.
         shift: optional ``(C_out,)`` constant added after the blend (a folded BN's shift).
@@ -785,12 +908,9 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
             return add_residual(_finish(out, shift, None), residual, activation, use_extension)
         return _finish(out, shift, activation)
     ext = _ext_for(x, use_extension)
-    implicit = ext is not None and geometry.groups == 1
-    if strategy == "auto":
-        strategy = choose_strategy(geometry, positions, plan.kept, cost_model, implicit=implicit,
-                                   device_type=x.device.type)
-    elif strategy == "implicit" and not implicit:
-        strategy = "gather"
+    strategy = resolve_strategy(strategy, geometry, plan, ext is not None and geometry.groups == 1, cost_model,
+                                x.device.type, batch * in_height * in_width)
+    in_pass = strategy in ("implicit", "implicit_rows")  # an implicit GEMM writes the final kept rows
 
     radius, tap_weights = stencil_taps(lam)
     halo, neighbours = plan.halo_index(radius)
@@ -801,7 +921,7 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         relu = activation == "relu"
         none_i32, none_f32 = torch.empty(0, dtype=torch.int32), torch.empty(0)
         # a residual the implicit GEMM's output pass can read in place: (B*H*W, C) rows
-        res_rows = _rows_of(residual, positions, out_channels) if strategy == "implicit" else None
+        res_rows = _rows_of(residual, positions, out_channels) if in_pass else None
         unfused = residual is not None and res_rows is None
         post_act = relu and unfused  # the activation then follows the separate residual pass
         relu = relu and not unfused
@@ -824,22 +944,29 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
             with _kernel("masked_output"):
                 out_flat = ext.masked_output(positions, out_channels, plan.kept_index, fill, res_arg, relu,
                                              write_skipped)
-            if strategy == "implicit":
+            if in_pass:
                 # with an activation or a residual the rows are written final; the kept rows the
                 # stencil reads keep y + shift in side rows
                 needs_side = (relu or res_rows is not None) and write_halo and halo.numel()
                 slots, count = plan.boundary_slots(radius) if needs_side else (none_i32, 0)
                 side = plan.scratch("side", (count, out_channels), torch.float32, x.device)
-                packed, padded_bias = weights.implicit
-                with _kernel("implicit_conv"):
-                    ext.implicit_conv(x.permute(0, 2, 3, 1).contiguous(), packed, padded_bias, plan.kept_index, out_flat,
-                                      out_height, out_width, *geometry.kernel_size, *geometry.stride, *geometry.padding,
-                                      *geometry.dilation, relu, slots, side, res_arg)
+                x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+                if strategy == "implicit_rows":
+                    packed, padded_bias, chunk = weights.rows(*rows_layout(geometry))
+                    with _kernel("implicit_rows"):
+                        ext.implicit_rows(x_nhwc, packed, padded_bias, plan.kept_index, out_flat, out_height, out_width,
+                                          geometry.stride[0], *geometry.padding, chunk, relu, slots, side, res_arg)
+                else:
+                    packed, padded_bias = weights.implicit
+                    with _kernel("implicit_conv"):
+                        ext.implicit_conv(x_nhwc, packed, padded_bias, plan.kept_index, out_flat, out_height, out_width,
+                                          *geometry.kernel_size, *geometry.stride, *geometry.padding, *geometry.dilation,
+                                          relu, slots, side, res_arg)
             else:
                 x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
                 _gathered_conv_into(out_flat, x_flat, weights.full_bias, geometry, plan, in_height, in_width,
                                     weights.gemm)
-        finalized = strategy == "implicit" and (relu or res_rows is not None)  # kept rows already final
+        finalized = in_pass and (relu or res_rows is not None)  # kept rows already final
         if halo.numel() and write_halo:
             with _kernel("halo_stencil"):
                 ext.halo_stencil(out_flat, halo, neighbours, tap_weights, plan.keep.reshape(-1), weights.fill(False), relu,
@@ -868,6 +995,82 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         out = out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
         return add_residual(out, residual, activation, use_extension=False)
     _finish(out_flat, shift, activation)
+    return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
+
+
+DENSE_KERNELS = ("onednn", "implicit", "implicit_rows")
+
+
+def dense_kernel(geometry: ConvGeometry, batch: int, in_height: int, in_width: int,
+                 cost_model: CostModel = DEFAULT_COST_MODEL) -> str:
+    """The fastest kernel for an unmasked conv by the cost model: ``"onednn"`` (PyTorch's conv, a
+    fresh output), or the compiled implicit GEMM over every position, channel-blocked
+    (``"implicit"``) or row-vectorised (``"implicit_rows"``), which write into pooled outputs.
+
+    The implicit GEMMs win where the output is large enough for a fresh allocation to cost page
+    faults (above 32 MB: HRNet's 256-channel ``layer1`` outputs, its heads' 270- and 720-channel
+    convs) or where oneDNN wastes padded lanes (18 or 36 channels).
+    """
+    out_height, out_width = geometry.output_size(in_height, in_width)
+    positions = batch * out_height * out_width
+    if geometry.groups != 1 or positions == 0:
+        return "onednn"
+    elements = positions * geometry.out_channels
+    costs = {
+        "onednn": positions * geometry.macs_per_output() / cost_model.dense_rate(geometry)
+        + cost_model.fresh_cost(elements),
+        "implicit": cost_model.implicit_cost(geometry, positions, positions),
+        "implicit_rows": cost_model.rows_cost(geometry, positions, positions, batch * out_height,
+                                              batch * in_height * in_width),
+    }
+    return min(DENSE_KERNELS, key=lambda name: costs[name])
+
+
+@functools.lru_cache(maxsize=32)
+def _every_row(positions: int) -> Tensor:
+    """``arange(positions)``: the kept index of an unmasked conv."""
+    return torch.arange(positions, dtype=torch.int64)
+
+
+def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
+                 weights: Optional[LayerWeights] = None, kernel: Optional[str] = None,
+                 cost_model: CostModel = DEFAULT_COST_MODEL) -> Tensor:
+    """An unmasked conv by the kernel :func:`dense_kernel` picks (or ``kernel``), for inference.
+
+    Without the compiled kernels, for other dtypes or devices and for grouped convs it is
+    ``F.conv2d``. The implicit GEMMs compute every output position into a pooled channels-last
+    output; they agree with ``F.conv2d`` up to float rounding (a different summation order).
+    """
+    ext = _ext_for(x)
+    batch, _, in_height, in_width = x.shape
+    if kernel is None:
+        kernel = dense_kernel(geometry, batch, in_height, in_width, cost_model) if ext is not None else "onednn"
+    elif kernel not in DENSE_KERNELS:
+        raise ValueError(f"kernel must be one of {DENSE_KERNELS}, got {kernel!r}")
+    if kernel == "implicit_rows" and rows_layout(geometry) is None:
+        kernel = "implicit"
+    if ext is None or geometry.groups != 1 or kernel == "onednn":
+        return F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+    if weights is None:
+        weights = LayerWeights(weight, bias, None, geometry.groups)
+    out_height, out_width = geometry.output_size(in_height, in_width)
+    positions = batch * out_height * out_width
+    out_channels = geometry.out_channels
+    rows = _every_row(positions)
+    none_i32, none_f32 = torch.empty(0, dtype=torch.int32), torch.empty(0)
+    out_flat = ext.masked_output(positions, out_channels, rows, none_f32, none_f32, False, False)  # no fill
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    if kernel == "implicit_rows":
+        packed, padded_bias, chunk = weights.rows(*rows_layout(geometry))
+        with _kernel("implicit_rows"):
+            ext.implicit_rows(x_nhwc, packed, padded_bias, rows, out_flat, out_height, out_width, geometry.stride[0],
+                              *geometry.padding, chunk, False, none_i32, none_f32, none_f32)
+    else:
+        packed, padded_bias = weights.implicit
+        with _kernel("implicit_conv"):
+            ext.implicit_conv(x_nhwc, packed, padded_bias, rows, out_flat, out_height, out_width, *geometry.kernel_size,
+                              *geometry.stride, *geometry.padding, *geometry.dilation, False, none_i32, none_f32,
+                              none_f32)
     return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
 
 
