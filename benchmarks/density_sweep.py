@@ -23,7 +23,11 @@ scheduler (every OpenMP barrier can wait a whole time slice), CPU time of a sing
 
 Per (layer, density): ``dense_ms``, ``masked_ms``, ``speedup`` (dense / masked), ``flop_ratio``
 (dense MACs / the paper's masked MACs, REFERENCE.md §4), ``realisation`` (speedup / flop_ratio),
-the strategy the cost model chose and ``plan_ms`` (index-list build time for that mask).
+the strategy the cost model chose and ``plan_ms`` (index-list build time for that mask). The
+engine's own dense conv of the layer (``EngineConv2d``: oneDNN or the compiled implicit GEMM over
+every position, whichever the cost model picks; ``engine_kernel``) is timed in the same rounds:
+``engine_dense_ms`` and ``speedup_vs_engine`` (engine_dense_ms / masked_ms) compare the masked
+layer with the fastest dense execution the engine has.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from anytimeify.masking import _ext  # noqa: E402
-from anytimeify.masking.conv import MaskedConv2d, conv_output_size  # noqa: E402
+from anytimeify.masking.conv import EngineConv2d, MaskedConv2d, conv_output_size  # noqa: E402
 from anytimeify.masking.engine import STRATEGIES, MaskPlan  # noqa: E402
 
 _logger = logging.getLogger(__name__)
@@ -113,6 +117,7 @@ def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: st
         height, width = height // scale, width // scale
         conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias).to(memory_format=torch.channels_last)
         masked = MaskedConv2d.from_conv(conv, execution="sparse")
+        engine = EngineConv2d.from_conv(conv).eval()
         x = torch.randn(1, cin, height, width).contiguous(memory_format=torch.channels_last)
         out_h, out_w = conv_output_size(conv, height, width)
         masks = {p: clustered_mask(out_h, out_w, p, generator) for p in densities}
@@ -125,21 +130,24 @@ def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: st
             plan.halo_index(1)
             plan_ms[p] = (time.perf_counter() - start) * 1e3
             plans[p] = plan
-        setups.append((name, conv, masked, x, masks, plans, plan_ms))
+        setups.append((name, conv, engine, masked, x, masks, plans, plan_ms))
 
     dense_times: Dict[str, List[float]] = {s[0]: [] for s in setups}
+    engine_times: Dict[str, List[float]] = {s[0]: [] for s in setups}
     masked_times: Dict[Tuple[str, str, float], List[float]] = {}
     with torch.inference_mode():
         for setup in setups:  # warm-up: oneDNN primitive creation, extension load, first-touch pages
-            _, conv, masked, x, masks, plans, _ = setup
+            _, conv, engine, masked, x, masks, plans, _ = setup
             conv(x)
+            engine(x)
             for p in densities:
                 for strategy in strategies:
                     masked.strategy = strategy
                     masked(x, masks[p], plan=plans[p])
         for _ in range(rounds):
-            for name, conv, masked, x, masks, plans, _ in setups:
+            for name, conv, engine, masked, x, masks, plans, _ in setups:
                 dense_times[name].append(_time(lambda: conv(x)))
+                engine_times[name].append(_time(lambda: engine(x)))
                 for p in densities:
                     for strategy in strategies:
                         masked.strategy = strategy
@@ -147,15 +155,17 @@ def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: st
                             _time(lambda: masked(x, masks[p], plan=plans[p])))
 
     results = []
-    for name, conv, masked, x, masks, plans, plan_ms in setups:
+    for name, conv, engine, masked, x, masks, plans, plan_ms in setups:
         dense_ms = statistics.median(dense_times[name])
+        engine_ms = statistics.median(engine_times[name])
         dense_macs = masked.dense_macs(x.shape)
         for p in densities:
             paper = masked.paper_macs(x.shape, masks[p])
             flop_ratio = dense_macs / paper if paper > 0 else None
             masked.strategy = "auto"
             row = {
-                "layer": name, "density": p, "dense_ms": round(dense_ms, 3),
+                "layer": name, "density": p, "dense_ms": round(dense_ms, 3), "engine_dense_ms": round(engine_ms, 3),
+                "engine_kernel": engine.kernel(x.shape) if extension else "onednn",
                 "flop_ratio": round(flop_ratio, 3) if flop_ratio else None,
                 "strategy": masked.chosen_strategy(x.shape, masks[p], plans[p]),
                 "plan_ms": round(plan_ms[p], 3),
@@ -167,6 +177,7 @@ def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: st
                 row[f"masked_ms{suffix}"] = round(ms, 3)
                 row[f"speedup{suffix}"] = round(speedup, 3)
                 row[f"realisation{suffix}"] = round(speedup / flop_ratio, 3) if flop_ratio else None
+                row[f"speedup_vs_engine{suffix}"] = round(engine_ms / ms, 3)
             results.append(row)
     return {
         "model": model, "input": [1, 3, 1024 // scale, 2048 // scale], "threads": threads, "clock": clock, "rounds": rounds,
@@ -185,7 +196,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: perf_counter with --threads threads; thread: CPU time of one thread")
     parser.add_argument("--strategies", default="auto",
-                        help="comma-separated engine strategies to time: auto, dense, gather, implicit (default auto)")
+                        help="comma-separated engine strategies to time: " + ", ".join(STRATEGIES) + " (default auto)")
     args = parser.parse_args(argv)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for strategy in strategies:

@@ -313,7 +313,6 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     std::vector<const float*> srcs(taps);
     std::vector<float> wts(taps);
-    alignas(64) float tail[16];
     for (int64_t m = begin; m < end; ++m) {
       // the kept neighbours of this row (skipped ones hold y*m = 0, outside the map is zero padding)
       const int64_t* row_nbr = nbr + m * taps;
@@ -341,12 +340,10 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
           *(vec16u*)(dst + c0) = acc;
           continue;
         }
-        for (int64_t k = 0; k < used; ++k) {
-          std::memcpy(tail, srcs[k] + c0, sizeof(float) * cn);
-          acc += wts[k] * *(const vec16*)tail;
-        }
+        // the last channels (fewer than 16): one scalar sum per channel
         for (int64_t c = 0; c < cn; ++c) {
-          float v = acc[c];
+          float v = 0.0f;
+          for (int64_t k = 0; k < used; ++k) v += wts[k] * srcs[k][c0 + c];
           if (sh) v += sh[c0 + c] * rest;
           if (r) v += r[c0 + c];
           dst[c0 + c] = relu ? std::max(v, 0.0f) : v;

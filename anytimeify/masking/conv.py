@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .engine import (
     ACTIVATIONS, DEFAULT_COST_MODEL, ConvGeometry, CostModel, LayerWeights, MaskPlan, _version_of, resolve_strategy,
-    dense_conv2d, dense_kernel, executed_interp_macs, implicit_available, inference_kernels, sparse_masked_conv2d,
+    dense_conv2d, executed_interp_macs, implicit_available, inference_kernels, sparse_masked_conv2d,
 )
 from .interp import INTERP_RADIUS, interpolate
 
@@ -397,7 +397,6 @@ class EngineConv2d(nn.Conv2d):
             raise ValueError(f"EngineConv2d supports padding_mode='zeros' only, got {self.padding_mode!r}")
         self._geometry = conv_geometry(self)
         self._weights_cache: Optional[tuple] = None
-        self._kernels: dict = {}
 
     @property
     def geometry(self) -> ConvGeometry:
@@ -415,11 +414,7 @@ class EngineConv2d(nn.Conv2d):
     def kernel(self, x_shape: Sequence[int]) -> str:
         """The kernel an input of ``x_shape`` runs with the compiled kernels (see
         :func:`~anytimeify.masking.engine.dense_kernel`)."""
-        key = (int(x_shape[0]), int(x_shape[2]), int(x_shape[3]))
-        kernel = self._kernels.get(key)
-        if kernel is None:
-            kernel = self._kernels[key] = dense_kernel(self._geometry, *key)
-        return kernel
+        return self._layer_weights().dense_kernel(self._geometry, x_shape, DEFAULT_COST_MODEL)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training or inference_kernels([x, self.weight]) is None:

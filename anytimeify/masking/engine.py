@@ -426,11 +426,26 @@ class CostModel:
         channels = geometry.out_channels
         return self.dense_gmacs * channels / (-(-channels // 16) * 16)
 
-    def dense_cost(self, geometry: ConvGeometry, positions: int, kept: int) -> float:
-        """Estimated ns of the dense conv plus the blend of its result."""
-        macs = positions * geometry.macs_per_output()
+    def dense_costs(self, geometry: ConvGeometry, positions: int, compiled: bool = True,
+                    in_positions: Optional[int] = None, out_rows: int = 0) -> Dict[str, float]:
+        """Estimated ns of each kernel that computes every output position (no blend), by name
+        (see :func:`dense_kernel`): PyTorch's conv with a fresh output (``"onednn"``) and, with
+        the compiled kernels (``compiled``) and groups 1, the implicit GEMMs into pooled outputs.
+        ``out_rows``: ``B*H_out`` (each row ends in a partial block of the row kernel)."""
         elements = positions * geometry.out_channels
-        return macs / self.dense_rate(geometry) + elements * self.mask_ns + self.fresh_cost(elements)
+        costs = {"onednn": positions * geometry.macs_per_output() / self.dense_rate(geometry)
+                 + self.fresh_cost(elements)}
+        if compiled and geometry.groups == 1 and positions:
+            costs["implicit"] = self.implicit_cost(geometry, positions, positions)
+            costs["implicit_rows"] = self.rows_cost(geometry, positions, positions, out_rows, in_positions)
+        return costs
+
+    def dense_cost(self, geometry: ConvGeometry, positions: int, kept: int, compiled: bool = False,
+                   in_positions: Optional[int] = None, out_rows: int = 0) -> float:
+        """Estimated ns of the dense strategy: the fastest dense kernel (PyTorch's conv only,
+        unless ``compiled``; see :meth:`dense_costs`) plus the blend of its result."""
+        best = min(self.dense_costs(geometry, positions, compiled, in_positions, out_rows).values())
+        return best + positions * geometry.out_channels * self.mask_ns
 
     def fresh_cost(self, elements: int) -> float:
         """Estimated ns of faulting in a fresh output of ``elements`` floats (the dense conv's and
@@ -502,7 +517,8 @@ def rows_layout(geometry: ConvGeometry) -> Optional[Tuple[int, int]]:
 
 def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
                     cost_model: CostModel = DEFAULT_COST_MODEL, implicit: bool = False,
-                    device_type: str = "cpu", runs: int = 0, in_positions: Optional[int] = None) -> str:
+                    device_type: str = "cpu", runs: int = 0, in_positions: Optional[int] = None,
+                    out_rows: int = 0) -> str:
     """Pick the cheapest strategy of one layer: "dense", "gather", "implicit" or "implicit_rows".
 
     Args:
@@ -521,6 +537,7 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
         runs: runs of kept positions along the rows (:attr:`MaskPlan.row_runs`), for the
             row-vectorised kernel's estimate.
         in_positions: ``B*H_in*W_in`` (default ``positions``).
+        out_rows: ``B*H_out``, for the row kernel's estimate as the dense strategy's kernel.
 
     Returns:
         ``"dense"`` (full conv, then the blend), ``"gather"``, ``"implicit"`` or ``"implicit_rows"``
@@ -540,7 +557,8 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
             masked, cost = "implicit_rows", rows
     else:
         cost, margin = cost_model.gather_cost(geometry, positions, kept), cost_model.margin
-    return masked if cost <= margin * cost_model.dense_cost(geometry, positions, kept) else "dense"
+    dense = cost_model.dense_cost(geometry, positions, kept, implicit, in_positions, out_rows)
+    return masked if cost <= margin * dense else "dense"
 
 
 def resolve_strategy(strategy: str, geometry: ConvGeometry, plan: MaskPlan, implicit: bool,
@@ -552,7 +570,8 @@ def resolve_strategy(strategy: str, geometry: ConvGeometry, plan: MaskPlan, impl
     without the compiled kernels). ``implicit``: whether the compiled implicit GEMM can run."""
     if strategy == "auto":
         return choose_strategy(geometry, plan.positions, plan.kept, cost_model, implicit=implicit,
-                               device_type=device_type, runs=plan.row_runs, in_positions=in_positions)
+                               device_type=device_type, runs=plan.row_runs, in_positions=in_positions,
+                               out_rows=plan.batch * plan.height)
     if strategy == "implicit_rows" and (not implicit or rows_layout(geometry) is None):
         strategy = "implicit"
     if strategy == "implicit" and not implicit:
@@ -763,6 +782,7 @@ class LayerWeights:
         self._gemm: Optional[Tensor] = None
         self._implicit: Optional[Tuple[Tensor, Tensor]] = None
         self._rows: Optional[Tuple[Tensor, Tensor, int]] = None
+        self._dense_kernels: Dict[tuple, str] = {}
         #: ``bias + shift``: the bias of the kept rows (None when both are None)
         if self.shift is None:
             self.full_bias = self.bias
@@ -793,6 +813,14 @@ class LayerWeights:
         if self._implicit is None:
             self._implicit = _pack_implicit(self.weight.float(), None if self.full_bias is None else self.full_bias.float())
         return self._implicit
+
+    def dense_kernel(self, geometry: ConvGeometry, x_shape: Sequence[int], cost_model: "CostModel") -> str:
+        """:func:`dense_kernel` for an input of ``x_shape``, cached per shape and cost model."""
+        key = (geometry, int(x_shape[0]), int(x_shape[2]), int(x_shape[3]), id(cost_model))
+        kernel = self._dense_kernels.get(key)
+        if kernel is None:
+            kernel = self._dense_kernels[key] = dense_kernel(geometry, key[1], key[2], key[3], cost_model)
+        return kernel
 
     def rows(self, chunk: int, chunks: int) -> Tuple[Tensor, Tensor, int]:
         """Packed weights, padded ``bias + shift`` and chunk width of the row-vectorised implicit GEMM."""
@@ -930,10 +958,10 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         write_skipped = reader_radius is None or (reader_radius > 0 and reader_radius > radius)
         write_halo = reader_radius is None or reader_radius > 0
         res_arg = res_rows if res_rows is not None else none_f32
-        if strategy == "dense":
+        if strategy == "dense":  # the fastest dense kernel, then the blend
             x_cl = x.contiguous(memory_format=torch.channels_last)
-            y = F.conv2d(x_cl, weight, weights.full_bias, geometry.stride, geometry.padding, geometry.dilation,
-                         geometry.groups).contiguous(memory_format=torch.channels_last)
+            y = dense_conv2d(x_cl, weight, weights.full_bias, geometry, weights,
+                             weights.dense_kernel(geometry, x.shape, cost_model)).contiguous(memory_format=torch.channels_last)
             out_flat = y.permute(0, 2, 3, 1).view(positions, out_channels)
             if write_skipped:
                 with _kernel("fill_skipped"):
@@ -1012,18 +1040,9 @@ def dense_kernel(geometry: ConvGeometry, batch: int, in_height: int, in_width: i
     convs) or where oneDNN wastes padded lanes (18 or 36 channels).
     """
     out_height, out_width = geometry.output_size(in_height, in_width)
-    positions = batch * out_height * out_width
-    if geometry.groups != 1 or positions == 0:
-        return "onednn"
-    elements = positions * geometry.out_channels
-    costs = {
-        "onednn": positions * geometry.macs_per_output() / cost_model.dense_rate(geometry)
-        + cost_model.fresh_cost(elements),
-        "implicit": cost_model.implicit_cost(geometry, positions, positions),
-        "implicit_rows": cost_model.rows_cost(geometry, positions, positions, batch * out_height,
-                                              batch * in_height * in_width),
-    }
-    return min(DENSE_KERNELS, key=lambda name: costs[name])
+    costs = cost_model.dense_costs(geometry, batch * out_height * out_width, True, batch * in_height * in_width,
+                                   batch * out_height)
+    return min(costs, key=costs.__getitem__)
 
 
 @functools.lru_cache(maxsize=32)
