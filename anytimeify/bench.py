@@ -75,8 +75,8 @@ class FixedMasks:
 def fold_for_inference(model: nn.Module) -> nn.Module:
     """The base model as the engine runs it densely: every BN folded into its conv (torch.fx), the
     sums of upsampled branches (HRNet's fuse layers) in one pass each, every conv run by the
-    engine's fastest dense kernel for its shape (:class:`~anytimeify.masking.conv.EngineConv2d`),
-    channels-last memory format.
+    engine's fastest dense kernel for its shape (:class:`~anytimeify.masking.conv.EngineConv2d`)
+    with a ReLU that only reads it applied as its output is written, channels-last memory format.
 
     These are the rewrites :meth:`~anytimeify.AnytimeModel.freeze` applies to the unmasked parts of
     an anytime model, so the dense baseline gets them too.
@@ -86,9 +86,9 @@ def fold_for_inference(model: nn.Module) -> nn.Module:
     from ._fx.fold import fuse_sums, use_engine_convs
 
     folded = fuse(model.eval())
-    if fuse_sums(folded, folded.graph):
-        folded.recompile()
-    use_engine_convs(folded)
+    fuse_sums(folded, folded.graph)
+    use_engine_convs(folded, graph=folded.graph)  # ReLUs that only read a conv become its activation
+    folded.recompile()
     return folded.to(memory_format=torch.channels_last)
 
 

@@ -48,10 +48,30 @@ class Upsample2x(nn.Module):
         self.align_corners = align_corners
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = inference_kernels([x])
+        if kernel is not None:  # float32 CPU inference: one channels-last pass into a pooled output
+            with torch.profiler.record_function("anytimeify::resize_bilinear"):
+                return kernel.resize_bilinear(x.permute(0, 2, 3, 1).contiguous(), 2 * x.shape[2], 2 * x.shape[3],
+                                              self.align_corners).permute(0, 3, 1, 2)
         return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=self.align_corners)
 
     def extra_repr(self) -> str:
         return f"align_corners={self.align_corners}"
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """2x2 average pooling with stride 2 of a redesigned head's down step (``nn.AvgPool2d(2, 2)``);
+    for float32 CPU inference one channels-last pass into a pooled output."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = inference_kernels([x])
+        if kernel is None or x.shape[2] < 2 or x.shape[3] < 2:  # (PyTorch reports a map too small)
+            return super().forward(x)
+        with torch.profiler.record_function("anytimeify::avg_pool2x2"):
+            return kernel.avg_pool2x2(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
 
 
 def original_head(in_channels: int, num_classes: int) -> List[nn.Module]:
@@ -77,7 +97,7 @@ def redesigned_head(in_channels: int, num_classes: int, width: int, depth: int,
     layers: List[nn.Module] = []
     channels = in_channels
     for _ in range(depth):
-        layers += [nn.AvgPool2d(2, 2), nn.Conv2d(channels, width, 1, bias=True),
+        layers += [AvgPool2x2(), nn.Conv2d(channels, width, 1, bias=True),
                    nn.BatchNorm2d(width), nn.ReLU(inplace=False)]
         channels = width
     for step in range(depth):

@@ -797,6 +797,36 @@ def test_branch_fusion_kernel_matches_pytorch(sizes, align_corners):
 
 @pytest.mark.skipif(not _ext.available() and os.environ.get("CI") != "true",
                     reason="C++ extension not built (no compiler?)")
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 64, 16, 32), (1, 3, 1, 1), (1, 20, 2, 3)])
+def test_exit_step_kernels_match_pytorch(shape, align_corners):
+    """A redesigned exit's up step (bilinear x2) and down step (2x2 average pooling) run as compiled
+    channels-last passes in inference, with PyTorch's results; with autograd PyTorch's ops run."""
+    from anytimeify.exits import AvgPool2x2, Upsample2x
+
+    assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1]))
+    up_ref = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=align_corners)
+    with torch.no_grad():
+        up = Upsample2x(align_corners)(x)
+        assert up.is_contiguous(memory_format=torch.channels_last)  # the kernel ran
+        assert up.shape == up_ref.shape and (up - up_ref).abs().max() <= 1e-5
+        if min(shape[2:]) >= 2:
+            pooled = AvgPool2x2()(x)
+            pool_ref = F.avg_pool2d(x, 2, 2)
+            assert pooled.is_contiguous(memory_format=torch.channels_last)
+            assert pooled.shape == pool_ref.shape and (pooled - pool_ref).abs().max() <= 1e-6
+        else:  # too small to pool: PyTorch's own error
+            with pytest.raises(RuntimeError, match="too small"):
+                AvgPool2x2()(x)
+    leaf = x.clone().requires_grad_(True)
+    out = Upsample2x(align_corners)(leaf)
+    out.sum().backward()
+    assert (out - up_ref).abs().max() <= 1e-5 and leaf.grad is not None
+
+
+@pytest.mark.skipif(not _ext.available() and os.environ.get("CI") != "true",
+                    reason="C++ extension not built (no compiler?)")
 @pytest.mark.parametrize("relu", [None, "relu"])
 @pytest.mark.parametrize("resizes", [
     # HRNet's fuse layer of the first branch: the identity, then x2, x4, x8 nearest upsampling

@@ -10,6 +10,7 @@
 //   halo_stencil   the RBF interpolation on the halo rows, in one pass over the neighbours of each
 //                  row, with the layer's per-channel shift and ReLU fused in;
 //   fuse_branches  HRNet's branch fusion (bilinear resize + concatenation) in one channels-last pass;
+//   resize_bilinear, avg_pool2x2  the exits' up and down steps, channels-last, into pooled outputs;
 //   fuse_sum       HRNet's fuse layers (nearest upsampling, the sum of the branches, ReLU) in one pass;
 //   (outputs of 4 MiB and more come from a pool of reused buffers: see "buffer pool" below)
 //   add_residual   a residual connection (and the ReLU after it) folded into the masked conv's output
@@ -791,12 +792,16 @@ Axis bilinear_axis(int64_t in, int64_t out, bool align_corners) {
 
 }  // namespace
 
-torch::Tensor fuse_branches(const std::vector<torch::Tensor>& features, bool align_corners) {
+namespace {
+
+// Every feature map bilinearly resized to H x W and concatenated along channels (NHWC, pooled).
+torch::Tensor resize_concat(const std::vector<torch::Tensor>& features, bool align_corners, int64_t H, int64_t W) {
   TORCH_CHECK(!features.empty(), "fuse_branches needs at least one feature map");
   for (const auto& f : features)
     TORCH_CHECK(f.device().is_cpu() && f.scalar_type() == torch::kFloat32 && f.dim() == 4 && f.is_contiguous(),
                 "feature maps must be contiguous (B, H, W, C) float32 CPU tensors");
-  const int64_t B = features[0].size(0), H = features[0].size(1), W = features[0].size(2);
+  TORCH_CHECK(H > 0 && W > 0, "the output size must be positive, got ", H, "x", W);
+  const int64_t B = features[0].size(0);
   int64_t total = 0;
   for (const auto& f : features) {
     TORCH_CHECK(f.size(0) == B, "feature maps must share the batch size");
@@ -841,6 +846,45 @@ torch::Tensor fuse_branches(const std::vector<torch::Tensor>& features, bool ali
 #pragma omp simd
           for (int64_t k = 0; k < C; ++k) o[k] = wt * (wl * a[k] + wr * bb[k]) + wb * (wl * c[k] + wr * d[k]);
         }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+torch::Tensor fuse_branches(const std::vector<torch::Tensor>& features, bool align_corners) {
+  TORCH_CHECK(!features.empty(), "fuse_branches needs at least one feature map");
+  return resize_concat(features, align_corners, features[0].size(1), features[0].size(2));
+}
+
+// Bilinear resize of one NHWC map to out_h x out_w (as F.interpolate with that size), pooled output.
+torch::Tensor resize_bilinear(const torch::Tensor& x, int64_t out_h, int64_t out_w, bool align_corners) {
+  return resize_concat({x}, align_corners, out_h, out_w);
+}
+
+// 2x2 average pooling with stride 2 (floor mode, no padding) of an NHWC map, pooled output.
+torch::Tensor avg_pool2x2(const torch::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(),
+              "x must be a contiguous (B, H, W, C) float32 CPU tensor");
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const int64_t oh = H / 2, ow = W / 2;
+  auto out = pooled_empty({B, oh, ow, C});
+  const float* src = x.data_ptr<float>();
+  float* dst_base = out.data_ptr<float>();
+  at::parallel_for(0, B * oh, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / oh, y = r % oh;
+      const float* top = src + ((b * H + 2 * y) * W) * C;
+      const float* bottom = top + W * C;
+      float* dst = dst_base + r * ow * C;
+      for (int64_t xo = 0; xo < ow; ++xo) {
+        const float* a = top + 2 * xo * C;
+        const float* c = bottom + 2 * xo * C;
+        float* o = dst + xo * C;
+#pragma omp simd
+        for (int64_t k = 0; k < C; ++k) o[k] = ((a[k] + a[k + C]) + (c[k] + c[k + C])) * 0.25f;
       }
     }
   });
@@ -936,6 +980,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("halo_stencil", &halo_stencil, "RBF interpolation on the halo rows with the layer's shift, in place");
   m.def("add_residual", &add_residual, "out += residual, then an optional ReLU, in place");
   m.def("fuse_branches", &fuse_branches, "Bilinear resize of every branch to the first's size, concatenated (NHWC)");
+  m.def("resize_bilinear", &resize_bilinear, "Bilinear resize of one map to a given size (NHWC)");
+  m.def("avg_pool2x2", &avg_pool2x2, "2x2 average pooling, stride 2 (NHWC)");
   m.def("fuse_sum", &fuse_sum, "act(sum of nearest-resized terms), HRNet's fuse layers, in one pass (NHWC)");
   m.def("pooled_empty", &pooled_empty, "Uninitialised float32 CPU tensor, from the buffer pool when large");
   m.def("set_pool_limit", &set_pool_limit, "Bytes of unused buffers the pool keeps (0: off); returns the previous");

@@ -104,12 +104,14 @@ def _set(module: nn.Module, path: str, new: nn.Module) -> None:
         setattr(parent, leaf, new)
 
 
-def use_engine_convs(root: nn.Module, holders: Iterable[nn.Module] = ()) -> int:
+def use_engine_convs(root: nn.Module, holders: Iterable[nn.Module] = (), graph: fx.Graph | None = None) -> int:
     """Swap every plain ``nn.Conv2d`` (zero padding, symmetric) of ``root`` and ``holders`` for an
     :class:`~anytimeify.masking.conv.EngineConv2d` sharing its parameters; returns how many.
 
-    Run it last: the other rewrites recognise convs by type. A conv reachable from several
-    holders becomes one engine conv in all of them.
+    With ``graph`` (the graph calling them, whose modules ``root`` holds), a ReLU that is an engine
+    conv's only reader (through folded BNs) becomes its activation, as for masked convs; the caller
+    recompiles. Run it last: the other rewrites recognise convs by type. A conv reachable from
+    several holders becomes one engine conv in all of them.
     """
     swapped = {}
     for holder in [root] + list(holders):
@@ -124,7 +126,47 @@ def use_engine_convs(root: nn.Module, holders: Iterable[nn.Module] = ()) -> int:
                     continue
                 swapped[id(module)] = new
             _set(holder, path, new)
+    for holder in [root] + list(holders):  # inside leaves (exit heads): Sequential neighbours
+        for module in holder.modules():
+            if isinstance(module, nn.Sequential):
+                _fuse_sequential_relus(module)
+    if graph is not None:
+        _fuse_engine_relus(root, graph)
     return len(swapped)
+
+
+def _fuse_sequential_relus(seq: nn.Sequential) -> None:
+    """An engine conv followed in a Sequential by a ReLU (identities between) applies it."""
+    for i in range(len(seq) - 1):
+        if not isinstance(seq[i], EngineConv2d) or seq[i].activation is not None:
+            continue
+        j = i + 1
+        while j < len(seq) - 1 and type(seq[j]) is nn.Identity:
+            j += 1
+        if _fusable_relu(seq[j]):
+            seq[i].activation = "relu"
+            seq[j] = nn.Identity()
+
+
+def _fuse_engine_relus(root: nn.Module, graph: fx.Graph) -> int:
+    """A ReLU (module, function or method) that is the only reader of an engine conv called once
+    (through identities) becomes its activation; returns how many."""
+    calls = _call_counts(graph)
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or calls.get(node.target) != 1:
+            continue
+        conv = root.get_submodule(str(node.target))
+        if not isinstance(conv, EngineConv2d) or conv.activation is not None:
+            continue
+        chain, user = _through_identities(root, node)
+        if user is None or not _is_relu(root, user):
+            continue
+        conv.activation = "relu"
+        user.replace_all_uses_with(node)
+        graph.erase_node(user)
+        fused += 1
+    return fused
 
 
 def fold_batch_norms(root: nn.Module, graph: fx.Graph, holders: Iterable[nn.Module]) -> List[str]:

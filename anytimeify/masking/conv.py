@@ -397,6 +397,9 @@ class EngineConv2d(nn.Conv2d):
             raise ValueError(f"EngineConv2d supports padding_mode='zeros' only, got {self.padding_mode!r}")
         self._geometry = conv_geometry(self)
         self._weights_cache: Optional[tuple] = None
+        #: None or ``"relu"``: applied as the output is written (set by the inference rewrites
+        #: where a ReLU is the conv's only reader)
+        self.activation: Optional[str] = None
 
     @property
     def geometry(self) -> ConvGeometry:
@@ -418,6 +421,10 @@ class EngineConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training or inference_kernels([x, self.weight]) is None:
-            return super().forward(x)
+            y = super().forward(x)
+            return torch.relu(y) if self.activation == "relu" else y
         return dense_conv2d(x, self.weight, self.bias, self._geometry, weights=self._layer_weights(),
-                            kernel=self.kernel(x.shape))
+                            kernel=self.kernel(x.shape), activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")

@@ -409,7 +409,7 @@ class CostModel:
     zero_ns: float = 0.3
     scatter_ns: float = 0.5
     mask_ns: float = 0.4
-    fresh_ns: float = 1.0
+    fresh_ns: float = 3.0
     fresh_bytes: int = 32 << 20
     margin: float = 0.9
     implicit_margin: float = 1.0
@@ -1053,13 +1053,17 @@ def _every_row(positions: int) -> Tensor:
 
 def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
                  weights: Optional[LayerWeights] = None, kernel: Optional[str] = None,
-                 cost_model: CostModel = DEFAULT_COST_MODEL) -> Tensor:
-    """An unmasked conv by the kernel :func:`dense_kernel` picks (or ``kernel``), for inference.
+                 cost_model: CostModel = DEFAULT_COST_MODEL, activation: Optional[str] = None) -> Tensor:
+    """An unmasked conv (then ``activation``: None or ``"relu"``) by the kernel :func:`dense_kernel`
+    picks (or ``kernel``), for inference.
 
     Without the compiled kernels, for other dtypes or devices and for grouped convs it is
-    ``F.conv2d``. The implicit GEMMs compute every output position into a pooled channels-last
-    output; they agree with ``F.conv2d`` up to float rounding (a different summation order).
+    ``F.conv2d`` (the ReLU then in place on its output). The implicit GEMMs compute every output
+    position into a pooled channels-last output, the ReLU as they write it; they agree with
+    ``F.conv2d`` up to float rounding (a different summation order).
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     ext = _ext_for(x)
     batch, _, in_height, in_width = x.shape
     if kernel is None:
@@ -1068,8 +1072,10 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: Co
         raise ValueError(f"kernel must be one of {DENSE_KERNELS}, got {kernel!r}")
     if kernel == "implicit_rows" and rows_layout(geometry) is None:
         kernel = "implicit"
+    relu = activation == "relu"
     if ext is None or geometry.groups != 1 or kernel == "onednn":
-        return F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+        y = F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+        return y.relu_() if relu else y
     if weights is None:
         weights = LayerWeights(weight, bias, None, geometry.groups)
     out_height, out_width = geometry.output_size(in_height, in_width)
@@ -1083,12 +1089,12 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: Co
         packed, padded_bias, chunk = weights.rows(*rows_layout(geometry))
         with _kernel("implicit_rows"):
             ext.implicit_rows(x_nhwc, packed, padded_bias, rows, out_flat, out_height, out_width, geometry.stride[0],
-                              *geometry.padding, chunk, False, none_i32, none_f32, none_f32)
+                              *geometry.padding, chunk, relu, none_i32, none_f32, none_f32)
     else:
         packed, padded_bias = weights.implicit
         with _kernel("implicit_conv"):
             ext.implicit_conv(x_nhwc, packed, padded_bias, rows, out_flat, out_height, out_width, *geometry.kernel_size,
-                              *geometry.stride, *geometry.padding, *geometry.dilation, False, none_i32, none_f32,
+                              *geometry.stride, *geometry.padding, *geometry.dilation, relu, none_i32, none_f32,
                               none_f32)
     return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
 
