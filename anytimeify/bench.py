@@ -3,8 +3,12 @@
 Three executions of one image, repeated interleaved, medians reported:
 
 * ``eager_s``: the base model in PyTorch eager, as users run it;
-* ``dense_s``: the base model in its best dense execution here (BN folded into the convs,
-  channels-last activations): what confidence adaptivity is measured against;
+* ``dense_s``: the base model in its best dense execution here (:func:`fold_for_inference`: BN
+  folded into the convs, channels-last activations, HRNet's fuse layers in one pass each, every
+  conv run by the engine's fastest dense kernel with a ReLU that only reads it fused): what
+  confidence adaptivity is measured against;
+* ``dense_pytorch_s``: the same without the engine's conv kernels (PyTorch's convs and ReLUs),
+  for comparison;
 * ``anytime_s``: the converted model, frozen the same way (:meth:`AnytimeModel.freeze`), running
   every exit with confidence adaptivity in sparse execution, index building included.
 
@@ -72,14 +76,15 @@ class FixedMasks:
         return computed.view(1, 1, *size).expand(logits.shape[0], 1, *size).to(logits.device)
 
 
-def fold_for_inference(model: nn.Module) -> nn.Module:
+def fold_for_inference(model: nn.Module, engine_convs: bool = True) -> nn.Module:
     """The base model as the engine runs it densely: every BN folded into its conv (torch.fx), the
     sums of upsampled branches (HRNet's fuse layers) in one pass each, every conv run by the
     engine's fastest dense kernel for its shape (:class:`~anytimeify.masking.conv.EngineConv2d`)
     with a ReLU that only reads it applied as its output is written, channels-last memory format.
 
     These are the rewrites :meth:`~anytimeify.AnytimeModel.freeze` applies to the unmasked parts of
-    an anytime model, so the dense baseline gets them too.
+    an anytime model, so the dense baseline gets them too. With ``engine_convs=False`` the convs
+    (and the ReLUs after them) stay PyTorch's.
     """
     from torch.fx.experimental.optimization import fuse
 
@@ -87,7 +92,8 @@ def fold_for_inference(model: nn.Module) -> nn.Module:
 
     folded = fuse(model.eval())
     fuse_sums(folded, folded.graph)
-    use_engine_convs(folded, graph=folded.graph)  # ReLUs that only read a conv become its activation
+    if engine_convs:
+        use_engine_convs(folded, graph=folded.graph)  # ReLUs that only read a conv become its activation
     folded.recompile()
     return folded.to(memory_format=torch.channels_last)
 
@@ -106,22 +112,27 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
     base, dense, model, x_cl = _frozen_pair(name, size, skips, threads, seed)
     if model.num_exits - 1 != len(skips):
         raise ValueError(f"{name} has {model.num_exits - 1} early exits; give that many skip fractions, got {list(skips)}")
+    dense_pytorch = fold_for_inference(base, engine_convs=False)
     x = x_cl.contiguous()  # the eager model as users run it: NCHW
     eager_t: List[float] = []
     dense_t: List[float] = []
+    dense_pytorch_t: List[float] = []
     anytime_t: List[float] = []
     with torch.no_grad():
         ref = base(x)
-        err = (dense(x_cl) - ref).abs().max().item() / max(1.0, ref.abs().max().item())
-        if err > 1e-3:
-            raise RuntimeError(f"BN folding changed {name}'s output by {err:.2e} (relative); not comparable")
+        for folded in (dense, dense_pytorch):
+            err = (folded(x_cl) - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+            if err > 1e-3:
+                raise RuntimeError(f"BN folding changed {name}'s output by {err:.2e} (relative); not comparable")
         outs = list(model.anytime(x_cl))  # warm-up, and the counts
         base_paper = anytimeify.flops(base, x).exits[-1].paper_gflops
         for _ in range(reps):
             _median_time(lambda: base(x), eager_t)
             _median_time(lambda: dense(x_cl), dense_t)
+            _median_time(lambda: dense_pytorch(x_cl), dense_pytorch_t)
             _median_time(lambda: list(model.anytime(x_cl)), anytime_t)
-    eager_s, dense_s, anytime_s = (statistics.median(t) for t in (eager_t, dense_t, anytime_t))
+    eager_s, dense_s, dense_pytorch_s, anytime_s = (statistics.median(t) for t in
+                                                    (eager_t, dense_t, dense_pytorch_t, anytime_t))
     anytime_paper = outs[-1].paper_macs / 2 ** 30
     flops_speedup = base_paper / anytime_paper
     speedup = dense_s / anytime_s
@@ -133,12 +144,14 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
         "skips": [round(o.skipped, 4) for o in outs[:-1]],
         "eager_s": round(eager_s, 4),
         "dense_s": round(dense_s, 4),
+        "dense_pytorch_s": round(dense_pytorch_s, 4),
         "anytime_s": round(anytime_s, 4),
         "base_paper_gflops": round(base_paper, 2),
         "anytime_paper_gflops": [round(o.paper_macs / 2 ** 30, 2) for o in outs],
         "flops_speedup": round(flops_speedup, 4),
         "speedup": round(speedup, 4),
         "speedup_vs_eager": round(eager_s / anytime_s, 4),
+        "speedup_vs_pytorch_dense": round(dense_pytorch_s / anytime_s, 4),
         "realisation": round(speedup / flops_speedup, 4),
     }
 

@@ -19,6 +19,8 @@ def test_ca_speedup_reports_the_paper_counts():
     assert result["flops_speedup"] == pytest.approx(result["base_paper_gflops"] / result["anytime_paper_gflops"][-1],
                                                     rel=0.05)
     assert result["speedup"] == pytest.approx(result["dense_s"] / result["anytime_s"], rel=1e-2)
+    assert result["speedup_vs_pytorch_dense"] == pytest.approx(result["dense_pytorch_s"] / result["anytime_s"],
+                                                               rel=1e-2)
     assert result["realisation"] == pytest.approx(result["speedup"] / result["flops_speedup"], rel=1e-2)
 
 
@@ -61,6 +63,12 @@ def test_dense_baseline_gets_the_frozen_models_rewrites():
 
     convs = [m for m in dense.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(isinstance(m, EngineConv2d) for m in convs)
+    # ReLUs that only read a conv are its activation now: none is left in the graph
+    assert any(m.activation == "relu" for m in convs)
+    assert not any(n.op == "call_module" and isinstance(dense.get_submodule(n.target), torch.nn.ReLU)
+                   for n in dense.graph.nodes)
+    plain = fold_for_inference(base, engine_convs=False)
+    assert not any(isinstance(m, EngineConv2d) for m in plain.modules())
     x = torch.randn(1, 3, *SIZE)
     with torch.no_grad():
         ref, got = base(x), dense(x.contiguous(memory_format=torch.channels_last))

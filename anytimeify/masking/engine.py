@@ -353,7 +353,9 @@ class CostModel:
       throughput over the kept positions (counting the padded lanes of its register blocks), a
       little less from 384 input channels on. Its outputs come from the engine's buffer pool,
       while the dense conv's output is a fresh allocation, which costs page faults and zeroing
-      once it is above glibc's 32 MB mmap threshold (``fresh_ns``). The dense conv followed by the
+      once it is above glibc's 32 MB mmap threshold (``fresh_ns``: oneDNN took 40 ms for a 64- to
+      256-channel 1x1 conv at 256x512, the pooled implicit GEMM 13.6 ms; 332 against 252 ms for the
+      W48 head's 720-channel one). The dense conv followed by the
       blend (``mask_ns``: filling the skipped rows and the halo) measured 0.72-0.98 of the plain
       conv, the thin layers (18-36 channels) at the low end. So the implicit GEMM is chosen up to
       a keep fraction of about 0.91-0.94 (0.87 for 384 input channels; 0.96 and more for 1x1
@@ -367,6 +369,8 @@ class CostModel:
       plus the blend at every keep fraction up to 0.9 (18 channels: 1.56x at 0.9). It pays for a
       transposition of its input (``transpose_ns`` per element) and for the partial blocks at the
       ends of runs of kept positions.
+    * the dense strategy runs the fastest of the kernels above (or PyTorch's conv) over every
+      position (see :meth:`dense_costs`, :func:`dense_kernel`) before the blend.
     * the PyTorch gathered conv (``"gather"``, the path without the compiled kernels and for
       grouped convs) breaks even with the dense conv at about 0.45 for a 3x3 conv with 48 channels,
       0.6-0.7 at 96 and 192 channels, 0.8 at 384 and for a 1x1 conv with 720 channels.

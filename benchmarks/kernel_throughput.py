@@ -1,0 +1,99 @@
+"""Throughput of the compiled implicit GEMM against oneDNN's conv over every output position (prints JSON).
+
+For HRNet-W48's and W18-Small-v2's 3x3 branch convs (shapes of a 1024x2048 input), with 1 and 2
+threads: GMAC/s of PyTorch's channels-last conv (oneDNN; the last outputs are kept alive, as in a
+model, so new outputs are not simply the freed ones) and of the engine's implicit GEMMs
+(channel-blocked, and row-vectorised where it can run) writing into one preallocated output.
+``ratio`` is the implicit GEMM's throughput over oneDNN's: how much of the dense kernel's speed
+the masked kernel keeps before any position is skipped. Repetitions are interleaved; medians.
+
+    python benchmarks/kernel_throughput.py
+    python benchmarks/kernel_throughput.py --reps 5 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from anytimeify.masking import _ext
+from anytimeify.masking.conv import conv_geometry
+from anytimeify.masking.engine import _pack_implicit, _pack_rows, rows_layout
+
+#: (channels, height, width) of the 3x3 branch convs at a 1024x2048 input
+LAYERS = [(48, 256, 512), (96, 128, 256), (192, 64, 128), (384, 32, 64), (18, 256, 512), (36, 128, 256),
+          (72, 64, 128)]
+
+
+def measure(channels: int, height: int, width: int, threads: int, reps: int) -> Dict[str, object]:
+    torch.set_num_threads(threads)
+    ext = _ext.load()
+    generator = torch.Generator().manual_seed(channels)
+    x = torch.randn(1, channels, height, width, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(channels, channels, 3, 3, generator=generator).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(channels, generator=generator)
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    rows = torch.arange(height * width)
+    out = torch.empty(height * width, channels)
+    none_i32, none_f32 = torch.empty(0, dtype=torch.int32), torch.empty(0)
+    packed, padded_bias = _pack_implicit(weight.contiguous(), bias)
+    alive: List[torch.Tensor] = []
+
+    def onednn() -> None:
+        alive.append(F.conv2d(x, weight, bias, 1, 1))
+        if len(alive) > 2:
+            alive.pop(0)
+
+    kernels = {
+        "onednn": onednn,
+        "implicit": lambda: ext.implicit_conv(x_nhwc, packed, padded_bias, rows, out, height, width, 3, 3, 1, 1, 1, 1,
+                                              1, 1, False, none_i32, none_f32, none_f32),
+    }
+    layout = rows_layout(conv_geometry(torch.nn.Conv2d(channels, channels, 3, padding=1)))
+    if layout is not None:
+        rows_packed, rows_bias = _pack_rows(weight.contiguous(), bias, *layout)
+        kernels["implicit_rows"] = lambda: ext.implicit_rows(x_nhwc, rows_packed, rows_bias, rows, out, height, width,
+                                                             1, 1, 1, layout[0], False, none_i32, none_f32, none_f32)
+    times: Dict[str, List[float]] = {name: [] for name in kernels}
+    with torch.inference_mode():
+        for fn in kernels.values():
+            fn()
+        for _ in range(reps):
+            for name, fn in kernels.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    macs = height * width * channels * channels * 9
+    gmacs = {name: macs / statistics.median(t) / 1e9 for name, t in times.items()}
+    row: Dict[str, object] = {"layer": f"3x3_{channels}ch_{height}x{width}", "threads": threads}
+    for name, value in gmacs.items():
+        row[f"{name}_gmacs"] = round(value, 1)
+        if name != "onednn":
+            row[f"{name}_ratio"] = round(value / gmacs["onednn"], 3)
+    return row
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps must be at least 1, got {args.reps}")
+    if not _ext.available():
+        print("the compiled kernels are not available (no compiler?); nothing to measure", file=sys.stderr)
+        return 1
+    results = [measure(c, h, w, t, args.reps) for t in args.threads for c, h, w in LAYERS]
+    json.dump({"torch": torch.__version__, "reps": args.reps, "results": results}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
