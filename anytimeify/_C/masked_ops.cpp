@@ -240,6 +240,19 @@ const float* optional_rows(const torch::Tensor& t, int64_t rows, int64_t channel
   return t.data_ptr<float>();
 }
 
+// The optional side rows of an implicit GEMM (slots empty: none): the slot of every output row
+// (-1: none) and the (slots, C_out) matrix of conv + bias values kept for the halo stencil.
+void side_rows_of(const torch::Tensor& slots, torch::Tensor& side, int64_t rows, int64_t cout, const int32_t** slot,
+                  float** side_rows) {
+  if (!slots.defined() || slots.numel() == 0) return;
+  TORCH_CHECK(slots.scalar_type() == torch::kInt32 && slots.is_contiguous() && slots.numel() == rows,
+              "slots must be a contiguous int32 tensor with one entry per row of out");
+  TORCH_CHECK(side.scalar_type() == torch::kFloat32 && side.is_contiguous() && side.dim() == 2 && side.size(1) == cout,
+              "side must be a contiguous float32 (slots, ", cout, ") matrix");
+  *slot = slots.data_ptr<int32_t>();
+  *side_rows = side.data_ptr<float>();
+}
+
 }  // namespace
 
 // A (rows, channels) float32 matrix whose rows not listed in kept_index hold fill (a vector of
@@ -527,17 +540,10 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
   TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == blocks * VB,
               "bias must be a contiguous float32 vector of ", blocks * VB, " values");
   TORCH_CHECK(out.size(0) == x.size(0) * oh * ow, "out has ", out.size(0), " rows, expected ", x.size(0) * oh * ow);
+  const float* res = optional_rows(residual, out.size(0), cout, "residual");
   const int32_t* slot = nullptr;
   float* side_rows = nullptr;
-  const float* res = optional_rows(residual, out.size(0), cout, "residual");
-  if (slots.defined() && slots.numel()) {
-    TORCH_CHECK(slots.scalar_type() == torch::kInt32 && slots.is_contiguous() && slots.numel() == out.size(0),
-                "slots must be a contiguous int32 tensor with one entry per row of out");
-    TORCH_CHECK(side.scalar_type() == torch::kFloat32 && side.is_contiguous() && side.dim() == 2 && side.size(1) == cout,
-                "side must be a contiguous float32 (slots, ", cout, ") matrix");
-    slot = slots.data_ptr<int32_t>();
-    side_rows = side.data_ptr<float>();
-  }
+  side_rows_of(slots, side, out.size(0), cout, &slot, &side_rows);
   std::vector<float> zeros(kw * C, 0.0f);  // one run of taps outside the map
 #define ANYTIMEIFY_IMPLICIT(NV, P)                                                                              \
   implicit_kernel<NV, P>(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), blocks, taps,                  \
@@ -734,17 +740,10 @@ void implicit_rows(const torch::Tensor& x, const torch::Tensor& packed, const to
               "output size ", oh, "x", ow, " does not match a ", kh, "x", kw, " kernel (stride ", sh,
               ", 1) over ", H, "x", W, " with padding ", ph, ", ", pw);
   TORCH_CHECK(out.size(0) == x.size(0) * oh * ow, "out has ", out.size(0), " rows, expected ", x.size(0) * oh * ow);
+  const float* res = optional_rows(residual, out.size(0), cout, "residual");
   const int32_t* slot = nullptr;
   float* side_rows = nullptr;
-  const float* res = optional_rows(residual, out.size(0), cout, "residual");
-  if (slots.defined() && slots.numel()) {
-    TORCH_CHECK(slots.scalar_type() == torch::kInt32 && slots.is_contiguous() && slots.numel() == out.size(0),
-                "slots must be a contiguous int32 tensor with one entry per row of out");
-    TORCH_CHECK(side.scalar_type() == torch::kFloat32 && side.is_contiguous() && side.dim() == 2 && side.size(1) == cout,
-                "side must be a contiguous float32 (slots, ", cout, ") matrix");
-    slot = slots.data_ptr<int32_t>();
-    side_rows = side.data_ptr<float>();
-  }
+  side_rows_of(slots, side, out.size(0), cout, &slot, &side_rows);
 #define ANYTIMEIFY_ROWS(NC)                                                                                    \
   case NC:                                                                                                     \
     rows_kernel<NC>(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), CP, bias.data_ptr<float>(), cout, \

@@ -1049,9 +1049,10 @@ def dense_kernel(geometry: ConvGeometry, batch: int, in_height: int, in_width: i
     return min(costs, key=costs.__getitem__)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def _every_row(positions: int) -> Tensor:
-    """``arange(positions)``: the kept index of an unmasked conv."""
+    """``arange(positions)``: the kept index of an unmasked conv (a few sizes cached: 8 MiB each
+    at 1M positions)."""
     return torch.arange(positions, dtype=torch.int64)
 
 
