@@ -3,7 +3,9 @@
 For HRNet-W48's and W18-Small-v2's 3x3 branch convs (shapes of a 1024x2048 input), with 1 and 2
 threads: GMAC/s of PyTorch's channels-last conv (oneDNN; the last outputs are kept alive, as in a
 model, so new outputs are not simply the freed ones) and of the engine's implicit GEMMs
-(channel-blocked, and row-vectorised where it can run) writing into one preallocated output.
+(channel-blocked, and row-vectorised where it can run) writing into one preallocated output; the
+channel-blocked one in both of its kernels (``implicit``, the engine's choice for 3x3 convs, and
+``implicit_l1``, which keeps partial sums between kernel rows in memory and shares weights in L1).
 ``ratio`` is the implicit GEMM's throughput over oneDNN's: how much of the dense kernel's speed
 the masked kernel keeps before any position is skipped. Repetitions are interleaved; medians.
 
@@ -52,8 +54,12 @@ def measure(channels: int, height: int, width: int, threads: int, reps: int) -> 
 
     kernels = {
         "onednn": onednn,
+        # the kernel the engine runs for a 3x3 conv: accumulators in registers over the kernel rows
         "implicit": lambda: ext.implicit_conv(x_nhwc, packed, padded_bias, rows, out, height, width, 3, 3, 1, 1, 1, 1,
-                                              1, 1, False, none_i32, none_f32, none_f32),
+                                              1, 1, False, none_i32, none_f32, none_f32, 0),
+        # the other one (partial sums between kernel rows in memory, weights shared in L1)
+        "implicit_l1": lambda: ext.implicit_conv(x_nhwc, packed, padded_bias, rows, out, height, width, 3, 3, 1, 1, 1,
+                                                 1, 1, 1, False, none_i32, none_f32, none_f32, 1),
     }
     layout = rows_layout(conv_geometry(torch.nn.Conv2d(channels, channels, 3, padding=1)))
     if layout is not None:

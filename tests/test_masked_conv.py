@@ -524,8 +524,10 @@ def test_extension_kernels_match_pytorch():
     # enough kept positions for several groups of positions per task (weights shared in L1)
     (16, 48, 3, 1, 1, 1, (70, 90)), (24, 32, 3, 1, 1, 2, (70, 90)), (8, 20, 3, 2, 1, 1, (130, 150)),
 ])
-def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padding, dilation, size):
-    """The compiled implicit GEMM writes exactly the conv's kept rows, for every register-block width."""
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padding, dilation, size, variant):
+    """The compiled implicit GEMM writes exactly the conv's kept rows, for every register-block width,
+    in both of its kernels (0: chosen by shape; 1: weights shared in L1; 2: accumulators in registers)."""
     from anytimeify.masking.engine import _pack_implicit, implicit_block
 
     assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
@@ -534,7 +536,7 @@ def test_implicit_gemm_matches_conv2d(in_channels, out_channels, k, stride, padd
     assert packed.shape[-1] == implicit_block(out_channels) and packed.shape[-1] in (16, 32, 48, 64)
     def run(x_nhwc, kept, out, oh, ow, relu, slots, side, residual):
         _ext.load().implicit_conv(x_nhwc, packed, padded_bias, kept, out, oh, ow, k, k, stride, stride, padding,
-                                  padding, dilation, dilation, relu, slots, side, residual)
+                                  padding, dilation, dilation, relu, slots, side, residual, variant)
 
     _check_implicit_kernel(run, weight, bias, size, (stride, stride), (padding, padding), dilation)
 

@@ -380,6 +380,44 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
 
 constexpr int kMaxGroups = 8;
 
+// Write one kept position's accumulators (one block of VB output channels starting at channel c0)
+// into its output row: conv + bias into its side row when it has a slot (the stencil still reads
+// it), then the residual and the ReLU; count: the block's real channels (the rest is padding).
+template <int NV>
+inline void store_block(vec16* acc, int64_t row, int64_t c0, int64_t count, int64_t cout, float* out,
+                        const int32_t* slots, float* side, const float* res, bool relu, float* tail) {
+  constexpr int VB = NV * 16;
+  if (slots != nullptr && slots[row] >= 0) {
+    float* keep = side + int64_t(slots[row]) * cout + c0;
+    for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[v];
+    std::memcpy(keep, tail, sizeof(float) * count);
+  }
+  if (res != nullptr) {
+    const float* rr = res + row * cout + c0;
+    if (count == VB) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[v] += *(const vec16u*)(rr + v * 16);
+    } else {
+      std::memcpy(tail, rr, sizeof(float) * count);
+      for (int v = 0; v < NV; ++v) acc[v] += *(vec16*)(tail + v * 16);
+    }
+  }
+  if (relu) {
+    const vec16 zero = {};
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[v] = acc[v] > zero ? acc[v] : zero;
+  }
+  float* dst = out + row * cout + c0;
+  if (count == VB) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *(vec16u*)(dst + v * 16) = acc[v];
+  } else {
+    for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[v];
+    std::memcpy(dst, tail, sizeof(float) * count);
+  }
+}
+
+
 template <int NV, int P>
 void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* packed, int64_t blocks,
                      int64_t taps, const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out,
@@ -474,39 +512,93 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
             const int64_t count = std::min<int64_t>(VB, cout - cb * VB);
             for (int p = 0; p < P; ++p) {
               const int q = g * P + p;
-              if (!valid[q]) continue;
-              const int64_t row = kept[task * Q + q];
-              if (slots != nullptr && slots[row] >= 0) {  // the stencil still reads it: keep y + shift
-                float* keep = side + int64_t(slots[row]) * cout + cb * VB;
-                for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[p][v];
-                std::memcpy(keep, tail, sizeof(float) * count);
-              }
-              if (res != nullptr) {
-                const float* rr = res + row * cout + cb * VB;
-                if (count == VB) {
-#pragma GCC unroll 4
-                  for (int v = 0; v < NV; ++v) acc[p][v] += *(const vec16u*)(rr + v * 16);
-                } else {
-                  std::memcpy(tail, rr, sizeof(float) * count);
-                  for (int v = 0; v < NV; ++v) acc[p][v] += *(vec16*)(tail + v * 16);
-                }
-              }
-              if (relu) {
-                const vec16 zero = {};
-#pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v) acc[p][v] = acc[p][v] > zero ? acc[p][v] : zero;
-              }
-              float* dst = out + row * cout + cb * VB;
-              if (count == VB) {
-#pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v) *(vec16u*)(dst + v * 16) = acc[p][v];
-              } else {
-                for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[p][v];
-                std::memcpy(dst, tail, sizeof(float) * count);
-              }
+              if (valid[q])
+                store_block<NV>(acc[p], kept[task * Q + q], cb * VB, count, cout, out, slots, side, res, relu, tail);
             }
           }
         }
+      }
+    }
+  });
+}
+
+
+// The same convolution with each group's accumulators in registers over all its runs: no partial
+// sums go to memory between kernel rows, which weighs most where runs are short (48 input channels
+// x 3 taps = 144 floats; benchmarks/kernel_throughput.py compares the two kernels). Every
+// position's run pointers (border runs copied to a zero-padded scratch) are set up before the
+// accumulation, so no call clobbers the registers inside it. Groups of P positions are the
+// parallel tasks.
+template <int NV, int P>
+void implicit_kernel_regs(const float* x, int64_t H, int64_t W, int64_t C, const float* packed, int64_t blocks,
+                          int64_t taps, const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out,
+                          int64_t oh, int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                          int64_t pw, int64_t dh, int64_t dw, const float* zeros, bool relu, const int32_t* slots,
+                          float* side, const float* res) {
+  constexpr int VB = NV * 16;
+  const bool rows_contiguous = dw == 1;
+  const int64_t runs = rows_contiguous ? kh : kh * kw;
+  const int64_t taps_per_run = rows_contiguous ? kw : 1;
+  const int64_t L = taps_per_run * C;
+  const int64_t groups = (n + P - 1) / P;
+  const int64_t oplane = oh * ow;
+  at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+    std::vector<float> scratch(static_cast<size_t>(P) * runs * L);
+    std::vector<const float*> rows(static_cast<size_t>(runs) * P);
+    alignas(64) float tail[VB];
+    for (int64_t g = g0; g < g1; ++g) {
+      bool valid[P];
+      for (int p = 0; p < P; ++p) {
+        const int64_t i = g * P + p;
+        valid[p] = i < n;
+        const int64_t idx = valid[p] ? kept[i] : 0;
+        const int64_t r = idx % oplane;
+        const int64_t by = (r / ow) * sh - ph, bx = (r % ow) * sw - pw;
+        const int64_t plane = (idx / oplane) * H * W;
+        for (int64_t run = 0; run < runs; ++run) {
+          const int64_t ky = rows_contiguous ? run : run / kw;
+          const int64_t kx0 = rows_contiguous ? 0 : run % kw;
+          const int64_t iy = by + ky * dh;
+          const float** slot_ptr = &rows[size_t(run) * P + p];
+          if (!valid[p] || iy < 0 || iy >= H) { *slot_ptr = zeros; continue; }
+          const int64_t ix0 = bx + kx0 * dw;
+          const int64_t ix1 = ix0 + (taps_per_run - 1) * dw;
+          const float* base = x + (plane + iy * W) * C;
+          if (ix0 >= 0 && ix1 < W) { *slot_ptr = base + ix0 * C; continue; }
+          float* sc = scratch.data() + (size_t(p) * runs + run) * L;
+          for (int64_t k = 0; k < taps_per_run; ++k) {
+            const int64_t ix = ix0 + k * dw;
+            if (ix >= 0 && ix < W) std::memcpy(sc + k * C, base + ix * C, sizeof(float) * C);
+            else std::memset(sc + k * C, 0, sizeof(float) * C);
+          }
+          *slot_ptr = sc;
+        }
+      }
+      for (int64_t cb = 0; cb < blocks; ++cb) {
+        vec16 acc[P][NV];
+        const float* bp = bias + cb * VB;
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[p][v] = *(const vec16u*)(bp + v * 16);
+        for (int64_t run = 0; run < runs; ++run) {
+          const float* wp = packed + (cb * taps + run * taps_per_run) * C * VB;
+          const float* const* rp = rows.data() + size_t(run) * P;
+          for (int64_t ci = 0; ci < L; ++ci) {
+            vec16 wv[NV];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) wv[v] = *(const vec16u*)(wp + ci * VB + v * 16);
+#pragma GCC unroll 16
+            for (int p = 0; p < P; ++p) {
+              const float s = rp[p][ci];
+#pragma GCC unroll 4
+              for (int v = 0; v < NV; ++v) acc[p][v] += wv[v] * s;
+            }
+          }
+        }
+        const int64_t count = std::min<int64_t>(VB, cout - cb * VB);
+        for (int p = 0; p < P; ++p)
+          if (valid[p]) store_block<NV>(acc[p], kept[g * P + p], cb * VB, count, cout, out, slots, side, res, relu, tail);
       }
     }
   });
@@ -520,14 +612,19 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
 //   packed  (blocks, taps, C_in, VB) weights, VB in {16, 32, 48, 64}
 //   bias    (blocks * VB) float32 (zero padded)
 //   out     (B * oh * ow, C_out) contiguous float32
+//   variant 0: the kernel by shape (registers over the runs of a kernel with several rows, weights
+//           shared in L1 for one run per position); 1, 2: one of the two (tests, benchmarks)
 void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias,
                    const torch::Tensor& kept_index, torch::Tensor out, int64_t oh, int64_t ow,
                    int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                   bool relu, const torch::Tensor& slots, torch::Tensor side, const torch::Tensor& residual) {
+                   bool relu, const torch::Tensor& slots, torch::Tensor side, const torch::Tensor& residual,
+                   int64_t variant) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 4 && x.is_contiguous(),
               "x must be a contiguous (B, H, W, C) float32 CPU tensor");
   TORCH_CHECK(packed.scalar_type() == torch::kFloat32 && packed.dim() == 4 && packed.is_contiguous(),
               "packed must be a contiguous (blocks, taps, C_in, VB) float32 tensor");
+  TORCH_CHECK(variant >= 0 && variant <= 2, "variant must be 0 (by the kernel's shape), 1 (weights shared in L1) "
+              "or 2 (accumulators in registers over every run), got ", variant);
   check_rows(out, "out");
   check_index(kept_index, "kept_index");
   const int64_t H = x.size(1), W = x.size(2), C = x.size(3);
@@ -545,8 +642,12 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
   float* side_rows = nullptr;
   side_rows_of(slots, side, out.size(0), cout, &slot, &side_rows);
   std::vector<float> zeros(kw * C, 0.0f);  // one run of taps outside the map
+  // several runs per position (a kernel with more than one row or dilated columns): accumulators
+  // stay in registers over all of them; a single run (1x1 convs) shares its weights in L1 across
+  // groups of positions instead
+  const bool regs = variant == 0 ? (dw == 1 ? kh : kh * kw) > 1 : variant == 2;
 #define ANYTIMEIFY_IMPLICIT(NV, P)                                                                              \
-  implicit_kernel<NV, P>(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), blocks, taps,                  \
+  (regs ? implicit_kernel_regs<NV, P> : implicit_kernel<NV, P>)(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), blocks, taps,                  \
                          bias.data_ptr<float>(), cout, kept_index.data_ptr<int64_t>(), kept_index.numel(),        \
                          out.data_ptr<float>(), oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, zeros.data(), relu, slot, \
                          side_rows, res)

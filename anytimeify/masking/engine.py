@@ -993,7 +993,7 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
                     with _kernel("implicit_conv"):
                         ext.implicit_conv(x_nhwc, packed, padded_bias, plan.kept_index, out_flat, out_height, out_width,
                                           *geometry.kernel_size, *geometry.stride, *geometry.padding, *geometry.dilation,
-                                          relu, slots, side, res_arg)
+                                          relu, slots, side, res_arg, 0)
             else:
                 x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
                 _gathered_conv_into(out_flat, x_flat, weights.full_bias, geometry, plan, in_height, in_width,
@@ -1100,7 +1100,7 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: Co
         with _kernel("implicit_conv"):
             ext.implicit_conv(x_nhwc, packed, padded_bias, rows, out_flat, out_height, out_width, *geometry.kernel_size,
                               *geometry.stride, *geometry.padding, *geometry.dilation, relu, none_i32, none_f32,
-                              none_f32)
+                              none_f32, 0)
     return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
 
 
