@@ -91,10 +91,10 @@ def fold_for_inference(model: nn.Module, engine_convs: bool = True) -> nn.Module
     from ._fx.fold import fuse_sums, use_engine_convs
 
     folded = fuse(model.eval())
-    fuse_sums(folded, folded.graph)
+    if fuse_sums(folded, folded.graph):
+        folded.recompile()
     if engine_convs:
         use_engine_convs(folded, graph=folded.graph)  # ReLUs that only read a conv become its activation
-    folded.recompile()
     return folded.to(memory_format=torch.channels_last)
 
 

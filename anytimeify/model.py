@@ -220,10 +220,8 @@ class AnytimeModel(nn.Module):
         rewritten += fuse_sums(program.graph_module, graph)
         # the unmasked convs run the engine's fastest dense kernel (a ReLU that only reads one is
         # applied as it writes), as the dense baseline's do
-        holders = [program.graph_module] + [seg.module for seg in program.segments]
-        before = len(graph.nodes)
-        use_engine_convs(frozen, holders, graph=graph)
-        if rewritten or len(graph.nodes) != before:
+        use_engine_convs(frozen, [program.graph_module] + [seg.module for seg in program.segments], graph=graph)
+        if rewritten:
             program = _rebuild_program(program)
         # a masked conv read only by the next masked conv of the same mask leaves unread rows unwritten
         mark_reader_radii(frozen, program.graph_module.graph)

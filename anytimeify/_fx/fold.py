@@ -67,11 +67,24 @@ def _fusable_relu(module: nn.Module) -> bool:
 
 
 def _fuse_relu(conv: nn.Module) -> bool:
-    """Make a masked conv apply the ReLU that follows it; False where it cannot."""
-    if not isinstance(conv, MaskedConv2d) or conv.activation is not None:
+    """Make a masked or engine conv apply the ReLU that follows it; False where it cannot."""
+    if not isinstance(conv, (MaskedConv2d, EngineConv2d)) or conv.activation is not None:
         return False
-    conv.set_epilogue(shift=conv.shift, activation="relu")
+    if isinstance(conv, MaskedConv2d):
+        conv.set_epilogue(shift=conv.shift, activation="relu")
+    else:
+        conv.activation = "relu"
     return True
+
+
+def _fuse_sequential_relus(seq: nn.Sequential) -> None:
+    """A masked or engine conv followed in a Sequential by a ReLU (identities between) applies it."""
+    for i in range(len(seq) - 1):
+        j = i + 1
+        while j < len(seq) - 1 and type(seq[j]) is nn.Identity:
+            j += 1
+        if _fusable_relu(seq[j]) and _fuse_relu(seq[i]):
+            seq[j] = nn.Identity()
 
 
 def fold_sequential(seq: nn.Sequential) -> int:
@@ -83,14 +96,7 @@ def fold_sequential(seq: nn.Sequential) -> int:
         if pair is not None:
             seq[i], seq[i + 1] = pair
             count += 1
-    for i in range(len(seq) - 1):
-        if not isinstance(seq[i], MaskedConv2d):
-            continue
-        j = i + 1
-        while j < len(seq) - 1 and type(seq[j]) is nn.Identity:
-            j += 1
-        if _fusable_relu(seq[j]) and _fuse_relu(seq[i]):
-            seq[j] = nn.Identity()
+    _fuse_sequential_relus(seq)
     return count
 
 
@@ -108,10 +114,11 @@ def use_engine_convs(root: nn.Module, holders: Iterable[nn.Module] = (), graph: 
     """Swap every plain ``nn.Conv2d`` (zero padding, symmetric) of ``root`` and ``holders`` for an
     :class:`~anytimeify.masking.conv.EngineConv2d` sharing its parameters; returns how many.
 
-    With ``graph`` (the graph calling them, whose modules ``root`` holds), a ReLU that is an engine
-    conv's only reader (through folded BNs) becomes its activation, as for masked convs; the caller
-    recompiles. Run it last: the other rewrites recognise convs by type. A conv reachable from
-    several holders becomes one engine conv in all of them.
+    A ReLU module that is an engine conv's only reader (through folded BNs: in ``graph``, the graph
+    calling them, or next to it in a Sequential) becomes its activation, as for masked convs; the
+    graph keeps its nodes (the ReLU module becomes an identity). Run it last: the other rewrites
+    recognise convs by type. A conv reachable from several holders becomes one engine conv in all
+    of them.
     """
     swapped = {}
     for holder in [root] + list(holders):
@@ -126,47 +133,14 @@ def use_engine_convs(root: nn.Module, holders: Iterable[nn.Module] = (), graph: 
                     continue
                 swapped[id(module)] = new
             _set(holder, path, new)
-    for holder in [root] + list(holders):  # inside leaves (exit heads): Sequential neighbours
+    holders = list(holders)
+    for holder in [root] + holders:  # inside leaves (exit heads): Sequential neighbours
         for module in holder.modules():
             if isinstance(module, nn.Sequential):
                 _fuse_sequential_relus(module)
     if graph is not None:
-        _fuse_engine_relus(root, graph)
+        _fuse_relus(root, graph, holders, _call_counts(graph))
     return len(swapped)
-
-
-def _fuse_sequential_relus(seq: nn.Sequential) -> None:
-    """An engine conv followed in a Sequential by a ReLU (identities between) applies it."""
-    for i in range(len(seq) - 1):
-        if not isinstance(seq[i], EngineConv2d) or seq[i].activation is not None:
-            continue
-        j = i + 1
-        while j < len(seq) - 1 and type(seq[j]) is nn.Identity:
-            j += 1
-        if _fusable_relu(seq[j]):
-            seq[i].activation = "relu"
-            seq[j] = nn.Identity()
-
-
-def _fuse_engine_relus(root: nn.Module, graph: fx.Graph) -> int:
-    """A ReLU (module, function or method) that is the only reader of an engine conv called once
-    (through identities) becomes its activation; returns how many."""
-    calls = _call_counts(graph)
-    fused = 0
-    for node in list(graph.nodes):
-        if node.op != "call_module" or calls.get(node.target) != 1:
-            continue
-        conv = root.get_submodule(str(node.target))
-        if not isinstance(conv, EngineConv2d) or conv.activation is not None:
-            continue
-        chain, user = _through_identities(root, node)
-        if user is None or not _is_relu(root, user):
-            continue
-        conv.activation = "relu"
-        user.replace_all_uses_with(node)
-        graph.erase_node(user)
-        fused += 1
-    return fused
 
 
 def fold_batch_norms(root: nn.Module, graph: fx.Graph, holders: Iterable[nn.Module]) -> List[str]:
@@ -230,12 +204,13 @@ def _through_identities(root: nn.Module, node: fx.Node,
 
 
 def _fuse_relus(root: nn.Module, graph: fx.Graph, holders: List[nn.Module], calls: dict) -> None:
-    """A ReLU module that is the only reader of a masked conv (through folded BNs) becomes its activation."""
+    """A ReLU module that is the only reader of a masked or engine conv (through folded BNs)
+    becomes its activation."""
     for node in list(graph.nodes):
         if node.op != "call_module" or calls.get(node.target) != 1:
             continue
         conv = root.get_submodule(str(node.target))
-        if not isinstance(conv, MaskedConv2d):
+        if not isinstance(conv, (MaskedConv2d, EngineConv2d)):
             continue
         _, user = _through_identities(root, node)
         if user is None or user.op != "call_module" or calls.get(user.target) != 1:

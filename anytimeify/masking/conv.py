@@ -71,6 +71,17 @@ def conv_output_size(conv: nn.Conv2d, height: int, width: int) -> Tuple[int, int
     return conv_geometry(conv).output_size(int(height), int(width))
 
 
+def _cached_layer_weights(conv: nn.Conv2d, shift: Optional[Tensor]) -> LayerWeights:
+    """``conv``'s :class:`LayerWeights` (with ``shift``), cached on it in ``_weights_cache`` and
+    rebuilt when the weight, the bias or the shift changes (storage, in-place version, shape, dtype)."""
+    key = tuple((t.data_ptr(), _version_of(t), tuple(t.shape), t.dtype) if t is not None else None
+                for t in (conv.weight, conv.bias, shift)) + (conv.groups,)
+    cache = conv._weights_cache
+    if cache is None or cache[0] != key:
+        cache = conv._weights_cache = (key, LayerWeights(conv.weight, conv.bias, shift, conv.groups))
+    return cache[1]
+
+
 class MaskedConv2d(nn.Conv2d):
     """A ``Conv2d`` whose output is computed where a mask is 1 and interpolated elsewhere.
 
@@ -247,11 +258,7 @@ class MaskedConv2d(nn.Conv2d):
 
     def _layer_weights(self) -> LayerWeights:
         """The engine's layouts of the weights, rebuilt when a parameter or the shift changes."""
-        key = tuple((t.data_ptr(), _version_of(t), tuple(t.shape), t.dtype) if t is not None else None
-                    for t in (self.weight, self.bias, self.shift)) + (self.groups,)
-        if self._weights_cache is None or self._weights_cache[0] != key:
-            self._weights_cache = (key, LayerWeights(self.weight, self.bias, self.shift, self.groups))
-        return self._weights_cache[1]
+        return _cached_layer_weights(self, self.shift)
 
     def _sparse_forward(self, x: Tensor, mask: Tensor, plan: Optional[MaskPlan],
                         residual: Optional[Tensor] = None) -> Tensor:
@@ -408,11 +415,7 @@ class EngineConv2d(nn.Conv2d):
 
     def _layer_weights(self) -> LayerWeights:
         """The engine's layouts of the weights, rebuilt when a parameter changes."""
-        key = tuple((t.data_ptr(), _version_of(t), tuple(t.shape), t.dtype) if t is not None else None
-                    for t in (self.weight, self.bias))
-        if self._weights_cache is None or self._weights_cache[0] != key:
-            self._weights_cache = (key, LayerWeights(self.weight, self.bias, None, self.groups))
-        return self._weights_cache[1]
+        return _cached_layer_weights(self, None)
 
     def kernel(self, x_shape: Sequence[int]) -> str:
         """The kernel an input of ``x_shape`` runs with the compiled kernels (see

@@ -507,7 +507,7 @@ def rows_layout(geometry: ConvGeometry) -> Optional[Tuple[int, int]]:
     (a multiple of 16 output channels above 16).
 
     The output channels are split into ``chunks`` equal chunks of at most :data:`ROWS_MAX_CHUNK`
-    channels, rounded up to an even ``nc`` of at least 4 (18 channels: 3 x 6; 19: 2 x 10).
+    channels, rounded up to an even ``nc`` of at least 4 (18 and 19 channels: 2 x 10; 72: 6 x 12).
     """
     if geometry.groups != 1 or geometry.stride[1] != 1 or geometry.dilation != (1, 1):
         return None
