@@ -362,7 +362,9 @@ class CostModel:
       convs with outputs above 32 MB, as the W48 and W18 heads').
       With 16-channel register blocks (one vector of accumulators per position) or short
       reduction runs (fewer than ``short_run`` floats per kernel row: 18 input channels x 3 taps)
-      it measured about 0.8 of that (``slow_block_factor``).
+      it measured about 0.8 of that (``slow_block_factor``; measured with partial sums between
+      kernel rows in memory: the kernel that keeps them in registers narrowed the gap, and the
+      factor still ranks the kernels as W18-Small-v2's density sweep does).
     * its row-vectorised form (``"implicit_rows"``, for thin outputs: see :func:`rows_layout`)
       wastes no lanes on padded channels, so on 18-, 36- and 72-channel layers it beat the
       channel-blocked kernel from a keep fraction of about 0.3 / 0.8 / 0.8 on, and the dense conv
