@@ -225,6 +225,9 @@ class AnytimeModel(nn.Module):
             program = _rebuild_program(program)
         # a masked conv read only by the next masked conv of the same mask leaves unread rows unwritten
         mark_reader_radii(frozen, program.graph_module.graph)
+        for module in program.graph_module.modules():  # all kept: the same dense kernels as the rest
+            if isinstance(module, MaskedConv2d):
+                module.engine_dense = True
         object.__setattr__(frozen, "_programs", {False: program, True: program})
         frozen.frozen = True
         frozen._register_counters()

@@ -117,6 +117,7 @@ def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: st
         height, width = height // scale, width // scale
         conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias).to(memory_format=torch.channels_last)
         masked = MaskedConv2d.from_conv(conv, execution="sparse")
+        masked.engine_dense = True  # as in a frozen model: keep 1.0 runs the engine's dense kernel
         engine = EngineConv2d.from_conv(conv).eval()
         x = torch.randn(1, cin, height, width).contiguous(memory_format=torch.channels_last)
         out_h, out_w = conv_output_size(conv, height, width)

@@ -7,6 +7,7 @@ import anytimeify
 from anytimeify import Confidence
 from anytimeify.checkpoint import reference_key
 from anytimeify.masking import MaskedConv2d
+from anytimeify.masking.conv import EngineConv2d
 from anytimeify.masking.engine import MaskPlan, executed_interp_macs, fuse_sum
 from anytimeify.models import hrnet_pose, hrnet_seg
 
@@ -297,7 +298,12 @@ def test_frozen_model_computes_the_same(net, x, with_confidence):
         assert any(node.target is fuse_sum for node in graph.nodes)
         # a masked conv read only by the next masked conv (block conv1 -> conv2) knows how far it looks
         assert any(m.reader_radius == 1 for m in masked)
+        # where a mask keeps everything, the engine's dense kernels run, as for the unmasked convs
+        assert masked and all(m.engine_dense for m in masked)
         assert len(frozen._programs[False].segments) == len(model._programs[False].segments)
+    # the unmasked convs are the engine's, with the ReLUs after them fused
+    engine_convs = [m for m in frozen.modules() if isinstance(m, EngineConv2d)]
+    assert engine_convs and any(m.activation == "relu" for m in engine_convs)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
     # a masked conv whose only reader is a 1x1 conv of the same mask runs no halo stencil
     unread = []

@@ -145,10 +145,13 @@ def conv_cases(draw, max_size: int = 12, rows: bool = False):
 @given(case=conv_cases(), lam=st.sampled_from([3.0, 3.0, 0.5, 1.0, 2.0, 5.0]),
        strategy=st.sampled_from(["auto", "dense", "gather", "implicit", "implicit_rows"]), use_ext=st.booleans(),
        shift=st.booleans(), activation=st.sampled_from([None, "relu"]),
-       residual=st.sampled_from([None, "nchw", "channels_last"]), reader_radius=st.sampled_from([None, None, 0, 1]))
-def test_sparse_equals_dense(case, lam, strategy, use_ext, shift, activation, residual, reader_radius):
+       residual=st.sampled_from([None, "nchw", "channels_last"]), reader_radius=st.sampled_from([None, None, 0, 1]),
+       engine_dense=st.booleans())
+def test_sparse_equals_dense(case, lam, strategy, use_ext, shift, activation, residual, reader_radius,
+                             engine_dense):
     conv, x, mask = case
     masked = MaskedConv2d.from_conv(conv)
+    masked.engine_dense = engine_dense  # all kept: the engine's dense kernels (set by freeze())
     # a conv whose only reader looks within reader_radius of the kept positions (set by freeze())
     # may leave the other rows unwritten: only the rows that reader reads must agree
     masked.reader_radius = reader_radius
@@ -186,7 +189,7 @@ def test_sparse_rows_equals_dense(case, lam, shift, activation, residual, reader
     runs of kept positions longer than a block of 32)."""
     assert _ext.available(), "the masked-conv C++ extension did not build (see the log for the compiler error)"
     test_sparse_equals_dense.hypothesis.inner_test(case, lam, "implicit_rows", True, shift, activation, residual,
-                                                   reader_radius)
+                                                   reader_radius, True)
 
 
 # -------------------------------------------------------------- dense == the formula, written out

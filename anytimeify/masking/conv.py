@@ -107,6 +107,9 @@ class MaskedConv2d(nn.Conv2d):
             positions of the kept ones (0 for a 1x1 conv): the sparse execution then leaves the
             rows that nobody reads unwritten (their content is undefined). None: every row is
             written.
+        engine_dense: set by :meth:`~anytimeify.AnytimeModel.freeze`: where a mask keeps every
+            position, the sparse execution runs the engine's fastest dense kernel (as the frozen
+            model's unmasked convs do) instead of PyTorch's conv.
     """
 
     def __init__(self, *args, execution: str = "dense", **kwargs) -> None:
@@ -121,6 +124,7 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer("shift", None)
         self.activation: Optional[str] = None
         self.reader_radius: Optional[int] = None
+        self.engine_dense = False
         self._weights_cache: Optional[Tuple[Tuple, LayerWeights]] = None
 
     # -------------------------------------------------------------------------------- building
@@ -273,7 +277,7 @@ class MaskedConv2d(nn.Conv2d):
         return sparse_masked_conv2d(
             x, self.weight, self.bias, self.geometry, self.interp_lambda, plan, strategy=self.strategy,
             cost_model=self.cost_model, shift=self.shift, activation=self.activation, weights=self._layer_weights(),
-            residual=residual, reader_radius=self.reader_radius)
+            residual=residual, reader_radius=self.reader_radius, engine_dense=self.engine_dense)
 
     # ------------------------------------------------------------------------------ counting
     def dense_macs(self, x_shape: Sequence[int]) -> int:

@@ -887,7 +887,7 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
                          cost_model: CostModel = DEFAULT_COST_MODEL, use_extension: bool = True,
                          shift: Optional[Tensor] = None, activation: Optional[str] = None,
                          weights: Optional[LayerWeights] = None, residual: Optional[Tensor] = None,
-                         reader_radius: Optional[int] = None) -> Tensor:
+                         reader_radius: Optional[int] = None, engine_dense: bool = False) -> Tensor:
     """Masked conv ``act(y*m + I(y*m)*(1-m) + shift [+ residual])`` computing ``y`` only where needed.
 
     Args:
@@ -913,6 +913,9 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
             1: a 3x3 conv). The compiled path then leaves the rows nobody reads unwritten (0: every
             skipped row; otherwise the rows beyond the interpolation's halo, where the halo is at
             least that wide). None: every row is written.
+        engine_dense: where every position is kept, run the engine's fastest dense kernel
+            (:func:`dense_conv2d`) instead of PyTorch's conv (frozen models; the result then
+            differs from the plain conv by float rounding).
 
     Returns:
         ``(B, C_out, H_out, W_out)`` output in channels-last memory format.
@@ -932,6 +935,11 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
             raise ValueError(f"residual shape {tuple(residual.shape)} does not match the conv output "
                              f"{(batch, out_channels, out_height, out_width)}")
     if plan.kept == positions:  # all kept: the plain conv (same memory format as given)
+        if engine_dense and _ext_for(x, use_extension) is not None:  # the engine's fastest dense kernel
+            y = dense_conv2d(x, weight, weights.full_bias, geometry, weights,
+                             weights.dense_kernel(geometry, x.shape, cost_model),
+                             activation=activation if residual is None else None)
+            return y if residual is None else add_residual(y, residual, activation, use_extension)
         y = F.conv2d(x, weight, weights.full_bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
         if residual is not None:
             return add_residual(y, residual, activation, use_extension)
