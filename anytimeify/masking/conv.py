@@ -430,8 +430,10 @@ class EngineConv2d(nn.Conv2d):
         if self.training or inference_kernels([x, self.weight]) is None:
             y = super().forward(x)
             return torch.relu(y) if self.activation == "relu" else y
-        return dense_conv2d(x, self.weight, self.bias, self._geometry, weights=self._layer_weights(),
-                            kernel=self.kernel(x.shape), activation=self.activation)
+        weights = self._layer_weights()  # one cache lookup for the layouts and the kernel choice
+        return dense_conv2d(x, self.weight, self.bias, self._geometry, weights=weights,
+                            kernel=weights.dense_kernel(self._geometry, x.shape, DEFAULT_COST_MODEL),
+                            activation=self.activation)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
