@@ -94,7 +94,7 @@ def _masked_conv_hook(module: MaskedConv2d, args, output) -> None:
         ledger.executed += macs
         ledger.paper += macs
     else:
-        ledger.executed += module.executed_macs(x.shape, mask, plan)
+        ledger.executed += module.executed_macs(x.shape, mask, plan, execution=module.resolved_execution(x))
         ledger.paper += module.paper_macs(x.shape, mask, plan)
 
 
@@ -247,11 +247,14 @@ class AnytimeModel(nn.Module):
         return self
 
     def set_execution(self, execution: str) -> "AnytimeModel":
-        """Switch every masked conv between ``"dense"`` (training) and ``"sparse"`` (inference)."""
+        """Set how every masked conv runs: ``"auto"`` (dense under autograd, sparse under
+        ``torch.no_grad()``; the default), ``"dense"`` (training, export) or ``"sparse"`` (inference)."""
+        from .masking.criteria import EXECUTIONS
+
         if self.confidence is None:
             raise ValueError("this model has no confidence adaptivity; convert it with confidence=Confidence(...)")
-        if execution not in ("dense", "sparse"):
-            raise ValueError(f"execution must be 'dense' or 'sparse', got {execution!r}")
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         self.confidence.execution = execution
         for module in self.modules():
             if isinstance(module, MaskedConv2d):

@@ -160,6 +160,29 @@ def test_sparse_execution_refuses_gradients(net):
         model(torch.randn(1, 3, 64, 64))
 
 
+def test_auto_execution_is_dense_under_autograd_and_sparse_without(net, x):
+    """The default execution trains (gradients reach the lambdas) and serves sparsely (fewer
+    executed MACs), with the same outputs either way."""
+    assert Confidence().execution == "auto"
+    model = _median_threshold(_ca(net), x)
+    model.train()  # autograd records: the differentiable dense blend
+    outs = model(x)
+    sum(o.float().mean() for o in outs).backward()
+    lambdas = [m.interp_lambda for m in model.modules() if isinstance(m, MaskedConv2d)]
+    assert lambdas and any(p.grad is not None and p.grad.abs().item() > 0 for p in lambdas)
+    model.eval()
+    with torch.no_grad():
+        sparse = list(model.anytime(x))
+    with torch.enable_grad():
+        dense = list(model.anytime(x))
+    assert any(o.skipped > 0 for o in sparse)
+    for s, d in zip(sparse, dense):
+        assert _rel_err(s.logits, d.logits.detach()) < 1e-4
+        assert s.paper_macs == d.paper_macs
+    # the sparse run computed fewer positions than the dense one did (full conv + 7x7 blend)
+    assert sparse[-1].macs < dense[-1].macs
+
+
 def test_switching_confidence_on_after_some_epochs(net, x):
     model = _median_threshold(_ca(net, execution="dense"), x)
     plain = anytimeify.convert(net).eval()

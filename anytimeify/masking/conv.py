@@ -9,6 +9,8 @@ interpolation of :mod:`anytimeify.masking.interp`. Two executions give the same 
 * ``"sparse"``: inference only; the engine (:mod:`anytimeify.masking.engine`) computes the conv
   where ``m = 1`` (or densely, where its cost model says that is faster) and the interpolation
   only on the halo of the kept set.
+* ``"auto"``: ``"dense"`` where autograd records the call (gradients enabled and the input or a
+  parameter requiring them), ``"sparse"`` otherwise.
 """
 from __future__ import annotations
 
@@ -23,14 +25,13 @@ from .engine import (
     ACTIVATIONS, DEFAULT_COST_MODEL, ConvGeometry, CostModel, LayerWeights, MaskPlan, _version_of, resolve_strategy,
     dense_conv2d, executed_interp_macs, implicit_available, inference_kernels, sparse_masked_conv2d,
 )
+from .criteria import EXECUTIONS
 from .interp import INTERP_RADIUS, interpolate
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["MaskedConv2d", "EngineConv2d", "conv_output_size", "conv_geometry", "EXECUTIONS", "INIT_LAMBDA"]
 
-#: executions of a masked conv
-EXECUTIONS = ("dense", "sparse")
 #: initial value of the learnable interpolation parameter (the paper's)
 INIT_LAMBDA = 3.0
 
@@ -95,7 +96,8 @@ class MaskedConv2d(nn.Conv2d):
     ``act(y*m + I(y*m)*(1 - m) + shift)``, and the sparse engine computes all of it in one pass.
 
     Attributes:
-        execution: ``"dense"`` (differentiable oracle) or ``"sparse"`` (inference engine).
+        execution: ``"dense"`` (differentiable oracle), ``"sparse"`` (inference engine) or
+            ``"auto"`` (dense under autograd, sparse otherwise).
         strategy: the sparse engine's per-layer choice: ``"auto"`` (cost model), ``"dense"``,
             ``"gather"``, ``"implicit"`` or ``"implicit_rows"``; a test and benchmarking knob,
             ``"auto"`` is right for real use.
@@ -134,7 +136,7 @@ class MaskedConv2d(nn.Conv2d):
 
         Args:
             conv: a ``nn.Conv2d`` with ``padding_mode="zeros"``.
-            execution: ``"dense"`` or ``"sparse"``.
+            execution: ``"dense"``, ``"sparse"`` or ``"auto"``.
 
         Returns:
             The new module, in ``conv``'s training mode, on its device and dtype.
@@ -157,7 +159,7 @@ class MaskedConv2d(nn.Conv2d):
 
     @property
     def execution(self) -> str:
-        """``"dense"`` or ``"sparse"``."""
+        """``"auto"``, ``"dense"`` or ``"sparse"``."""
         return self._execution
 
     @execution.setter
@@ -165,6 +167,13 @@ class MaskedConv2d(nn.Conv2d):
         if value not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {value!r}")
         self._execution = value
+
+    def resolved_execution(self, x: Optional[Tensor] = None) -> str:
+        """``"dense"`` or ``"sparse"``: how a call on ``x`` runs now (``"auto"`` resolved by the
+        grad mode and by whether ``x`` or a parameter requires gradients)."""
+        if self._execution != "auto":
+            return self._execution
+        return "dense" if self._requires_grad(x) else "sparse"
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", execution={self.execution!r}"
@@ -234,7 +243,7 @@ class MaskedConv2d(nn.Conv2d):
         if mask is None:
             return self._epilogue(self._conv_forward(x, self.weight, self.bias), residual)
         self.check_mask(x.shape, mask)
-        if self._execution == "dense":
+        if self.resolved_execution(x) == "dense":
             return self._dense_forward(x, mask, residual)
         return self._sparse_forward(x, mask, plan, residual)
 
@@ -254,10 +263,10 @@ class MaskedConv2d(nn.Conv2d):
         blended = y_masked + interpolate(y_masked, self.interp_lambda, radius=INTERP_RADIUS) * (1 - m)
         return self._epilogue(blended, residual)
 
-    def _requires_grad(self, x: Tensor) -> bool:
+    def _requires_grad(self, x: Optional[Tensor]) -> bool:
         if not torch.is_grad_enabled():
             return False
-        return x.requires_grad or any(p.requires_grad for p in (self.weight, self.bias, self.interp_lambda)
+        return (x is not None and x.requires_grad) or any(p.requires_grad for p in (self.weight, self.bias, self.interp_lambda)
                                       if p is not None)
 
     def _layer_weights(self) -> LayerWeights:
@@ -269,7 +278,7 @@ class MaskedConv2d(nn.Conv2d):
         if self._requires_grad(x):
             raise RuntimeError(
                 "MaskedConv2d with execution='sparse' is inference only: run it under torch.no_grad() or "
-                "torch.inference_mode(), or set execution='dense' to train")
+                "torch.inference_mode(), or set execution='auto' or 'dense' to train")
         if plan is None:
             plan = MaskPlan(mask)
         else:
@@ -301,7 +310,8 @@ class MaskedConv2d(nn.Conv2d):
         return resolve_strategy(self.strategy, self.geometry, plan, implicit_available(self.geometry, self.weight),
                                 self.cost_model, self.weight.device.type, int(x_shape[0]) * int(x_shape[2]) * int(x_shape[3]))
 
-    def executed_macs(self, x_shape: Sequence[int], mask: Tensor, plan: Optional[MaskPlan] = None) -> int:
+    def executed_macs(self, x_shape: Sequence[int], mask: Tensor, plan: Optional[MaskPlan] = None,
+                      execution: Optional[str] = None) -> int:
         """Multiply-adds this module's current execution really performs (bias excluded).
 
         * ``execution="sparse"``: conv MACs at the positions computed (the kept ones, or all of
@@ -314,6 +324,8 @@ class MaskedConv2d(nn.Conv2d):
             x_shape: input shape ``(B, C_in, H, W)``.
             mask: the mask (or None: nothing masked).
             plan: optional plan of ``mask``.
+            execution: ``"dense"`` or ``"sparse"``, how the call ran (default:
+                :meth:`resolved_execution` without an input).
 
         Returns:
             An exact integer count.
@@ -322,7 +334,7 @@ class MaskedConv2d(nn.Conv2d):
         if mask is None:
             return dense
         self.check_mask(x_shape, mask)
-        if self._execution == "dense":
+        if (execution or self.resolved_execution()) == "dense":
             size = 2 * INTERP_RADIUS + 1
             out_height, out_width = self.geometry.output_size(int(x_shape[2]), int(x_shape[3]))
             return dense + int(x_shape[0]) * self.out_channels * size * size * out_height * out_width

@@ -12,9 +12,11 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["Confidence", "CRITERIA", "computed_mask"]
+__all__ = ["Confidence", "CRITERIA", "EXECUTIONS", "computed_mask"]
 
 CRITERIA = ("max_prob", "entropy", "topk", "random", "heatmap")
+#: executions of masked convs: "auto" is dense under autograd and sparse without it
+EXECUTIONS = ("auto", "dense", "sparse")
 
 CriterionFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -31,8 +33,11 @@ class Confidence:
         criterion: ``"max_prob"``, ``"entropy"``, ``"topk"``, ``"random"``, ``"heatmap"``, or a
             callable mapping logits ``(B, K, h, w)`` to a boolean *computed* mask ``(B, 1, h, w)``
             or ``(B, h, w)``; a callable with two parameters also receives the 0-based exit index.
-        execution: ``"dense"`` (full convolution then blend; differentiable, for training) or
-            ``"sparse"`` (computes only the positions the mask keeps; inference).
+        execution: ``"auto"`` (the default: dense wherever autograd records the computation,
+            sparse under ``torch.no_grad()`` / ``torch.inference_mode()``), ``"dense"`` (full
+            convolution then blend; differentiable, for training and export) or ``"sparse"``
+            (computes only the positions the mask keeps; inference only). Both executions give
+            the same outputs up to float rounding, so ``"auto"`` trains and serves one model.
         fraction: for ``topk`` and ``random``: the fraction of positions to skip after each exit,
             one number for all exits or one per early exit.
         seed: seed of the ``random`` criterion's generator (None: torch's global generator).
@@ -42,7 +47,7 @@ class Confidence:
 
     threshold: float = 0.998
     criterion: Union[str, CriterionFn] = "max_prob"
-    execution: str = "sparse"
+    execution: str = "auto"
     fraction: Union[float, Sequence[float]] = 0.5
     seed: Optional[int] = None
     enabled: bool = True
@@ -53,8 +58,8 @@ class Confidence:
             raise ValueError(f"criterion must be one of {CRITERIA} or a callable, got {self.criterion!r}")
         if not isinstance(self.criterion, str) and not callable(self.criterion):
             raise TypeError(f"criterion must be a name or a callable, got {type(self.criterion).__name__}")
-        if self.execution not in ("dense", "sparse"):
-            raise ValueError(f"execution must be 'dense' or 'sparse', got {self.execution!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold):
             raise ValueError(f"threshold must be a number, got {self.threshold!r}")
         fractions = [self.fraction] if isinstance(self.fraction, (int, float)) else list(self.fraction)

@@ -69,8 +69,9 @@ class MaskDecider(nn.Module):
         self.exit_index = exit_index
 
     def forward(self, logits: torch.Tensor) -> MaskSet:
-        return MaskSet(computed_mask(logits, self.confidence, self.exit_index),
-                       sparse=self.confidence.execution == "sparse")
+        execution = self.confidence.execution
+        sparse = execution == "sparse" or (execution == "auto" and not torch.is_grad_enabled())
+        return MaskSet(computed_mask(logits, self.confidence, self.exit_index), sparse=sparse)
 
     def extra_repr(self) -> str:
         crit = self.confidence.criterion
