@@ -101,7 +101,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_stream(args: argparse.Namespace) -> int:
     import torch
 
     import anytimeify
@@ -153,6 +153,142 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from anytimeify.demo import run_demo
+
+    run_demo(out=args.out, minutes=args.minutes, seed=args.seed, threads=args.threads, retrain=args.retrain,
+             as_json=args.json)
+    return 0
+
+
+def _add_demo(sub) -> None:
+    demo = sub.add_parser(
+        "demo", help="train an anytime HRNet on handwritten-digit scenes (CPU, minutes) and show its exits")
+    demo.add_argument("--minutes", type=float, default=None,
+                      help="training budget in minutes (default 4; the schedule is fitted to it)")
+    demo.add_argument("--out", default="anytimeify-demo", help="output folder (default ./anytimeify-demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    demo.add_argument("--retrain", action="store_true", help="train again even if --out holds a trained model")
+    demo.add_argument("--json", action="store_true",
+                      help="print the result as one JSON object on the last line (no table)")
+    demo.set_defaults(func=cmd_demo)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from anytimeify.train import load_config, run
+
+    cfg = load_config(args.config, _overrides(args))
+    result = run(cfg, resume=args.resume, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = result.evaluations[-1].to_dict() if result.evaluations else None
+        summary = {"out": cfg.out, "steps": result.steps, "epochs": result.epochs,
+                   "seconds": round(result.seconds, 2), "stopped_early": result.stopped_early, "eval": last}
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            from rich.console import Console
+
+            Console().print(f"trained {result.steps} steps in {result.seconds:.0f} s; weights "
+                            f"{os.path.join(cfg.out, 'model.safetensors')}, log {os.path.join(cfg.out, 'log.jsonl')}")
+            if result.evaluations:
+                Console().print(_eval_table([result.evaluations[-1]], "validation after training"))
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> List[str]:
+    overrides = list(args.set or [])
+    if getattr(args, "out", None):
+        overrides.append(f"out={args.out}")
+    return overrides
+
+
+def _add_train(sub) -> None:
+    tr = sub.add_parser("train", help="train an anytime model from a YAML config (also under torchrun)")
+    tr.add_argument("config", help="YAML config (see examples/configs/)")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set optim.lr=0.02 (repeatable)")
+    tr.add_argument("--resume", metavar="PATH", help="continue from a training checkpoint, or 'auto' (the newest "
+                                                     "in <out>/checkpoints)")
+    tr.add_argument("--out", help="run folder (overrides the config's out)")
+    tr.add_argument("--max-minutes", type=float, default=None,
+                    help="stop after this many minutes with a checkpoint (resume later)")
+    tr.add_argument("--json", action="store_true", help="print a JSON summary")
+    tr.set_defaults(func=cmd_train)
+
+
+def _eval_table(reports, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    first = reports[0]
+    keys = [k for k, v in first.exits[0].metrics.items() if isinstance(v, float)]
+    table.add_column("exit", justify="right")
+    for report in reports:
+        tag = " (CA)" if report.confidence else ""
+        for key in keys:
+            table.add_column(f"{key}{tag}", justify="right")
+        table.add_column(f"paper GFLOPs{tag}", justify="right")
+        if report.confidence:
+            table.add_column("skipped", justify="right")
+        table.add_column(f"ms/image{tag}", justify="right")
+    for i in range(len(first.exits)):
+        row = [str(i + 1)]
+        for report in reports:
+            e = report.exits[i]
+            row += [f"{e.metrics[k]:.2f}" for k in keys]
+            row.append(f"{e.paper_gflops:.3f}")
+            if report.confidence:
+                row.append(f"{e.skipped:.2f}" if i < len(first.exits) - 1 else "")
+            row.append(f"{1000 * e.seconds:.1f}")
+        table.add_row(*row)
+    return table
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from anytimeify.train import build_datasets, build_metric, load_config, num_outputs
+    from anytimeify.train import evaluate as evaluate_model
+    from anytimeify.train.checkpointing import load_weights
+    from anytimeify.train.builders import build_model
+
+    cfg = load_config(args.config, _overrides(args))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(cfg)
+    load_weights(model, args.checkpoint)
+    model.eval()
+    _, val_set = build_datasets(cfg)
+    if val_set is None:
+        raise ValueError(f"{args.config} has no data.val; add one (or --set data.val.name=...)")
+    metric = build_metric(cfg, num_outputs(model))
+    if metric is None:
+        raise ValueError("task 'custom' has no built-in metric; evaluate with anytimeify.train.evaluate and your own")
+    settings = [True, False] if model.confidence is not None and not args.no_confidence else [False]
+    reports = [evaluate_model(model, val_set, metric, confidence=ca, batch_size=args.batch_size,
+                              max_images=args.max_images, channels_last=cfg.channels_last) for ca in settings]
+    payload = {"config": args.config, "checkpoint": args.checkpoint, "images": reports[0].images,
+               "reports": [r.to_dict() for r in reports]}
+    title = f"{cfg.model.name}: {reports[0].images} images of {cfg.data.val['name']}"
+    _emit(payload, args.json, args.output, _eval_table(reports, title))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="per-exit metrics, GFLOPs and time of a trained checkpoint")
+    ev.add_argument("config", help="the run's YAML config (its data.val is evaluated)")
+    ev.add_argument("--checkpoint", required=True, help="model.safetensors or a training checkpoint (.pt)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    ev.add_argument("--no-confidence", action="store_true", help="only evaluate with every position computed")
+    ev.add_argument("--batch-size", type=int, default=1, help="images per pass (default 1: per-image times)")
+    ev.add_argument("--max-images", type=int, default=None)
+    ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("--output", help="also write the JSON to this file")
+    ev.set_defaults(func=cmd_eval)
+
+
 def parse_skips(text: str) -> List[float]:
     """``"0.193,0.384,0.630"`` -> ``[0.193, 0.384, 0.63]``."""
     try:
@@ -186,14 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="convert the default HRNet and stream exit after exit on a generated image")
-    demo.add_argument("--model", default="hrnet_w18_small_v2", choices=list_models())
-    demo.add_argument("--head", default="redesigned", choices=["redesigned", "original"])
-    demo.add_argument("--input", type=parse_size, default=(512, 1024), help="HxW (default 512x1024)")
-    demo.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    demo.set_defaults(func=cmd_demo)
+    _add_demo(sub)
+    _add_train(sub)
+    _add_eval(sub)
+
+    stream = sub.add_parser("stream", help="convert a built-in model (random weights) and stream exit after exit "
+                                           "on a generated image")
+    stream.add_argument("--model", default="hrnet_w18_small_v2", choices=list_models())
+    stream.add_argument("--head", default="redesigned", choices=["redesigned", "original"])
+    stream.add_argument("--input", type=parse_size, default=(512, 1024), help="HxW (default 512x1024)")
+    stream.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    stream.add_argument("--seed", type=int, default=0)
+    stream.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stream.set_defaults(func=cmd_stream)
 
     fl = sub.add_parser("flops", help="per-exit cumulative FLOPs (fvcore), GMACs and paper GFLOPs")
     fl.add_argument("model", choices=list_models())
@@ -234,7 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
         print(f"anytimeify {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,4 @@
-"""The command line: demo, inspect, argument errors."""
+"""The command line: stream, inspect, argument errors (demo: test_demo.py; train, eval: test_train_cli.py)."""
 import json
 import subprocess
 import sys
@@ -8,8 +8,8 @@ import pytest
 from anytimeify.cli import main, parse_size, parse_skips, write_atomic
 
 
-def test_demo_streams_every_exit(capsys):
-    assert main(["demo", "--input", "64x128", "--json"]) == 0
+def test_stream_streams_every_exit(capsys):
+    assert main(["stream", "--input", "64x128", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     exits = payload["exits"]
     assert [e["exit"] for e in exits] == [1, 2, 3, 4]
@@ -19,8 +19,8 @@ def test_demo_streams_every_exit(capsys):
     assert [round(256 * e["paper_gflops"], 2) for e in exits] == [23.69, 34.74, 49.87, 73.23]
 
 
-def test_demo_table_runs_as_a_console_script():
-    out = subprocess.run([sys.executable, "-m", "anytimeify.cli", "demo", "--input", "64x64"],
+def test_stream_table_runs_as_a_console_script():
+    out = subprocess.run([sys.executable, "-m", "anytimeify.cli", "stream", "--input", "64x64"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "exit after exit" in out.stdout and "paper GFLOPs" in out.stdout
