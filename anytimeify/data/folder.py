@@ -3,7 +3,7 @@
 This is the layout most segmentation data sets reduce to (and what a later Cityscapes or
 PASCAL-Context loader converts to): ``root/images/NAME.png|jpg`` and ``root/masks/NAME.png``
 (one channel, one class index per pixel, ``ignore_index`` for unlabelled pixels). Files are
-decoded with ``torchvision.io``; a missing or unreadable file raises an error that names it.
+decoded with Pillow; a missing or unreadable file raises an error that names it.
 """
 from __future__ import annotations
 
@@ -26,44 +26,48 @@ class DataFileError(ValueError):
     """A data file exists but cannot be decoded (truncated, not an image, wrong channels)."""
 
 
+def _open(path: Path, what: str):
+    """Open and fully decode an image file with Pillow (truncated files fail here, not later)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataFileError(f"cannot decode {what} file {str(path)!r}: {err}. Is it a complete PNG or JPEG?") from err
+
+
 def read_image(path: Union[str, os.PathLike]) -> torch.Tensor:
-    """Decode an RGB image ``(3, H, W)`` uint8 (a greyscale file is expanded to three channels).
+    """Decode an RGB image ``(3, H, W)`` uint8 (greyscale and palette files are converted to RGB).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         DataFileError: the file cannot be decoded; the message names it.
     """
-    from torchvision.io import ImageReadMode, decode_image
+    import numpy as np
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {str(path)!r} does not exist")
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
-    except Exception as err:  # torchvision raises RuntimeError with the codec's message
-        raise DataFileError(f"cannot decode image file {str(path)!r}: {err}. Is it a complete PNG or JPEG?") from err
+    picture = _open(Path(path), "image").convert("RGB")
+    return torch.from_numpy(np.array(picture, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def read_mask(path: Union[str, os.PathLike]) -> torch.Tensor:
-    """Decode a one-channel label map ``(H, W)`` int64.
+    """Decode a one-channel label map ``(H, W)`` int64 (greyscale, 16-bit or palette PNG: the
+    palette index is the class).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         DataFileError: the file cannot be decoded or has more than one channel.
     """
-    from torchvision.io import ImageReadMode, decode_image
+    import numpy as np
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label file {str(path)!r} does not exist")
-    try:
-        mask = decode_image(str(path), mode=ImageReadMode.UNCHANGED)
-    except Exception as err:
-        raise DataFileError(f"cannot decode label file {str(path)!r}: {err}. Is it a complete PNG?") from err
-    if mask.shape[0] != 1:
-        raise DataFileError(f"label file {str(path)!r} has {mask.shape[0]} channels; a label map has one "
+    picture = _open(Path(path), "label")
+    if picture.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+        raise DataFileError(f"label file {str(path)!r} is a {picture.mode} image; a label map has one channel "
                             "(a class index per pixel, saved as a greyscale or palette PNG)")
-    return mask[0].to(torch.int64)
+    return torch.from_numpy(np.array(picture).astype(np.int64))
 
 
 class ImageMaskFolder(Dataset):

@@ -57,7 +57,7 @@ class TrainResult:
         history: one record per optimiser step of this call: ``step``, ``epoch``, ``lr``, ``loss``,
             ``loss_exits`` (averaged over processes).
         evaluations: the evaluation reports of this call, in order.
-        stopped_early: the ``max_seconds`` budget ended the run before its last step.
+        stopped_early: ``max_seconds`` or ``stop_at`` ended the run before its last step.
     """
 
     steps: int
@@ -133,7 +133,10 @@ class Trainer:
         self.total_steps = config.schedule.iterations or config.schedule.epochs * self.steps_per_epoch
         self.loader = DataLoader(SeededSamples(train_set), batch_size=data.batch_size, sampler=self.sampler,
                                  num_workers=data.workers, pin_memory=data.pin_memory and self.device.type == "cuda",
-                                 drop_last=True, persistent_workers=False)
+                                 drop_last=True, persistent_workers=False,
+                                 # its own generator: creating an iterator must not draw from the global RNG
+                                 # (a resumed run creates one mid-epoch, the uninterrupted run does not)
+                                 generator=torch.Generator().manual_seed(config.seed))
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, self.total_steps, self.steps_per_epoch,
                                          config.optim.lr)
@@ -237,7 +240,8 @@ class Trainer:
             bar.print(f"step {self.step}: {key} per exit {values} (confidence {'on' if report.confidence else 'off'})")
             _logger.info("step %d: %s per exit %s", self.step, key, values)
 
-    def fit(self, resume: Optional[str] = None, max_seconds: Optional[float] = None) -> TrainResult:
+    def fit(self, resume: Optional[str] = None, max_seconds: Optional[float] = None,
+            stop_at: Optional[int] = None) -> TrainResult:
         """Train until ``schedule`` ends (or ``max_seconds`` pass), checkpointing and evaluating.
 
         Args:
@@ -245,6 +249,8 @@ class Trainer:
                 ``<out>/checkpoints``, if any).
             max_seconds: stop after this many seconds of this call (a final checkpoint is written);
                 the schedule is not shortened, so a later ``resume`` continues it.
+            stop_at: stop after this optimiser step (same: checkpoint, resumable), e.g. to train
+                in chunks.
 
         Returns:
             A :class:`TrainResult`.
@@ -264,7 +270,7 @@ class Trainer:
                        "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
                        "device": str(self.device), "config": cfg.to_dict()})
         try:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and (stop_at is None or self.step < stop_at):
                 if self.sample >= self.steps_per_epoch * cfg.optim.grad_accum * cfg.data.batch_size:
                     self.epoch, self.sample = self.epoch + 1, 0  # the last epoch ended exactly at a checkpoint
                     continue
@@ -323,6 +329,7 @@ class Trainer:
                         flag = torch.tensor([1.0 if out_of_time else 0.0], device=self.device)
                         torch.distributed.broadcast(flag, src=0)
                         out_of_time = bool(flag.item())
+                    out_of_time = out_of_time or (stop_at is not None and self.step >= stop_at)
                     if self.step >= self.total_steps or out_of_time:
                         result.stopped_early = out_of_time and self.step < self.total_steps
                         break
