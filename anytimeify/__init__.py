@@ -13,7 +13,19 @@ from .model import AnytimeModel, ExitOutput
 
 __version__ = "0.1.0"
 
+#: subpackages imported on first use (``anytimeify.train`` pulls in torchmetrics and the data pipeline)
+_LAZY = ("train", "data", "metrics", "models")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'anytimeify' has no attribute {name!r}")
+
 __all__ = [
     "convert", "inspect", "Confidence", "MaskedConv2d", "flops", "AnytimeModel", "ExitOutput", "Candidate", "FlopReport", "ExitFlops",
     "register_leaf_module", "register_autowrap_function", "register_stage_adapter", "TraceError",
+    "train", "data", "metrics", "models",
 ]

@@ -192,10 +192,13 @@ class CheckpointConfig:
     Attributes:
         every: write one every this many optimiser steps (0: only at the end).
         keep: how many periodic checkpoints to keep (the newest).
+        at_end: write one when training stops, at its end or early (``max_seconds``, ``stop_at``),
+            so that it can resume; the weights (``model.safetensors``) are written in any case.
     """
 
     every: int = 1000
     keep: int = 2
+    at_end: bool = True
 
 
 @dataclass

@@ -345,7 +345,8 @@ class Trainer:
                             result.evaluations.append(report)
                             self._log_eval(log, bar, report)
             bar.close()
-            self.save_checkpoint()
+            if cfg.checkpoint.at_end:
+                self.save_checkpoint()
             if main:
                 save_weights(self.model, os.path.join(self.out, "model.safetensors"), cfg.to_dict())
             if self.step >= self.total_steps:
