@@ -282,3 +282,11 @@ def test_losses_upsample_weight_and_ignore():
     assert total.item() == 3.0 and [p.item() for p in parts] == [1.0, 1.0]
     with pytest.raises(ValueError, match="exit_weights has 2 values but the model has 3 exits"):
         MultiExitLoss(lambda out, t: out.sum(), exit_weights=[1.0, 2.0])([torch.ones(1)] * 3, None)
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "examples", "configs"))))
+def test_example_configs_are_valid(name):
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", name)
+    cfg = load_config(path)
+    assert cfg.model.name in anytimeify.models.list_models()
+    assert cfg.data.val is not None
