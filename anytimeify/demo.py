@@ -248,7 +248,8 @@ def run_demo(out: str = "anytimeify-demo", minutes: Optional[float] = None, seed
         cfg = demo_config(settings, out, seed, previous["iterations"], threads)
         model = build_model(cfg)
         load_weights(model, weights_path)
-        train_seconds, iterations, stopped_early = previous["train_seconds"], previous["iterations"], False
+        train_seconds, iterations = previous["train_seconds"], previous["iterations"]
+        stopped_early = bool(previous.get("stopped_early", False))
         console.print(f"reusing the model trained in {out} ({iterations} steps, {train_seconds:.0f} s); "
                       "--retrain trains it again")
     else:
