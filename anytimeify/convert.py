@@ -182,7 +182,7 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
         leaf_modules: module classes or qualified names not to trace through.
         autowrap_functions: free functions to keep as single graph nodes.
         align_corners: for the exits' bilinear resizing; default: the model's ``align_corners``
-            attribute, else True.
+            attribute, else False (the ADP-C reference implementation's, and PyTorch's default).
         inplace: reuse ``model``'s modules instead of a deep copy.
 
     Returns:
@@ -201,7 +201,7 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
     base = model if inplace else copy.deepcopy(model)
     probe = _probe_shape(base, input_size)
     if align_corners is None:
-        align_corners = bool(getattr(base, "align_corners", True))
+        align_corners = bool(getattr(base, "align_corners", False))
     width = width or _default_width(base)
 
     graphs = {False: _traced(base, leaf_modules, autowrap_functions, False)}

@@ -21,8 +21,10 @@ __all__ = ["Exit", "fuse_branches", "original_head", "redesigned_head", "HEAD_KI
 HEAD_KINDS = ("original", "redesigned")
 
 
-def fuse_branches(features: List[torch.Tensor], align_corners: bool = True) -> torch.Tensor:
+def fuse_branches(features: List[torch.Tensor], align_corners: bool = False) -> torch.Tensor:
     """Upsample every feature map bilinearly to the first one's size and concatenate (HRNetV2 fusion).
+
+    ``align_corners=False`` is the ADP-C reference implementation's (``get_exit_input``).
 
     For float32 CPU inference the compiled kernel does both in one pass and returns a channels-last
     tensor; otherwise (training, other devices and dtypes, no compiler) PyTorch's ops do, with the
@@ -43,7 +45,7 @@ def fuse_branches(features: List[torch.Tensor], align_corners: bool = True) -> t
 class Upsample2x(nn.Module):
     """Bilinear x2 upsampling of a redesigned head's up step."""
 
-    def __init__(self, align_corners: bool = True):
+    def __init__(self, align_corners: bool = False):
         super().__init__()
         self.align_corners = align_corners
 
@@ -85,7 +87,7 @@ def original_head(in_channels: int, num_classes: int) -> List[nn.Module]:
 
 
 def redesigned_head(in_channels: int, num_classes: int, width: int, depth: int,
-                    align_corners: bool = True) -> List[nn.Module]:
+                    align_corners: bool = False) -> List[nn.Module]:
     """The "redesigned" exit (RH): ``depth`` pool-conv down steps, then ``depth`` upsample-conv up steps.
 
     Down step: 2x2 average pooling (stride 2), 1x1 conv, BN, ReLU (the first conv maps
@@ -123,7 +125,7 @@ class Exit(nn.Sequential):
         output_scale: output size as a fraction of the fused input size, if not 1.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], kind: str, depth: int, align_corners: bool = True,
+    def __init__(self, layers: Sequence[nn.Module], kind: str, depth: int, align_corners: bool = False,
                  output_scale: Optional[Tuple[float, float]] = None):
         super().__init__(*layers)
         self.kind = kind

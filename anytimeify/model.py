@@ -216,7 +216,7 @@ class AnytimeModel(nn.Module):
         # that rewrites the graph, so it is split into segments again
         ends = [name for name in program.mask_names if name is not None] + list(program.exit_names)
         rewritten = fuse_residuals(program.graph_module, graph, barriers=ends)
-        # HRNet's fuse layers (nearest upsampling, the sum of the branches, ReLU): one pass each
+        # HRNet's fuse layers (upsampling, the sum of the branches, ReLU): one pass each
         rewritten += fuse_sums(program.graph_module, graph)
         # the unmasked convs run the engine's fastest dense kernel (a ReLU that only reads one is
         # applied as it writes), as the dense baseline's do

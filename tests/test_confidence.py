@@ -164,7 +164,7 @@ def test_auto_execution_is_dense_under_autograd_and_sparse_without(net, x):
     """The default execution trains (gradients reach the lambdas) and serves sparsely (fewer
     executed MACs), with the same outputs either way."""
     assert Confidence().execution == "auto"
-    model = _median_threshold(_ca(net), x)
+    model = _ca(net, criterion=_top_left_skipped)
     model.train()  # autograd records: the differentiable dense blend
     outs = model(x)
     sum(o.float().mean() for o in outs).backward()
@@ -259,7 +259,10 @@ def test_mask_aware_flops(net, x):
     model = _median_threshold(_ca(net, execution="sparse"), x)
     masked = anytimeify.flops(model, x)
     assert masked.exits[0].macs == ref.exits[0].macs  # exit 1 is never masked
-    assert [e.skipped for e in masked.exits][:1] == [0.5]
+    with torch.no_grad():  # half the positions, less those tied with the median (bilinear borders repeat values)
+        confidence = next(model.anytime(x)).logits.softmax(1).amax(1)
+    confident = float((confidence > model.confidence.threshold).float().mean())
+    assert 0.45 <= confident <= 0.5 and masked.exits[0].skipped == pytest.approx(confident, abs=1e-12)
     for m, r in zip(masked.exits[1:], ref.exits[1:]):
         assert m.paper_gflops < r.paper_gflops
 

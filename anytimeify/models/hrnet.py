@@ -4,11 +4,21 @@ The trunk modules are taken from ``timm.create_model("hrnet_*", pretrained=False
 module names of HRNet-Semantic-Segmentation (``conv1``, ``bn1``, ``conv2``, ``bn2``, ``layer1``,
 ``transition1..3``, ``stage2..4``, and ``last_layer`` for the segmentation head), so backbone
 checkpoints of timm, HRNet-Image-Classification and HRNet-Semantic-Segmentation load by name.
+
+The two networks compute what their reference implementations compute
+(``tests/test_reference_outputs.py`` compares outputs on stored vectors):
+
+* :class:`HRNetSeg` is the segmentation HRNet of the ADP-C reference implementation (and of
+  HRNet-Semantic-Segmentation): a fuse layer upsamples a lower-resolution branch bilinearly
+  (``align_corners=False``), where timm's classification trunk upsamples by nearest neighbour, and
+  the head's branch fusion resizes with ``align_corners=False`` too.
+* :class:`HRNetPose` is the pose HRNet of ``deep-high-resolution-net.pytorch``: nearest-neighbour
+  fuse layers (timm's), and stage 4's last module fuses into branch 0 only.
 """
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import timm
 import torch
@@ -21,7 +31,7 @@ torch.fx.wrap("fuse_branches")
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["HRNetSeg", "HRNetPose", "hrnet_seg", "hrnet_pose", "HRNET_VARIANTS"]
+__all__ = ["HRNetSeg", "HRNetPose", "hrnet_seg", "hrnet_pose", "HRNET_VARIANTS", "FUSE_UPSAMPLING"]
 
 # variant name -> (timm model name, default exit width of the redesigned heads)
 HRNET_VARIANTS: Dict[str, tuple] = {
@@ -74,8 +84,29 @@ class _Trunk(nn.Module):
         return self.stage4(xl)
 
 
+#: how a fuse layer may upsample a lower-resolution branch
+FUSE_UPSAMPLING = ("bilinear", "nearest")
+
+
+def _set_fuse_upsampling(stages: Sequence[nn.Module], mode: str, align_corners: bool) -> int:
+    """Make every fuse layer of ``stages`` upsample with ``mode``; returns how many were set.
+
+    timm's fuse layers end in ``nn.Upsample(scale_factor=2**(j-i), mode="nearest")``; with the
+    input a multiple of 32 (:data:`HRNET_INPUT_DIVISOR`) every branch is exactly that factor
+    smaller, so a scale factor and the reference's explicit target size give the same resize.
+    """
+    count = 0
+    for stage in stages:
+        for module in stage.modules():
+            if isinstance(module, nn.Upsample):
+                module.mode = mode
+                module.align_corners = align_corners if mode == "bilinear" else None
+                count += 1
+    return count
+
+
 class HRNetSeg(_Trunk):
-    """HRNetV2 semantic segmentation network.
+    """HRNetV2 semantic segmentation network, as the ADP-C reference implementation builds it.
 
     Returns logits at a quarter of the input resolution, as HRNet-Semantic-Segmentation does;
     upsample them to the label size for the loss and for evaluation.
@@ -83,15 +114,24 @@ class HRNetSeg(_Trunk):
     Args:
         variant: ``"w18_small_v2"``, ``"w18"``, ``"w32"`` or ``"w48"``.
         num_classes: number of output classes.
-        align_corners: ``align_corners`` of the bilinear branch fusion (HRNet-Seg uses True).
+        align_corners: ``align_corners`` of every bilinear resize: the fuse layers, the head's
+            branch fusion and, through :func:`anytimeify.convert`, the exits' (the reference
+            implementation's False; HRNet-Semantic-Segmentation's later configs use True).
+        fuse_upsampling: how a fuse layer upsamples a lower branch: ``"bilinear"`` (the
+            reference's) or ``"nearest"`` (timm's classification trunk).
     """
 
-    def __init__(self, variant: str = "w48", num_classes: int = 19, align_corners: bool = True):
+    def __init__(self, variant: str = "w48", num_classes: int = 19, align_corners: bool = False,
+                 fuse_upsampling: str = "bilinear"):
         super().__init__()
+        if fuse_upsampling not in FUSE_UPSAMPLING:
+            raise ValueError(f"fuse_upsampling must be one of {FUSE_UPSAMPLING}, got {fuse_upsampling!r}")
         self.variant, timm_name, self.default_exit_width = _variant(variant)
         self.num_classes = num_classes
         self.align_corners = align_corners
+        self.fuse_upsampling = fuse_upsampling
         widths = self._take_trunk(timm_name, multi_scale_output=True)
+        _set_fuse_upsampling([self.stage2, self.stage3, self.stage4], fuse_upsampling, align_corners)
         channels = sum(widths)
         self.last_layer = nn.Sequential(
             nn.Conv2d(channels, channels, 1, bias=True),
@@ -106,16 +146,18 @@ class HRNetSeg(_Trunk):
 
 
 class HRNetPose(_Trunk):
-    """HRNet pose estimation network (SimpleBaseline-style heatmap head on branch 0).
+    """HRNet pose estimation network (``deep-high-resolution-net.pytorch``'s ``pose_hrnet``): a 1x1
+    heatmap conv on branch 0, after a last module that fuses into branch 0 only.
 
-    Returns ``num_joints`` heatmaps at a quarter of the input resolution.
+    Returns ``num_joints`` heatmaps at a quarter of the input resolution. ``align_corners`` is only
+    used by the exits :func:`anytimeify.convert` attaches (False, as ADP-C's).
     """
 
     def __init__(self, variant: str = "w32", num_joints: int = 16):
         super().__init__()
         self.variant, timm_name, self.default_exit_width = _variant(variant)
         self.num_classes = num_joints
-        self.align_corners = True
+        self.align_corners = False
         widths = self._take_trunk(timm_name, multi_scale_output=False)
         self.final_layer = nn.Conv2d(widths[0], num_joints, 1, bias=True)
 
