@@ -28,8 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._machine import machine_info
+
 __all__ = ["clustered_field", "FixedMasks", "fold_for_inference", "ca_speedup", "profile_ops", "layer_profile",
-           "PAPER_SKIPS"]
+           "PAPER_SKIPS", "tune_for", "machine_info"]
 
 #: average fraction of pixels skipped after exits 1, 2, 3 on Cityscapes (REFERENCE.md §5)
 PAPER_SKIPS = (0.193, 0.384, 0.630)
@@ -112,6 +114,7 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
     base, dense, model, x_cl = _frozen_pair(name, size, skips, threads, seed)
     if model.num_exits - 1 != len(skips):
         raise ValueError(f"{name} has {model.num_exits - 1} early exits; give that many skip fractions, got {list(skips)}")
+    tuned = tune_for(size, model, dense)
     dense_pytorch = fold_for_inference(base, engine_convs=False)
     x = x_cl.contiguous()  # the eager model as users run it: NCHW
     eager_t: List[float] = []
@@ -138,6 +141,8 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
     speedup = dense_s / anytime_s
     return {
         "model": name,
+        "machine": machine_info(),
+        "tuned_layer_shapes": tuned,
         "input": [1, 3, *size],
         "threads": threads,
         "reps": reps,
@@ -154,6 +159,17 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
         "speedup_vs_pytorch_dense": round(dense_pytorch_s / anytime_s, 4),
         "realisation": round(speedup / flops_speedup, 4),
     }
+
+
+def tune_for(size: Tuple[int, int], *models: nn.Module) -> int:
+    """Measure the engine's kernel choices for ``models`` at ``size`` on this machine before they
+    are timed (cached; see :mod:`anytimeify.masking.tune`), so no timed run measures a layer. Returns
+    how many layer shapes the cache holds for them (0 with tuning off or no compiled kernels)."""
+    from .masking import _ext, tune
+
+    if tune.tune_mode() == "off" or not _ext.available():
+        return 0
+    return sum(len(tune.tune(m, size).layers) for m in models)
 
 
 def _frozen_pair(name: str, size: Tuple[int, int], skips: Sequence[float], threads: int,
@@ -183,6 +199,7 @@ def profile_ops(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence
     from torch.profiler import ProfilerActivity, profile
 
     _, dense, model, x = _frozen_pair(name, size, skips, threads, seed)
+    tune_for(size, model, dense)
     result = {}
     with torch.no_grad():
         for label, fn in (("dense", lambda: dense(x)), ("anytime", lambda: list(model.anytime(x)))):
@@ -196,7 +213,7 @@ def profile_ops(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence
                 "top_ops": [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count,
                              "share": round(e.self_cpu_time_total / 1e6 / total, 3)} for e in events[:top]],
             }
-    return {"model": name, "input": [1, 3, *size], "threads": threads, **result}
+    return {"model": name, "machine": machine_info(), "input": [1, 3, *size], "threads": threads, **result}
 
 
 def _group_of(name: str) -> str:
@@ -221,6 +238,7 @@ def layer_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequen
     from anytimeify.masking.conv import MaskedConv2d
 
     _, dense, model, x = _frozen_pair(name, size, skips, threads, seed)
+    tune_for(size, model, dense)
 
     def timed(module: nn.Module, run) -> Tuple[List[Dict[str, float]], List[float], Dict[str, dict]]:
         starts: Dict[int, float] = {}
@@ -272,7 +290,7 @@ def layer_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequen
                      "strategies": sorted(entry["strategies"]) if entry else ["plain"]})
     dense_total, any_total = statistics.median(dense_totals), statistics.median(any_totals)
     return {
-        "model": name, "input": [1, 3, *size], "threads": threads, "reps": reps,
+        "model": name, "machine": machine_info(), "input": [1, 3, *size], "threads": threads, "reps": reps,
         "dense_total_s": round(dense_total, 4), "anytime_total_s": round(any_total, 4),
         "convs": rows,
         "dense_other_s": round(dense_total - sum(r["dense_s"] for r in rows), 4),

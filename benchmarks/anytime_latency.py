@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from anytimeify._machine import machine_info
 import anytimeify
 from anytimeify.cli import parse_size
 from anytimeify.models import create_model
@@ -43,6 +44,7 @@ def measure(name: str, size, reps: int, head: str) -> dict:
     per_exit = [statistics.median(t[i] for t in exit_times) for i in range(len(outs))]
     return {
         "model": name,
+        "machine": machine_info(),
         "head": head,
         "input": [1, 3, *size],
         "threads": torch.get_num_threads(),

@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from anytimeify._machine import machine_info
 from anytimeify.exits import fuse_branches
 from anytimeify.masking import _ext
 
@@ -48,6 +49,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     kernel_s, torch_s = (statistics.median(times[k]) for k in ("kernel", "torch"))
     print(json.dumps({
+        "machine": machine_info(),
         "branches": [list(f.shape) for f in features], "threads": args.threads, "reps": args.reps,
         "extension": _ext.available(), "kernel_ms": round(kernel_s * 1e3, 2), "torch_ms": round(torch_s * 1e3, 2),
         "speedup": round(torch_s / kernel_s, 2), "max_abs_difference": error,

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from anytimeify._machine import machine_info
 from anytimeify.masking import _ext  # noqa: E402
 from anytimeify.masking.conv import EngineConv2d, MaskedConv2d, conv_output_size  # noqa: E402
 from anytimeify.masking.engine import STRATEGIES, MaskPlan  # noqa: E402
@@ -181,7 +182,7 @@ def run(quick: bool, rounds: int, strategies: List[str], threads: int, clock: st
                 row[f"speedup_vs_engine{suffix}"] = round(engine_ms / ms, 3)
             results.append(row)
     return {
-        "model": model, "input": [1, 3, 1024 // scale, 2048 // scale], "threads": threads, "clock": clock, "rounds": rounds,
+        "model": model, "machine": machine_info(), "input": [1, 3, 1024 // scale, 2048 // scale], "threads": threads, "clock": clock, "rounds": rounds,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch": torch.__version__, "extension": extension, "results": results,
     }

@@ -11,7 +11,7 @@
 //                  row, with the layer's per-channel shift and ReLU fused in;
 //   fuse_branches  HRNet's branch fusion (bilinear resize + concatenation) in one channels-last pass;
 //   resize_bilinear, avg_pool2x2  the exits' up and down steps, channels-last, into pooled outputs;
-//   fuse_sum       HRNet's fuse layers (nearest upsampling, the sum of the branches, ReLU) in one pass;
+//   fuse_sum       HRNet's fuse layers (nearest or bilinear upsampling, the sum of the branches, ReLU) in one pass;
 //   (outputs of 4 MiB and more come from a pool of reused buffers: see "buffer pool" below)
 //   add_residual   a residual connection (and the ReLU after it) folded into the masked conv's output
 //                  where no other pass can take it (implicit_conv, masked_output and halo_stencil add
@@ -32,7 +32,96 @@
 
 #include <sys/mman.h>
 
+// ------------------------------------------------------------------------------- vector ISA
+// The register blocking of the implicit GEMMs is sized by the target's vector width (AT_LANES
+// floats) and vector register count (AT_REGS), read from the compiler's predefined macros at build
+// time: a block's accumulators must stay in registers, or the kernel spills on every multiply-add
+// (a blocking sized for AVX-512's 32 registers of 16 floats ran at 1.8 GMAC/s on an AVX2 Zen 3,
+// where oneDNN ran at 38-56). ANYTIMEIFY_LANES / ANYTIMEIFY_REGS override both (the tests build the
+// 4-lane, 32-register tables of ARM NEON on x86 that way).
+#if defined(ANYTIMEIFY_LANES)
+#define AT_LANES ANYTIMEIFY_LANES
+#elif defined(__AVX512F__)
+#define AT_LANES 16
+#elif defined(__AVX__)
+#define AT_LANES 8
+#else
+#define AT_LANES 4  // SSE, NEON, or whatever GCC's generic vectors become
+#endif
+#if defined(ANYTIMEIFY_REGS)
+#define AT_REGS ANYTIMEIFY_REGS
+#elif defined(__AVX512F__) || defined(__aarch64__) || defined(__ARM_NEON)
+#define AT_REGS 32
+#else
+#define AT_REGS 16
+#endif
+#if AT_LANES != 4 && AT_LANES != 8 && AT_LANES != 16
+#error "ANYTIMEIFY_LANES must be 4, 8 or 16"
+#endif
+
+#if defined(__AVX512F__)
+#define ANYTIMEIFY_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ANYTIMEIFY_ISA "avx2"
+#elif defined(__AVX__)
+#define ANYTIMEIFY_ISA "avx"
+#elif defined(__aarch64__) || defined(__ARM_NEON)
+#define ANYTIMEIFY_ISA "neon"
+#elif defined(__SSE2__)
+#define ANYTIMEIFY_ISA "sse2"
+#else
+#define ANYTIMEIFY_ISA "generic"
+#endif
+
+// The implicit GEMM's register blocks as X(VB, P): VB output channels (a multiple of AT_LANES) times
+// P positions, so that P x VB/AT_LANES accumulators, VB/AT_LANES weight vectors and a broadcast fit
+// in the registers (at most 24 of 32 or 12 of 16 accumulators).
+#if AT_REGS >= 32 && AT_LANES == 16
+#define ANYTIMEIFY_BLOCKINGS(X) X(16, 14) X(32, 12) X(48, 8) X(64, 6)
+#elif AT_REGS >= 32 && AT_LANES == 8
+#define ANYTIMEIFY_BLOCKINGS(X) X(8, 24) X(16, 12) X(24, 8) X(32, 6)
+#elif AT_REGS >= 32
+#define ANYTIMEIFY_BLOCKINGS(X) X(8, 12) X(12, 8) X(16, 6)
+#elif AT_LANES == 16
+#define ANYTIMEIFY_BLOCKINGS(X) X(16, 6) X(32, 3)
+#elif AT_LANES == 8
+#define ANYTIMEIFY_BLOCKINGS(X) X(8, 12) X(16, 6) X(24, 4)
+#else
+#define ANYTIMEIFY_BLOCKINGS(X) X(4, 12) X(8, 6) X(12, 4)
+#endif
+// The row-vectorised kernel's blocks: 2 vectors of positions times up to NC output channels
+// (2 x NC accumulators).
+#if AT_REGS >= 32
+#define ANYTIMEIFY_ROW_CHUNKS(X) X(4) X(6) X(8) X(10) X(12)
+#define AT_ROWS_MAX_CHUNK 12
+#else
+#define ANYTIMEIFY_ROW_CHUNKS(X) X(4) X(6)
+#define AT_ROWS_MAX_CHUNK 6
+#endif
+
+// A vector loaded once and used by several multiply-adds must stay in a register: with 16 vector
+// registers GCC otherwise folds the load into every FMA that reads it (the implicit GEMM's 24x4
+// AVX2 block then issued 16 loads per 12 FMAs and was load-bound). The empty asm statement makes
+// the value live in a vector register. AVX-512 builds keep the code generation they were measured
+// with.
+#if defined(__AVX512F__) || defined(ANYTIMEIFY_NO_PIN)
+#define ANYTIMEIFY_PIN(v) ((void)0)
+#elif defined(__x86_64__) || defined(__i386__)
+#define ANYTIMEIFY_PIN(v) asm("" : "+x"(v))
+#elif defined(__aarch64__)
+#define ANYTIMEIFY_PIN(v) asm("" : "+w"(v))
+#else
+#define ANYTIMEIFY_PIN(v) ((void)0)
+#endif
+
 namespace {
+
+constexpr int kLanes = AT_LANES;
+
+// AT_LANES floats in one register, aligned and unaligned, and lane indices
+typedef float vec __attribute__((vector_size(4 * AT_LANES)));
+typedef float vecu __attribute__((vector_size(4 * AT_LANES), aligned(4)));
+typedef int32_t veci __attribute__((vector_size(4 * AT_LANES)));
 
 void check_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -279,10 +368,6 @@ void fill_skipped(torch::Tensor out, const torch::Tensor& kept_index, const torc
                 optional_vector(fill, out.size(1), "fill"), nullptr, false);
 }
 
-// 16 floats in one vector (one AVX-512 register; two AVX2 ones), aligned and unaligned.
-typedef float vec16 __attribute__((vector_size(64)));
-typedef float vec16u __attribute__((vector_size(64), aligned(4)));
-
 // The RBF interpolation on the halo rows, in place, with the layer's per-channel shift (kept rows
 // with a slot are read from side[slot], their values before the activation):
 //   out[h[m]] = act( sum_{t: keep[nbr[m,t]]} w[t] * out[nbr[m,t]] + shift * (1 - sum_{t: keep[nbr[m,t]]} w[t])
@@ -342,19 +427,19 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
       float* dst = data + rows[m] * channels;
       const float* r = res ? res + rows[m] * channels : nullptr;
       const float rest = 1.0f - wsum;
-      // 16 channels at a time, the sum over the kept neighbours in one register
-      for (int64_t c0 = 0; c0 < channels; c0 += 16) {
-        const int64_t cn = std::min<int64_t>(16, channels - c0);
-        vec16 acc = {};
-        if (cn == 16) {
-          for (int64_t k = 0; k < used; ++k) acc += wts[k] * *(const vec16u*)(srcs[k] + c0);
-          if (sh) acc += rest * *(const vec16u*)(sh + c0);
-          if (r) acc += *(const vec16u*)(r + c0);
-          if (relu) { const vec16 zero = {}; acc = acc > zero ? acc : zero; }
-          *(vec16u*)(dst + c0) = acc;
+      // one vector of channels at a time, the sum over the kept neighbours in one register
+      for (int64_t c0 = 0; c0 < channels; c0 += kLanes) {
+        const int64_t cn = std::min<int64_t>(kLanes, channels - c0);
+        vec acc = {};
+        if (cn == kLanes) {
+          for (int64_t k = 0; k < used; ++k) acc += wts[k] * *(const vecu*)(srcs[k] + c0);
+          if (sh) acc += rest * *(const vecu*)(sh + c0);
+          if (r) acc += *(const vecu*)(r + c0);
+          if (relu) { const vec zero = {}; acc = acc > zero ? acc : zero; }
+          *(vecu*)(dst + c0) = acc;
           continue;
         }
-        // the last channels (fewer than 16): one scalar sum per channel
+        // the last channels (fewer than a vector): one scalar sum per channel
         for (int64_t c = 0; c < cn; ++c) {
           float v = 0.0f;
           for (int64_t k = 0; k < used; ++k) v += wts[k] * srcs[k][c0 + c];
@@ -372,7 +457,7 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
 // no im2col matrix. The reduction runs over "runs": with dilation 1 along x, the kw taps of one
 // kernel row read kw*C_in consecutive floats of the NHWC input (the packed weights of those taps
 // are consecutive too), so one run is one kernel row; otherwise one tap. A group of P positions and
-// one block of VB = 16*NV output channels keeps its accumulators (P x NV vectors of 16 floats) in
+// one block of VB = NV*AT_LANES output channels keeps its accumulators (P x NV vectors) in
 // registers over a run, broadcasting one input value per position and loading one block of weights
 // per input element. Up to kMaxGroups groups share a run's weights while they are in L1; partial
 // sums between runs go to a small per-thread buffer. Runs that cross the map border are copied to
@@ -384,35 +469,35 @@ constexpr int kMaxGroups = 8;
 // into its output row: conv + bias into its side row when it has a slot (the stencil still reads
 // it), then the residual and the ReLU; count: the block's real channels (the rest is padding).
 template <int NV>
-inline void store_block(vec16* acc, int64_t row, int64_t c0, int64_t count, int64_t cout, float* out,
+inline void store_block(vec* acc, int64_t row, int64_t c0, int64_t count, int64_t cout, float* out,
                         const int32_t* slots, float* side, const float* res, bool relu, float* tail) {
-  constexpr int VB = NV * 16;
+  constexpr int VB = NV * kLanes;
   if (slots != nullptr && slots[row] >= 0) {
     float* keep = side + int64_t(slots[row]) * cout + c0;
-    for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[v];
+    for (int v = 0; v < NV; ++v) *(vec*)(tail + v * kLanes) = acc[v];
     std::memcpy(keep, tail, sizeof(float) * count);
   }
   if (res != nullptr) {
     const float* rr = res + row * cout + c0;
     if (count == VB) {
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[v] += *(const vec16u*)(rr + v * 16);
+      for (int v = 0; v < NV; ++v) acc[v] += *(const vecu*)(rr + v * kLanes);
     } else {
       std::memcpy(tail, rr, sizeof(float) * count);
-      for (int v = 0; v < NV; ++v) acc[v] += *(vec16*)(tail + v * 16);
+      for (int v = 0; v < NV; ++v) acc[v] += *(vec*)(tail + v * kLanes);
     }
   }
   if (relu) {
-    const vec16 zero = {};
+    const vec zero = {};
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[v] = acc[v] > zero ? acc[v] : zero;
   }
   float* dst = out + row * cout + c0;
   if (count == VB) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) *(vec16u*)(dst + v * 16) = acc[v];
+    for (int v = 0; v < NV; ++v) *(vecu*)(dst + v * kLanes) = acc[v];
   } else {
-    for (int v = 0; v < NV; ++v) *(vec16*)(tail + v * 16) = acc[v];
+    for (int v = 0; v < NV; ++v) *(vec*)(tail + v * kLanes) = acc[v];
     std::memcpy(dst, tail, sizeof(float) * count);
   }
 }
@@ -424,7 +509,7 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
                      int64_t oh, int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                      int64_t dh, int64_t dw, const float* zeros, bool relu, const int32_t* slots,
                      float* side, const float* res) {
-  constexpr int VB = NV * 16;
+  constexpr int VB = NV * kLanes;
   constexpr int QMAX = P * kMaxGroups;
   // groups of P positions per task: several share each run's weights while they are in L1, but
   // small layers keep one group per task unless every thread still gets two tasks
@@ -477,25 +562,28 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
               }
               rows[p] = s;
             }
-            vec16 acc[P][NV];
+            vec acc[P][NV];
             float* ab = accbuf.data() + size_t(g) * P * VB;
             if (run == 0) {
               const float* bp = bias + cb * VB;
-#pragma GCC unroll 16
+#pragma GCC unroll 24
               for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v) acc[p][v] = *(const vec16u*)(bp + v * 16);
+                for (int v = 0; v < NV; ++v) acc[p][v] = *(const vecu*)(bp + v * kLanes);
             } else {
-#pragma GCC unroll 16
+#pragma GCC unroll 24
               for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v) acc[p][v] = *(const vec16u*)(ab + (p * NV + v) * 16);
+                for (int v = 0; v < NV; ++v) acc[p][v] = *(const vecu*)(ab + (p * NV + v) * kLanes);
             }
             for (int64_t ci = 0; ci < L; ++ci) {
-              vec16 wv[NV];
+              vec wv[NV];
 #pragma GCC unroll 4
-              for (int v = 0; v < NV; ++v) wv[v] = *(const vec16u*)(wp + ci * VB + v * 16);
-#pragma GCC unroll 16
+              for (int v = 0; v < NV; ++v) {
+                wv[v] = *(const vecu*)(wp + ci * VB + v * kLanes);
+                ANYTIMEIFY_PIN(wv[v]);
+              }
+#pragma GCC unroll 24
               for (int p = 0; p < P; ++p) {
                 const float s = rows[p][ci];
 #pragma GCC unroll 4
@@ -503,10 +591,10 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
               }
             }
             if (run + 1 < runs) {
-#pragma GCC unroll 16
+#pragma GCC unroll 24
               for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v) *(vec16u*)(ab + (p * NV + v) * 16) = acc[p][v];
+                for (int v = 0; v < NV; ++v) *(vecu*)(ab + (p * NV + v) * kLanes) = acc[p][v];
               continue;
             }
             const int64_t count = std::min<int64_t>(VB, cout - cb * VB);
@@ -535,7 +623,7 @@ void implicit_kernel_regs(const float* x, int64_t H, int64_t W, int64_t C, const
                           int64_t oh, int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                           int64_t pw, int64_t dh, int64_t dw, const float* zeros, bool relu, const int32_t* slots,
                           float* side, const float* res) {
-  constexpr int VB = NV * 16;
+  constexpr int VB = NV * kLanes;
   const bool rows_contiguous = dw == 1;
   const int64_t runs = rows_contiguous ? kh : kh * kw;
   const int64_t taps_per_run = rows_contiguous ? kw : 1;
@@ -575,20 +663,23 @@ void implicit_kernel_regs(const float* x, int64_t H, int64_t W, int64_t C, const
         }
       }
       for (int64_t cb = 0; cb < blocks; ++cb) {
-        vec16 acc[P][NV];
+        vec acc[P][NV];
         const float* bp = bias + cb * VB;
-#pragma GCC unroll 16
+#pragma GCC unroll 24
         for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) acc[p][v] = *(const vec16u*)(bp + v * 16);
+          for (int v = 0; v < NV; ++v) acc[p][v] = *(const vecu*)(bp + v * kLanes);
         for (int64_t run = 0; run < runs; ++run) {
           const float* wp = packed + (cb * taps + run * taps_per_run) * C * VB;
           const float* const* rp = rows.data() + size_t(run) * P;
           for (int64_t ci = 0; ci < L; ++ci) {
-            vec16 wv[NV];
+            vec wv[NV];
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) wv[v] = *(const vec16u*)(wp + ci * VB + v * 16);
-#pragma GCC unroll 16
+            for (int v = 0; v < NV; ++v) {
+              wv[v] = *(const vecu*)(wp + ci * VB + v * kLanes);
+              ANYTIMEIFY_PIN(wv[v]);
+            }
+#pragma GCC unroll 24
             for (int p = 0; p < P; ++p) {
               const float s = rp[p][ci];
 #pragma GCC unroll 4
@@ -609,7 +700,7 @@ void implicit_kernel_regs(const float* x, int64_t H, int64_t W, int64_t C, const
 // activation or a residual follows) also keep conv + bias in side[slot] (side: (slots, C_out)),
 // for the halo stencil to read.
 //   x       (B, H, W, C_in) contiguous float32 (channels-last activations)
-//   packed  (blocks, taps, C_in, VB) weights, VB in {16, 32, 48, 64}
+//   packed  (blocks, taps, C_in, VB) weights, VB one of this build's block widths (isa()["blocks"])
 //   bias    (blocks * VB) float32 (zero padded)
 //   out     (B * oh * ow, C_out) contiguous float32
 //   variant 0: the kernel by shape (registers over the runs of a kernel with several rows, weights
@@ -651,22 +742,23 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
                          bias.data_ptr<float>(), cout, kept_index.data_ptr<int64_t>(), kept_index.numel(),        \
                          out.data_ptr<float>(), oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, zeros.data(), relu, slot, \
                          side_rows, res)
+#define ANYTIMEIFY_CASE(WIDTH, P) \
+  case WIDTH: ANYTIMEIFY_IMPLICIT(WIDTH / AT_LANES, P); break;
   switch (VB) {
-    case 16: ANYTIMEIFY_IMPLICIT(1, 14); break;
-    case 32: ANYTIMEIFY_IMPLICIT(2, 12); break;
-    case 48: ANYTIMEIFY_IMPLICIT(3, 8); break;
-    case 64: ANYTIMEIFY_IMPLICIT(4, 6); break;
-    default: TORCH_CHECK(false, "packed block width must be 16, 32, 48 or 64, got ", VB);
+    ANYTIMEIFY_BLOCKINGS(ANYTIMEIFY_CASE)
+    default: TORCH_CHECK(false, "packed block width ", VB, " is not one of this build's (", ANYTIMEIFY_ISA,
+                         ": see isa()['blocks'])");
   }
+#undef ANYTIMEIFY_CASE
 #undef ANYTIMEIFY_IMPLICIT
 }
 
 // ------------------------------------------------------------------ implicit GEMM, thin outputs
 // For convs with few output channels (HRNet-W18's 18- and 36-channel branches, class maps) the
-// channel-blocked kernel above wastes the padded lanes of its 16-channel vectors (18 channels fill
-// 32 lanes). This kernel vectorises over output positions instead: a block of 32 consecutive
-// positions of one output row (two vectors of 16) and NC output channels keep 2 x NC accumulators
-// in registers; each input value vector is reused for NC channels and each broadcast weight for
+// channel-blocked kernel above wastes the padded lanes of its channel vectors (with 16 lanes, 18
+// channels fill 32). This kernel vectorises over output positions instead: a block of 2 x AT_LANES
+// consecutive positions of one output row (two vectors) and NC output channels keep 2 x NC
+// accumulators in registers; each input value vector is reused for NC channels and each broadcast weight for
 // both vectors. It needs the input in planar form along x: every input row a block reads is
 // transposed once into a per-thread ring of kh planar rows (p[ci * PW + ix + pw], zero outside the
 // map), which the next output rows reuse. Stride and dilation along x must be 1 (dilation 1 along
@@ -674,48 +766,50 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
 // Weights are packed (kh, kw, C_in, CP) with CP = chunks * NC output channels, zero padded.
 namespace {
 
-typedef int32_t vec16i __attribute__((vector_size(64)));
-
-// One level of a 16x16 transpose: row r (bit S clear) and row r + S exchange the elements at the
+// One level of a kLanes x kLanes transpose: row r (bit S clear) and row r + S exchange the elements at the
 // columns with bit S set (in r) against those with it clear (in r + S).
 template <int S>
-inline void transpose_level(vec16* m) {
-  vec16i ma, mb;
-  for (int c = 0; c < 16; ++c) {
-    ma[c] = (c & S) ? 16 + c - S : c;
-    mb[c] = (c & S) ? 16 + c : c + S;
+inline void transpose_level(vec* m) {
+  veci ma, mb;
+  for (int c = 0; c < kLanes; ++c) {
+    ma[c] = (c & S) ? kLanes + c - S : c;
+    mb[c] = (c & S) ? kLanes + c : c + S;
   }
-  for (int r = 0; r < 16; ++r) {
+  for (int r = 0; r < kLanes; ++r) {
     if (r & S) continue;
-    const vec16 a = m[r], b = m[r + S];
+    const vec a = m[r], b = m[r + S];
     m[r] = __builtin_shuffle(a, b, ma);
     m[r + S] = __builtin_shuffle(a, b, mb);
   }
 }
 
+// The whole transpose: levels S, S/2, ..., 1.
+template <int S>
+inline void transpose_levels(vec* m) {
+  transpose_level<S>(m);
+  if constexpr (S > 1) transpose_levels<S / 2>(m);
+}
+
 // One channels-last input row (W positions of C floats) as planar rows p[ci * PW + ix + pw], the
-// rest of each planar row zero; 16 x 16 tiles go through registers.
+// rest of each planar row zero; kLanes x kLanes tiles go through registers.
 void planar_row(const float* src, int64_t W, int64_t C, float* p, int64_t PW, int64_t pw) {
   for (int64_t ci = 0; ci < C; ++ci) {
     float* d = p + ci * PW;
     std::memset(d, 0, sizeof(float) * pw);
     std::memset(d + W + pw, 0, sizeof(float) * (PW - W - pw));
   }
-  const int64_t C16 = C & ~int64_t(15), W16 = W & ~int64_t(15);
-  for (int64_t ix0 = 0; ix0 < W16; ix0 += 16) {
-    for (int64_t c0 = 0; c0 < C16; c0 += 16) {
-      vec16 m[16];
-      for (int k = 0; k < 16; ++k) m[k] = *(const vec16u*)(src + (ix0 + k) * C + c0);
-      transpose_level<8>(m);
-      transpose_level<4>(m);
-      transpose_level<2>(m);
-      transpose_level<1>(m);
-      for (int k = 0; k < 16; ++k) *(vec16u*)(p + (c0 + k) * PW + ix0 + pw) = m[k];
+  const int64_t CL = C & ~int64_t(kLanes - 1), WL = W & ~int64_t(kLanes - 1);
+  for (int64_t ix0 = 0; ix0 < WL; ix0 += kLanes) {
+    for (int64_t c0 = 0; c0 < CL; c0 += kLanes) {
+      vec m[kLanes];
+      for (int k = 0; k < kLanes; ++k) m[k] = *(const vecu*)(src + (ix0 + k) * C + c0);
+      transpose_levels<kLanes / 2>(m);
+      for (int k = 0; k < kLanes; ++k) *(vecu*)(p + (c0 + k) * PW + ix0 + pw) = m[k];
     }
-    for (int64_t ix = ix0; ix < ix0 + 16; ++ix)
-      for (int64_t ci = C16; ci < C; ++ci) p[ci * PW + ix + pw] = src[ix * C + ci];
+    for (int64_t ix = ix0; ix < ix0 + kLanes; ++ix)
+      for (int64_t ci = CL; ci < C; ++ci) p[ci * PW + ix + pw] = src[ix * C + ci];
   }
-  for (int64_t ix = W16; ix < W; ++ix)
+  for (int64_t ix = WL; ix < W; ++ix)
     for (int64_t ci = 0; ci < C; ++ci) p[ci * PW + ix + pw] = src[ix * C + ci];
 }
 
@@ -724,8 +818,8 @@ void rows_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* p
                  const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out, int64_t oh,
                  int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t ph, int64_t pw, bool relu,
                  const int32_t* slots, float* side, const float* res) {
-  constexpr int NB = 2;            // vectors of 16 positions per block
-  constexpr int BW = 16 * NB;      // positions per block
+  constexpr int NB = 2;            // vectors of kLanes positions per block
+  constexpr int BW = kLanes * NB;  // positions per block
   const int64_t PW = ow + BW - 1 + kw - 1;  // planar row length: every block reads within it
   // tasks: equal shares of the kept positions (masks are clustered, rows are not equally kept)
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(n / 256, int64_t(at::get_num_threads()) * 8));
@@ -733,7 +827,7 @@ void rows_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* p
     std::vector<float> ring(size_t(kh) * C * PW);
     std::vector<int64_t> tag(kh, -1);  // the input row (b * H + iy) each ring slot holds
     std::vector<const float*> planes(kh);
-    alignas(64) float buf[NB][NC][16];
+    alignas(64) float buf[NB][NC][kLanes];
     for (int64_t task = t0; task < t1; ++task) {
       int64_t i = n * task / tasks;
       const int64_t i_end = n * (task + 1) / tasks;
@@ -763,10 +857,10 @@ void rows_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* p
           }
         }
         for (int64_t c0 = 0; c0 < CP; c0 += NC) {
-          vec16 acc[NB][NC];
+          vec acc[NB][NC];
 #pragma GCC unroll 12
           for (int co = 0; co < NC; ++co)
-            for (int v = 0; v < NB; ++v) acc[v][co] = vec16{} + bias[c0 + co];
+            for (int v = 0; v < NB; ++v) acc[v][co] = vec{} + bias[c0 + co];
           for (int64_t ky = 0; ky < kh; ++ky) {
             const float* p = planes[ky];
             if (p == nullptr) continue;
@@ -774,8 +868,11 @@ void rows_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* p
               const float* pr = p + ci * PW + x0;
               const float* wc = packed + (ky * kw * C + ci) * CP + c0;
               for (int64_t kx = 0; kx < kw; ++kx) {
-                vec16 in[NB];
-                for (int v = 0; v < NB; ++v) in[v] = *(const vec16u*)(pr + kx + 16 * v);
+                vec in[NB];
+                for (int v = 0; v < NB; ++v) {
+                  in[v] = *(const vecu*)(pr + kx + kLanes * v);
+                  ANYTIMEIFY_PIN(in[v]);
+                }
                 const float* wp = wc + kx * C * CP;
 #pragma GCC unroll 12
                 for (int co = 0; co < NC; ++co) {
@@ -787,18 +884,18 @@ void rows_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* p
           }
 #pragma GCC unroll 12
           for (int co = 0; co < NC; ++co)
-            for (int v = 0; v < NB; ++v) *(vec16*)buf[v][co] = acc[v][co];
+            for (int v = 0; v < NB; ++v) *(vec*)buf[v][co] = acc[v][co];
           const int64_t count = std::min<int64_t>(NC, cout - c0);
           for (uint64_t m = lanes; m; m &= m - 1) {
             const int lane = __builtin_ctzll(m);
             const int64_t row = row0 + x0 + lane;
-            const float* block = &buf[lane >> 4][0][lane & 15];
+            const float* block = &buf[lane / kLanes][0][lane % kLanes];
             float* dst = out + row * cout + c0;
             // the stencil still reads this row: keep y + shift before the residual and activation
             float* keep = (slots != nullptr && slots[row] >= 0) ? side + int64_t(slots[row]) * cout + c0 : nullptr;
             const float* rr = res != nullptr ? res + row * cout + c0 : nullptr;
             for (int64_t co = 0; co < count; ++co) {
-              float v = block[co * 16];
+              float v = block[co * kLanes];
               if (keep) keep[co] = v;
               if (rr) v += rr[co];
               dst[co] = relu ? std::max(v, 0.0f) : v;
@@ -818,7 +915,8 @@ void rows_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* p
 // output positions (see above). Arguments as implicit_conv's, except:
 //   packed  (kh, kw, C_in, CP) weights, CP a multiple of nc >= C_out, zero padded
 //   bias    (CP) float32 (zero padded)
-//   nc      output channels per chunk: 4, 6, 8, 10 or 12
+//   nc      output channels per chunk: one of this build's (isa()["row_chunks"]: 4 and 6 with 16
+//           vector registers, up to 12 with 32)
 void implicit_rows(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& bias,
                    const torch::Tensor& kept_index, torch::Tensor out, int64_t oh, int64_t ow, int64_t sh,
                    int64_t ph, int64_t pw, int64_t nc, bool relu, const torch::Tensor& slots, torch::Tensor side,
@@ -852,12 +950,9 @@ void implicit_rows(const torch::Tensor& x, const torch::Tensor& packed, const to
                     sh, ph, pw, relu, slot, side_rows, res);                                                  \
     break;
   switch (nc) {
-    ANYTIMEIFY_ROWS(4)
-    ANYTIMEIFY_ROWS(6)
-    ANYTIMEIFY_ROWS(8)
-    ANYTIMEIFY_ROWS(10)
-    ANYTIMEIFY_ROWS(12)
-    default: TORCH_CHECK(false, "output channels per chunk must be 4, 6, 8, 10 or 12, got ", nc);
+    ANYTIMEIFY_ROW_CHUNKS(ANYTIMEIFY_ROWS)
+    default: TORCH_CHECK(false, "output channels per chunk ", nc, " is not one of this build's (", ANYTIMEIFY_ISA,
+                         ": see isa()['row_chunks'])");
   }
 #undef ANYTIMEIFY_ROWS
 }
@@ -1011,58 +1106,92 @@ void add_residual(torch::Tensor out, const torch::Tensor& residual, bool relu) {
 }
 
 // HRNet's fuse layers: act(t0 + t1' + t2' + ...), the terms added left to right as PyTorch's chain
-// of additions does, where tj' is tj read at rows ys[j] and columns xs[j] (a nearest-neighbour
-// resize; identity indices for a term of the output's size). One pass writes each output row
-// once, instead of one upsampled copy per term plus one pass per addition and one for the ReLU.
+// of additions does, where tj' is tj resized to H x W: nearest neighbour (read at rows ys[j] and
+// columns xs[j]; identity indices for a term of the output's size) or bilinear (rows ys[j][0, y]
+// and ys[j][1, y] weighted yw[j][0, y] and yw[j][1, y], the same along x: the tables of
+// PyTorch's upsample_bilinear2d). One pass writes each output row once, instead of one resized
+// copy per term plus one pass per addition and one for the ReLU.
 //   terms  (B, h_j, w_j, C) contiguous float32 CPU tensors (channels-last activations)
-//   ys, xs int64 source row / column of every output row / column, per term (H and W entries)
+//   ys, xs int64 source rows / columns per term: (H) and (W) for nearest, (2, H) and (2, W) bilinear
+//   yw, xw float32 (2, H) and (2, W) bilinear weights per term; empty tensors for nearest terms
 torch::Tensor fuse_sum(const std::vector<torch::Tensor>& terms, const std::vector<torch::Tensor>& ys,
-                       const std::vector<torch::Tensor>& xs, int64_t H, int64_t W, bool relu) {
-  TORCH_CHECK(!terms.empty() && ys.size() == terms.size() && xs.size() == terms.size(),
-              "fuse_sum needs one row and one column index per term");
+                       const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& yw,
+                       const std::vector<torch::Tensor>& xw, int64_t H, int64_t W, bool relu) {
+  const size_t n = terms.size();
+  TORCH_CHECK(n > 0 && ys.size() == n && xs.size() == n && yw.size() == n && xw.size() == n,
+              "fuse_sum needs row and column indices and weights for every term");
   const int64_t B = terms[0].size(0), C = terms[0].size(3);
-  for (size_t j = 0; j < terms.size(); ++j) {
+  std::vector<bool> bilinear(n);
+  for (size_t j = 0; j < n; ++j) {
     const auto& t = terms[j];
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.dim() == 4 && t.is_contiguous(),
                 "terms must be contiguous (B, H, W, C) float32 CPU tensors");
     TORCH_CHECK(t.size(0) == B && t.size(3) == C, "terms must share the batch size and channels, got ", t.sizes());
     check_index(ys[j], "ys");
     check_index(xs[j], "xs");
-    TORCH_CHECK(ys[j].numel() == H && xs[j].numel() == W, "index vectors must have ", H, " and ", W, " entries");
+    bilinear[j] = yw[j].numel() > 0;
+    const int64_t taps = bilinear[j] ? 2 : 1;
+    TORCH_CHECK(ys[j].numel() == taps * H && xs[j].numel() == taps * W, "index tables must have ", taps, " x ", H,
+                " and ", taps, " x ", W, " entries");
+    if (bilinear[j]) {
+      for (const auto* w : {&yw[j], &xw[j]})
+        TORCH_CHECK(w->scalar_type() == torch::kFloat32 && w->is_contiguous(), "weights must be contiguous float32");
+      TORCH_CHECK(yw[j].numel() == 2 * H && xw[j].numel() == 2 * W, "weight tables must have 2 x ", H, " and 2 x ",
+                  W, " entries");
+    }
     const int64_t* y = ys[j].data_ptr<int64_t>();
     const int64_t* x = xs[j].data_ptr<int64_t>();
-    for (int64_t i = 0; i < H; ++i) TORCH_CHECK(y[i] >= 0 && y[i] < t.size(1), "row index out of range");
-    for (int64_t i = 0; i < W; ++i) TORCH_CHECK(x[i] >= 0 && x[i] < t.size(2), "column index out of range");
+    for (int64_t i = 0; i < taps * H; ++i) TORCH_CHECK(y[i] >= 0 && y[i] < t.size(1), "row index out of range");
+    for (int64_t i = 0; i < taps * W; ++i) TORCH_CHECK(x[i] >= 0 && x[i] < t.size(2), "column index out of range");
   }
   auto out = pooled_empty({B, H, W, C});
   float* dst_base = out.data_ptr<float>();
-  const size_t n = terms.size();
-  std::vector<const float*> data(n);
+  std::vector<const float*> data(n), ywt(n), xwt(n);
   std::vector<const int64_t*> row_of(n), cols(n);
   std::vector<int64_t> heights(n), widths(n);
   for (size_t j = 0; j < n; ++j) {
     data[j] = terms[j].data_ptr<float>();
     row_of[j] = ys[j].data_ptr<int64_t>();
     cols[j] = xs[j].data_ptr<int64_t>();
+    ywt[j] = bilinear[j] ? yw[j].data_ptr<float>() : nullptr;
+    xwt[j] = bilinear[j] ? xw[j].data_ptr<float>() : nullptr;
     heights[j] = terms[j].size(1);
     widths[j] = terms[j].size(2);
   }
   at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<const float*> rows(n);
+    std::vector<const float*> top(n), bottom(n);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / H, y = r % H;
-      for (size_t j = 0; j < n; ++j)
-        rows[j] = data[j] + ((b * heights[j] + row_of[j][y]) * widths[j]) * C;
+      for (size_t j = 0; j < n; ++j) {
+        const float* plane = data[j] + b * heights[j] * widths[j] * C;
+        top[j] = plane + row_of[j][y] * widths[j] * C;
+        bottom[j] = bilinear[j] ? plane + row_of[j][H + y] * widths[j] * C : top[j];
+      }
       float* dst = dst_base + r * W * C;
       for (int64_t x = 0; x < W; ++x) {
         float* o = dst + x * C;
-        const float* a = rows[0] + cols[0][x] * C;
+        for (size_t j = 0; j < n; ++j) {
+          if (!bilinear[j]) {
+            const float* t = top[j] + cols[j][x] * C;
+            if (j == 0) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) o[c] = a[c];
-        for (size_t j = 1; j < n; ++j) {
-          const float* t = rows[j] + cols[j][x] * C;
+              for (int64_t c = 0; c < C; ++c) o[c] = t[c];
+            } else {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) o[c] += t[c];
+              for (int64_t c = 0; c < C; ++c) o[c] += t[c];
+            }
+            continue;
+          }
+          const int64_t x0 = cols[j][x] * C, x1 = cols[j][W + x] * C;
+          const float wt = ywt[j][y], wb = ywt[j][H + y], wl = xwt[j][x], wr = xwt[j][W + x];
+          const float *a = top[j] + x0, *bb = top[j] + x1, *c0 = bottom[j] + x0, *d = bottom[j] + x1;
+          if (j == 0) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = wt * (wl * a[c] + wr * bb[c]) + wb * (wl * c0[c] + wr * d[c]);
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] += wt * (wl * a[c] + wr * bb[c]) + wb * (wl * c0[c] + wr * d[c]);
+          }
         }
         if (relu) {
 #pragma omp simd
@@ -1074,6 +1203,27 @@ torch::Tensor fuse_sum(const std::vector<torch::Tensor>& terms, const std::vecto
   return out;
 }
 
+// What this build targets: the ISA, vector lanes and registers, and the block widths its kernels
+// take (the engine packs weights for them).
+pybind11::dict isa() {
+  pybind11::dict info;
+  info["isa"] = ANYTIMEIFY_ISA;
+  info["lanes"] = AT_LANES;
+  info["registers"] = AT_REGS;
+  pybind11::list blocks, positions, chunks;
+#define ANYTIMEIFY_LIST(WIDTH, P) blocks.append(WIDTH); positions.append(P);
+  ANYTIMEIFY_BLOCKINGS(ANYTIMEIFY_LIST)
+#undef ANYTIMEIFY_LIST
+#define ANYTIMEIFY_LIST(NC) chunks.append(NC);
+  ANYTIMEIFY_ROW_CHUNKS(ANYTIMEIFY_LIST)
+#undef ANYTIMEIFY_LIST
+  info["blocks"] = blocks;
+  info["block_positions"] = positions;
+  info["row_chunks"] = chunks;
+  info["row_block"] = 2 * AT_LANES;
+  return info;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_output", &masked_output, "Output rows holding fill except the kept ones (left uninitialised)");
   m.def("fill_skipped", &fill_skipped, "Rows not kept set to fill, in place");
@@ -1082,7 +1232,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fuse_branches", &fuse_branches, "Bilinear resize of every branch to the first's size, concatenated (NHWC)");
   m.def("resize_bilinear", &resize_bilinear, "Bilinear resize of one map to a given size (NHWC)");
   m.def("avg_pool2x2", &avg_pool2x2, "2x2 average pooling, stride 2 (NHWC)");
-  m.def("fuse_sum", &fuse_sum, "act(sum of nearest-resized terms), HRNet's fuse layers, in one pass (NHWC)");
+  m.def("fuse_sum", &fuse_sum, "act(sum of nearest- or bilinear-resized terms), HRNet's fuse layers, in one pass (NHWC)");
   m.def("pooled_empty", &pooled_empty, "Uninitialised float32 CPU tensor, from the buffer pool when large");
   m.def("set_pool_limit", &set_pool_limit, "Bytes of unused buffers the pool keeps (0: off); returns the previous");
   m.def("set_pool_min_bytes", &set_pool_min_bytes, "Smallest output size taken from the pool; returns the previous");
@@ -1090,4 +1240,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_stats", &pool_stats, "(unused bytes, unused buffers, hits, misses, limit) of the buffer pool");
   m.def("implicit_conv", &implicit_conv, "Convolution at the kept output positions, written into their rows");
   m.def("implicit_rows", &implicit_rows, "implicit_conv vectorised over output positions, for thin outputs");
+  m.def("isa", &isa, "The ISA this build targets: lanes, registers, block widths and row chunks of its kernels");
 }

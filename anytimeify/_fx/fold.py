@@ -21,7 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..exits import Exit
 from ..masking.conv import EngineConv2d, MaskedConv2d
-from ..masking.engine import fuse_sum
+from ..masking.engine import FUSE_SUM_MODES, fuse_sum
 from ..masking.masks import mask_for_conv
 
 __all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals", "mark_reader_radii", "fuse_sums",
@@ -353,18 +353,21 @@ def mark_reader_radii(root: nn.Module, graph: fx.Graph) -> int:
 _RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu)
 
 
-def _nearest_resize(root: nn.Module, node: fx.Node, calls: dict) -> dict | None:
-    """``F.interpolate`` keywords of a nearest ``nn.Upsample`` module node called once, else None."""
+def _fusable_resize(root: nn.Module, node: fx.Node, calls: dict) -> dict | None:
+    """``F.interpolate`` keywords of a nearest or bilinear ``nn.Upsample`` module node called once,
+    else None."""
     if node.op != "call_module" or calls.get(node.target) != 1:
         return None
     module = root.get_submodule(str(node.target))
-    if type(module) is not nn.Upsample or module.mode not in ("nearest", "nearest-exact"):
+    if type(module) is not nn.Upsample or module.mode not in FUSE_SUM_MODES:
         return None
 
     def frozen(value):  # lists become tuples: the resize keys a cache
         return tuple(value) if isinstance(value, list) else value
 
     resize = {"size": frozen(module.size), "scale_factor": frozen(module.scale_factor), "mode": module.mode}
+    if module.mode == "bilinear":
+        resize["align_corners"] = bool(module.align_corners)
     if getattr(module, "recompute_scale_factor", None) is not None:
         resize["recompute_scale_factor"] = module.recompute_scale_factor
     return resize
@@ -386,11 +389,11 @@ def _is_add(node: fx.Node) -> bool:
 
 
 def fuse_sums(root: nn.Module, graph: fx.Graph) -> int:
-    """Rewrite sums of nearest-upsampled tensors (HRNet's fuse layers) into one :func:`fuse_sum` call.
+    """Rewrite sums of upsampled tensors (HRNet's fuse layers) into one :func:`fuse_sum` call.
 
     Pattern: a left-nested chain of additions ``((t0 + t1) + t2) + ...`` (``+`` or ``torch.add``
     without ``alpha``; every inner addition read only by the next), where each term is a tensor or
-    the output of an ``nn.Upsample`` module in a nearest mode (called once, read only by the
+    the output of an ``nn.Upsample`` module in a nearest or bilinear mode (called once, read only by the
     chain), optionally followed by a ReLU that is the last addition's only reader. A single
     addition of two tensors is rewritten only with its ReLU (two passes become one). The fused
     call replaces the last node and reads the upsamples' inputs; the upsample and addition nodes go. Returns how many
@@ -411,7 +414,7 @@ def fuse_sums(root: nn.Module, graph: fx.Graph) -> int:
         operands = [adds[0].args[0]] + [a.args[1] for a in adds]
         terms, resizes, upsamples = [], [], []
         for operand in operands:
-            resize = _nearest_resize(root, operand, calls) if len(operand.users) == 1 else None
+            resize = _fusable_resize(root, operand, calls) if len(operand.users) == 1 else None
             if resize is not None and isinstance(operand.args[0], fx.Node) and not operand.kwargs:
                 terms.append(operand.args[0])
                 resizes.append(resize)

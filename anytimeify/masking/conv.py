@@ -98,8 +98,9 @@ class MaskedConv2d(nn.Conv2d):
     Attributes:
         execution: ``"dense"`` (differentiable oracle), ``"sparse"`` (inference engine) or
             ``"auto"`` (dense under autograd, sparse otherwise).
-        strategy: the sparse engine's per-layer choice: ``"auto"`` (cost model), ``"dense"``,
-            ``"gather"``, ``"implicit"`` or ``"implicit_rows"``; a test and benchmarking knob,
+        strategy: the sparse engine's per-layer choice: ``"auto"`` (measured on this machine,
+            see :mod:`anytimeify.masking.tune`, else the cost model), ``"dense"``, ``"gather"``,
+            ``"implicit"``, ``"implicit_rows"`` or ``"pytorch"``; a test and benchmarking knob,
             ``"auto"`` is right for real use.
         cost_model: the estimates ``"auto"`` decides with.
         shift: ``(C_out,)`` buffer added after the blend, or None.
@@ -298,8 +299,8 @@ class MaskedConv2d(nn.Conv2d):
         """The strategy the sparse execution takes for this input and mask.
 
         Returns:
-            ``"plain"`` (all kept), ``"zeros"`` (all skipped), ``"dense"``, ``"gather"``,
-            ``"implicit"`` or ``"implicit_rows"``.
+            ``"plain"`` (all kept), ``"zeros"`` (all skipped), ``"dense"`` (a dense conv then the
+            blend, the engine's or PyTorch's), ``"gather"``, ``"implicit"`` or ``"implicit_rows"``.
         """
         self.check_mask(x_shape, mask)
         plan = plan if plan is not None else MaskPlan(mask)
@@ -307,8 +308,10 @@ class MaskedConv2d(nn.Conv2d):
             return "plain"
         if plan.kept == 0:
             return "zeros"
-        return resolve_strategy(self.strategy, self.geometry, plan, implicit_available(self.geometry, self.weight),
-                                self.cost_model, self.weight.device.type, int(x_shape[0]) * int(x_shape[2]) * int(x_shape[3]))
+        strategy = resolve_strategy(self.strategy, self.geometry, plan, implicit_available(self.geometry, self.weight),
+                                    self.cost_model, self.weight.device.type,
+                                    int(x_shape[0]) * int(x_shape[2]) * int(x_shape[3]), (int(x_shape[2]), int(x_shape[3])))
+        return "dense" if strategy == "pytorch" else strategy
 
     def executed_macs(self, x_shape: Sequence[int], mask: Tensor, plan: Optional[MaskPlan] = None,
                       execution: Optional[str] = None) -> int:

@@ -30,7 +30,7 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -44,14 +44,33 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "MaskPlan", "IndexCache", "ConvGeometry", "CostModel", "DEFAULT_COST_MODEL", "choose_strategy",
     "sparse_masked_conv2d", "halo_stencil", "STRATEGIES", "ACTIVATIONS", "LayerWeights", "implicit_available", "add_residual",
-    "implicit_block", "rows_layout", "resolve_strategy", "dense_conv2d", "dense_kernel", "fuse_sum", "buffer_pool_stats", "set_buffer_pool_limit", "release_buffers",
+    "implicit_block", "rows_layout", "kernel_isa", "DEFAULT_ISA", "resolve_strategy", "dense_conv2d", "dense_kernel", "fuse_sum", "buffer_pool_stats", "set_buffer_pool_limit", "release_buffers",
 ]
 
-#: execution strategies of the sparse engine ("auto" lets the cost model choose)
-STRATEGIES = ("auto", "dense", "gather", "implicit", "implicit_rows")
+#: execution strategies of the sparse engine ("auto": the measured choice of this machine, see
+#: :mod:`anytimeify.masking.tune`, else the cost model's; "pytorch": PyTorch's conv and blend, no
+#: compiled kernel)
+STRATEGIES = ("auto", "dense", "gather", "implicit", "implicit_rows", "pytorch")
 
-#: most output channels per chunk of the row-vectorised implicit GEMM (2 x 12 accumulators)
-ROWS_MAX_CHUNK = 12
+#: what the kernels are built for when none are loaded (the AVX-512 build's tables): block widths
+#: of the implicit GEMM, output channels per chunk and positions per block of the row kernel
+DEFAULT_ISA = {"isa": "none", "lanes": 16, "registers": 32, "blocks": [16, 32, 48, 64],
+               "block_positions": [14, 12, 8, 6], "row_chunks": [4, 6, 8, 10, 12], "row_block": 32}
+
+
+def kernel_isa(ext=None) -> dict:
+    """What the compiled kernels (``ext``, default: the loaded ones) are built for: ``isa``
+    (``"avx512"``, ``"avx2"``, ``"neon"``, ...), vector ``lanes`` and ``registers``, the implicit
+    GEMM's block widths (``blocks``) and the row kernel's chunks (``row_chunks``) and positions per
+    block (``row_block``); :data:`DEFAULT_ISA` without compiled kernels."""
+    ext = ext if ext is not None else _extension()
+    if ext is None:
+        return DEFAULT_ISA
+    info = getattr(ext, "_anytimeify_isa", None)
+    if info is None:
+        info = dict(ext.isa())
+        ext._anytimeify_isa = info
+    return info
 
 
 def conv_output_hw(height: int, width: int, kernel_size: Tuple[int, int], stride: Tuple[int, int],
@@ -402,7 +421,9 @@ class CostModel:
         slow_block_factor: its throughput with 16-channel blocks or short runs, relative.
         rows_gmacs: throughput of the row-vectorised implicit GEMM (before the chunk factor, see
             :meth:`rows_cost`).
-        rows_block: positions per block of the row-vectorised kernel.
+        rows_block: positions per block of the row-vectorised kernel (0: the ISA's).
+        isa: the kernels' ISA, as :func:`kernel_isa` describes it (None: the loaded kernels'); it
+            sets the register blocks, the vector lanes and the row kernel's chunks.
         transpose_ns: cost per input element of its transposition.
     """
 
@@ -422,15 +443,22 @@ class CostModel:
     short_run: int = 64
     slow_block_factor: float = 0.8
     rows_gmacs: float = 66.0
-    rows_block: int = 32
+    rows_block: int = 0
     transpose_ns: float = 0.4
+    isa: Optional[dict] = field(default=None, compare=False)
+
+    def kernels(self) -> dict:
+        """The kernels' ISA the estimates are for (``isa``, else the loaded kernels': see
+        :func:`kernel_isa`)."""
+        return self.isa if self.isa is not None else kernel_isa()
 
     def dense_rate(self, geometry: ConvGeometry) -> float:
         """Throughput of the dense conv (GMAC/s): oneDNN computes output channels in blocks of 16
         lanes, so a partial last block costs a full one (measured at 18 / 36 / 72 channels: 0.42 /
         0.57 / 0.79 of the rate of 48 or 96; the padding alone explains 0.56 / 0.75 / 0.9)."""
         channels = geometry.out_channels
-        return self.dense_gmacs * channels / (-(-channels // 16) * 16)
+        lanes = self.kernels()["lanes"]
+        return self.dense_gmacs * channels / (-(-channels // lanes) * lanes)
 
     def dense_costs(self, geometry: ConvGeometry, positions: int, compiled: bool = True,
                     in_positions: Optional[int] = None, out_rows: int = 0) -> Dict[str, float]:
@@ -471,10 +499,11 @@ class CostModel:
         """Estimated ns of the compiled implicit GEMM at ``kept`` of ``positions`` output positions."""
         macs = kept * geometry.macs_per_output()
         # output channels are computed in register blocks: a partial last block costs a full one
-        block = implicit_block(geometry.out_channels)
+        isa = self.kernels()
+        block = implicit_block(geometry.out_channels, isa["blocks"])
         macs = macs * (-(-geometry.out_channels // block) * block) / geometry.out_channels
         rate = self.implicit_wide_gmacs if geometry.in_channels >= self.wide_channels else self.implicit_gmacs
-        if block == 16 or geometry.in_channels * geometry.kernel_size[1] < self.short_run:
+        if block == isa["lanes"] or geometry.in_channels * geometry.kernel_size[1] < self.short_run:
             rate *= self.slow_block_factor
         return macs / rate + (positions - kept) * geometry.out_channels * self.zero_ns
 
@@ -488,11 +517,13 @@ class CostModel:
         vector), and every input element is transposed once (``transpose_ns``; ``in_positions``:
         ``B*H_in*W_in``, by default ``positions``).
         """
-        layout = rows_layout(geometry)
+        isa = self.kernels()
+        layout = rows_layout(geometry, max(isa["row_chunks"]))
         if layout is None:
             return math.inf
         chunk, chunks = layout
-        computed = min(positions, kept + runs * self.rows_block // 2)
+        rows_block = self.rows_block or isa["row_block"]
+        computed = min(positions, kept + runs * rows_block // 2)
         macs = computed * geometry.in_channels * geometry.taps * chunk * chunks
         rate = self.rows_gmacs * chunk / (chunk + 2)
         inputs = (positions if in_positions is None else in_positions) * geometry.in_channels
@@ -503,19 +534,23 @@ class CostModel:
 DEFAULT_COST_MODEL = CostModel()
 
 
-def rows_layout(geometry: ConvGeometry) -> Optional[Tuple[int, int]]:
+def rows_layout(geometry: ConvGeometry, max_chunk: Optional[int] = None) -> Optional[Tuple[int, int]]:
     """``(nc, chunks)`` of the row-vectorised implicit GEMM for this conv, or None where it cannot
     run (it needs groups 1, stride and dilation 1 along x and dilation 1 along y) or never pays
     (a multiple of 16 output channels above 16).
 
-    The output channels are split into ``chunks`` equal chunks of at most :data:`ROWS_MAX_CHUNK`
-    channels, rounded up to an even ``nc`` of at least 4 (18 and 19 channels: 2 x 10; 72: 6 x 12).
+    The output channels are split into ``chunks`` equal chunks of at most ``max_chunk`` channels
+    (default: the loaded kernels' largest, 12 with 32 vector registers, 6 with 16), rounded up to
+    an even ``nc`` of at least 4 (with 12: 18 and 19 channels 2 x 10, 72 channels 6 x 12; with 6:
+    18 channels 3 x 6).
     """
     if geometry.groups != 1 or geometry.stride[1] != 1 or geometry.dilation != (1, 1):
         return None
     if geometry.out_channels % 16 == 0 and geometry.out_channels > 16:
         return None  # the channel-blocked kernel wastes no lanes there and was faster on every such layer
-    chunks = -(-geometry.out_channels // ROWS_MAX_CHUNK)
+    if max_chunk is None:
+        max_chunk = max(kernel_isa()["row_chunks"])
+    chunks = -(-geometry.out_channels // max_chunk)
     chunk = -(-geometry.out_channels // chunks)
     chunk = max(4, chunk + chunk % 2)
     return chunk, chunks
@@ -524,8 +559,12 @@ def rows_layout(geometry: ConvGeometry) -> Optional[Tuple[int, int]]:
 def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
                     cost_model: CostModel = DEFAULT_COST_MODEL, implicit: bool = False,
                     device_type: str = "cpu", runs: int = 0, in_positions: Optional[int] = None,
-                    out_rows: int = 0) -> str:
-    """Pick the cheapest strategy of one layer: "dense", "gather", "implicit" or "implicit_rows".
+                    out_rows: int = 0, in_hw: Optional[Tuple[int, int]] = None) -> str:
+    """Pick the fastest strategy of one layer: "dense", "gather", "implicit", "implicit_rows" or "pytorch".
+
+    With ``in_hw`` and tuning on (:mod:`anytimeify.masking.tune`), the strategy measured fastest on
+    this machine at this keep fraction (measuring the shape first if it is new); otherwise the cost
+    model's estimate decides.
 
     Args:
         geometry: the conv.
@@ -544,10 +583,12 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
             row-vectorised kernel's estimate.
         in_positions: ``B*H_in*W_in`` (default ``positions``).
         out_rows: ``B*H_out``, for the row kernel's estimate as the dense strategy's kernel.
+        in_hw: the input's ``(H, W)``: the key of the layer's measured timings.
 
     Returns:
         ``"dense"`` (full conv, then the blend), ``"gather"``, ``"implicit"`` or ``"implicit_rows"``
-        (kept positions only).
+        (kept positions only), or ``"pytorch"`` (PyTorch's conv and blend; only where measured
+        fastest).
     """
     masked = "implicit" if implicit else "gather"
     if kept >= positions:
@@ -556,6 +597,19 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
         return masked
     if device_type != "cpu":
         return "dense"
+    if in_hw is not None:
+        from . import tune
+
+        timing = tune.lookup(geometry, in_hw[0], in_hw[1], masked=True)
+        if timing is not None:
+            allowed = ["pytorch", "dense", "gather"]
+            if implicit:
+                allowed.append("implicit")
+                if rows_layout(geometry) is not None:
+                    allowed.append("implicit_rows")
+            best = timing.best_masked(kept / positions, allowed)
+            if best is not None:
+                return best
     if implicit:
         cost, margin = cost_model.implicit_cost(geometry, positions, kept), cost_model.implicit_margin
         rows = cost_model.rows_cost(geometry, positions, kept, runs, in_positions)
@@ -569,15 +623,16 @@ def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
 
 def resolve_strategy(strategy: str, geometry: ConvGeometry, plan: MaskPlan, implicit: bool,
                      cost_model: CostModel = DEFAULT_COST_MODEL, device_type: str = "cpu",
-                     in_positions: Optional[int] = None) -> str:
+                     in_positions: Optional[int] = None, in_hw: Optional[Tuple[int, int]] = None) -> str:
     """The strategy a masked conv runs (some kept, some skipped positions): ``strategy`` itself,
-    the cost model's choice for ``"auto"``, and the fallbacks where a kernel cannot run
-    (``"implicit_rows"`` -> ``"implicit"`` for other geometries, ``"implicit"`` -> ``"gather"``
-    without the compiled kernels). ``implicit``: whether the compiled implicit GEMM can run."""
+    the measured or estimated choice for ``"auto"`` (:func:`choose_strategy`), and the fallbacks
+    where a kernel cannot run (``"implicit_rows"`` -> ``"implicit"`` for other geometries,
+    ``"implicit"`` -> ``"gather"`` without the compiled kernels). ``implicit``: whether the
+    compiled implicit GEMM can run."""
     if strategy == "auto":
         return choose_strategy(geometry, plan.positions, plan.kept, cost_model, implicit=implicit,
                                device_type=device_type, runs=plan.row_runs, in_positions=in_positions,
-                               out_rows=plan.batch * plan.height)
+                               out_rows=plan.batch * plan.height, in_hw=in_hw)
     if strategy == "implicit_rows" and (not implicit or rows_layout(geometry) is None):
         strategy = "implicit"
     if strategy == "implicit" and not implicit:
@@ -730,24 +785,29 @@ def _gemm_weight(weight: Tensor, groups: int) -> Tensor:
     return weight.permute(0, 2, 3, 1).reshape(out_channels, -1, 1, 1).contiguous()
 
 
-def implicit_block(out_channels: int) -> int:
-    """Output channels per register block of the implicit GEMM (16, 32, 48 or 64).
+def implicit_block(out_channels: int, blocks: Optional[Sequence[int]] = None) -> int:
+    """Output channels per register block of the implicit GEMM, one of ``blocks`` (default: the
+    loaded kernels' block widths, ``kernel_isa()["blocks"]``).
 
-    48 suits 48 and 96 channels (8 positions x 3 vectors of accumulators), 32 the wider layers
-    (12 positions x 2 vectors: fewer weight loads per multiply-add); other widths take the block
-    that wastes the fewest padded channels.
+    With AVX-512's blocks (16, 32, 48, 64): 48 suits 48 and 96 channels (8 positions x 3 vectors of
+    accumulators), 32 the wider layers (12 positions x 2 vectors: fewer weight loads per
+    multiply-add). Otherwise, and for other ISAs (AVX2: 8, 16, 24), the block that wastes the
+    fewest padded channels, the widest among equals (fewer passes over the input).
     """
-    if out_channels % 48 == 0 and out_channels <= 96:
-        return 48
-    if out_channels % 32 == 0:
-        return 32
-    return min((64, 48, 32, 16), key=lambda b: (-(-out_channels // b) * b - out_channels, -b))
+    blocks = tuple(kernel_isa()["blocks"] if blocks is None else blocks)
+    if set(blocks) == {16, 32, 48, 64}:
+        if out_channels % 48 == 0 and out_channels <= 96:
+            return 48
+        if out_channels % 32 == 0:
+            return 32
+    return min(blocks, key=lambda b: (-(-out_channels // b) * b - out_channels, -b))
 
 
-def _pack_implicit(weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Weights packed ``(blocks, taps, C_in, VB)`` for the implicit GEMM, and the padded bias."""
+def _pack_implicit(weight: Tensor, bias: Optional[Tensor], blocks: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
+    """Weights packed ``(blocks, taps, C_in, VB)`` for the implicit GEMM (``VB`` by
+    :func:`implicit_block` among ``blocks``), and the padded bias."""
     out_channels, in_channels, kh, kw = weight.shape
-    block = implicit_block(out_channels)
+    block = implicit_block(out_channels, blocks)
     blocks = -(-out_channels // block)
     padded = weight.new_zeros(blocks * block, in_channels, kh * kw)
     padded[:out_channels] = weight.reshape(out_channels, in_channels, kh * kw)
@@ -786,7 +846,7 @@ class LayerWeights:
         self.shift = None if shift is None else shift.detach().reshape(-1)
         self.groups = groups
         self._gemm: Optional[Tensor] = None
-        self._implicit: Optional[Tuple[Tensor, Tensor]] = None
+        self._implicit: Dict[tuple, Tuple[Tensor, Tensor]] = {}
         self._rows: Optional[Tuple[Tensor, Tensor, int]] = None
         self._dense_kernels: Dict[tuple, str] = {}
         #: ``bias + shift``: the bias of the kept rows (None when both are None)
@@ -815,14 +875,23 @@ class LayerWeights:
 
     @property
     def implicit(self) -> Tuple[Tensor, Tensor]:
-        """Packed weights and padded ``bias + shift`` of the implicit GEMM."""
-        if self._implicit is None:
-            self._implicit = _pack_implicit(self.weight.float(), None if self.full_bias is None else self.full_bias.float())
-        return self._implicit
+        """Packed weights and padded ``bias + shift`` of the implicit GEMM, for the block widths of
+        the loaded kernels."""
+        blocks = tuple(kernel_isa()["blocks"])
+        packed = self._implicit.get(blocks)
+        if packed is None:
+            packed = self._implicit[blocks] = _pack_implicit(
+                self.weight.float(), None if self.full_bias is None else self.full_bias.float(), blocks)
+        return packed
 
     def dense_kernel(self, geometry: ConvGeometry, x_shape: Sequence[int], cost_model: "CostModel") -> str:
-        """:func:`dense_kernel` for an input of ``x_shape``, cached per shape and cost model."""
-        key = (geometry, int(x_shape[0]), int(x_shape[2]), int(x_shape[3]), id(cost_model))
+        """:func:`dense_kernel` for an input of ``x_shape``, cached per shape, cost model and state
+        of the tuning table."""
+        from . import tune
+
+        table = tune.active_table()
+        key = (geometry, int(x_shape[0]), int(x_shape[2]), int(x_shape[3]), id(cost_model),
+               id(table), table.generation if table is not None else 0)
         kernel = self._dense_kernels.get(key)
         if kernel is None:
             kernel = self._dense_kernels[key] = dense_kernel(geometry, key[1], key[2], key[3], cost_model)
@@ -897,9 +966,10 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         geometry: the conv's hyper-parameters (explicit symmetric zero padding).
         lam: interpolation ``lambda`` (scalar tensor).
         plan: the mask's plan (its mask is ``(B, 1, H_out, W_out)``).
-        strategy: ``"auto"`` (cost model), ``"dense"``, ``"gather"``, ``"implicit"`` (the
-            compiled implicit GEMM; where it cannot run, ``"gather"``) or ``"implicit_rows"`` (its
-            row-vectorised form for thin outputs; where it cannot run, ``"implicit"``).
+        strategy: ``"auto"`` (measured on this machine, else the cost model), ``"dense"``,
+            ``"gather"``, ``"implicit"`` (the compiled implicit GEMM; where it cannot run,
+            ``"gather"``), ``"implicit_rows"`` (its row-vectorised form for thin outputs; where it
+            cannot run, ``"implicit"``) or ``"pytorch"`` (PyTorch's conv and blend).
         cost_model: estimates used by ``"auto"``.
         use_extension: allow the compiled kernels.
         shift: optional ``(C_out,)`` constant added after the blend (a folded BN's shift).
@@ -951,7 +1021,9 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
         return _finish(out, shift, activation)
     ext = _ext_for(x, use_extension)
     strategy = resolve_strategy(strategy, geometry, plan, ext is not None and geometry.groups == 1, cost_model,
-                                x.device.type, batch * in_height * in_width)
+                                x.device.type, batch * in_height * in_width, (in_height, in_width))
+    if strategy == "pytorch":  # PyTorch's conv and blend, no compiled kernel
+        ext, strategy = None, "dense"
     in_pass = strategy in ("implicit", "implicit_rows")  # an implicit GEMM writes the final kept rows
 
     radius, tap_weights = stencil_taps(lam)
@@ -1045,14 +1117,28 @@ DENSE_KERNELS = ("onednn", "implicit", "implicit_rows")
 
 def dense_kernel(geometry: ConvGeometry, batch: int, in_height: int, in_width: int,
                  cost_model: CostModel = DEFAULT_COST_MODEL) -> str:
-    """The fastest kernel for an unmasked conv by the cost model: ``"onednn"`` (PyTorch's conv, a
-    fresh output), or the compiled implicit GEMM over every position, channel-blocked
-    (``"implicit"``) or row-vectorised (``"implicit_rows"``), which write into pooled outputs.
+    """The fastest kernel for an unmasked conv: ``"onednn"`` (PyTorch's conv, a fresh output), or
+    the compiled implicit GEMM over every position, channel-blocked (``"implicit"``) or
+    row-vectorised (``"implicit_rows"``), which write into pooled outputs. Measured on this machine
+    where tuning is on (:mod:`anytimeify.masking.tune`), so never one measured slower than
+    PyTorch's; else the cost model's estimate.
 
     The implicit GEMMs win where the output is large enough for a fresh allocation to cost page
     faults (above 32 MB: HRNet's 256-channel ``layer1`` outputs, its heads' 270- and 720-channel
     convs) or where oneDNN wastes padded lanes (18 or 36 channels).
     """
+    from . import tune
+
+    timing = tune.lookup(geometry, in_height, in_width, masked=False)
+    if timing is not None:
+        allowed = ["onednn"]
+        if geometry.groups == 1:
+            allowed.append("implicit")
+            if rows_layout(geometry) is not None:
+                allowed.append("implicit_rows")
+        best = timing.best_dense(allowed)
+        if best is not None:
+            return best
     out_height, out_width = geometry.output_size(in_height, in_width)
     costs = cost_model.dense_costs(geometry, batch * out_height * out_width, True, batch * in_height * in_width,
                                    batch * out_height)
@@ -1149,6 +1235,10 @@ def _resized(t: Tensor, resize: Optional[dict]) -> Tensor:
     return t if resize is None else F.interpolate(t, **resize)
 
 
+#: resize modes :func:`fuse_sum` computes itself
+FUSE_SUM_MODES = ("nearest", "nearest-exact", "bilinear")
+
+
 @functools.lru_cache(maxsize=256)
 def _nearest_index(length: int, resize_items: tuple, axis: int) -> Tensor:
     """The source index of every output row (axis 0) or column (axis 1) of a nearest resize,
@@ -1160,31 +1250,70 @@ def _nearest_index(length: int, resize_items: tuple, axis: int) -> Tensor:
     return (picked[0, 0, :, 0] if axis == 0 else picked[0, 0, 0, :]).to(torch.int64).contiguous()
 
 
-def fuse_sum(terms: Sequence[Tensor], resizes: Sequence[Optional[dict]], activation: Optional[str] = None) -> Tensor:
-    """``act(r0(t0) + r1(t1) + ...)``, added left to right, where ``rj`` is a nearest-neighbour
-    ``F.interpolate`` with the keyword arguments ``resizes[j]`` (None: the term as it is).
+@functools.lru_cache(maxsize=256)
+def _bilinear_axis(length: int, out_length: int, align_corners: bool, scale: Optional[float]) -> Tuple[Tensor, Tensor]:
+    """Source indices ``(2, out)`` (lower, upper) and weights ``(2, out)`` of a bilinear resize along
+    one axis, computed as PyTorch's ``upsample_bilinear2d`` computes them in float32 (``scale``: the
+    scale factor given to ``F.interpolate``, which PyTorch then uses instead of the size ratio)."""
+    d = torch.arange(out_length, dtype=torch.float32)
+    if align_corners:
+        ratio = torch.tensor((length - 1) / (out_length - 1) if out_length > 1 else 0.0, dtype=torch.float32)
+        src = ratio * d
+    else:
+        ratio = torch.tensor(1.0 / scale if scale else length / out_length, dtype=torch.float32)
+        src = (ratio * (d + 0.5) - 0.5).clamp_min(0.0)
+    lower = src.to(torch.int64).clamp_max(length - 1)
+    upper = lower + (lower < length - 1).to(torch.int64)
+    upper_weight = (src - lower.to(torch.float32)).clamp(0.0, 1.0)
+    return (torch.stack([lower, upper]).contiguous(),
+            torch.stack([1.0 - upper_weight, upper_weight]).contiguous())
 
-    HRNet's fuse layers have this form (the branches upsampled by ``nn.Upsample`` and summed,
-    then a ReLU); :func:`anytimeify._fx.fold.fuse_sums` rewrites them into calls of this function.
-    For float32 channels-last CPU inference the compiled kernel reads every term once and writes
-    the result once; otherwise PyTorch's ops run. Both give the same result bit for bit.
+
+def _resize_tables(t: Tensor, resize: Optional[dict], out_size: Tuple[int, int]):
+    """``(ys, xs, yw, xw)`` of one :func:`fuse_sum` term for the compiled kernel."""
+    empty = torch.empty(0)
+    if resize is None:
+        return torch.arange(out_size[0]), torch.arange(out_size[1]), empty, empty
+    if resize["mode"] != "bilinear":
+        items = tuple(sorted(resize.items()))
+        return _nearest_index(t.shape[2], items, 0), _nearest_index(t.shape[3], items, 1), empty, empty
+    scales = resize.get("scale_factor")
+    if resize.get("size") is not None or resize.get("recompute_scale_factor"):
+        scales = None  # PyTorch then uses the ratio of the sizes
+    sy, sx = (scales, scales) if scales is None or isinstance(scales, (int, float)) else scales
+    align = bool(resize.get("align_corners") or False)
+    ys, yw = _bilinear_axis(int(t.shape[2]), out_size[0], align, sy)
+    xs, xw = _bilinear_axis(int(t.shape[3]), out_size[1], align, sx)
+    return ys, xs, yw, xw
+
+
+def fuse_sum(terms: Sequence[Tensor], resizes: Sequence[Optional[dict]], activation: Optional[str] = None) -> Tensor:
+    """``act(r0(t0) + r1(t1) + ...)``, added left to right, where ``rj`` is ``F.interpolate`` with the
+    keyword arguments ``resizes[j]`` (None: the term as it is), nearest or bilinear.
+
+    HRNet's fuse layers have this form (the branches upsampled by ``nn.Upsample`` and summed, then
+    a ReLU; nearest in timm's and the pose network's trunk, bilinear in the segmentation network's);
+    :func:`anytimeify._fx.fold.fuse_sums` rewrites them into calls of this function. For float32
+    channels-last CPU inference the compiled kernel reads every term once and writes the result
+    once; otherwise PyTorch's ops run. With nearest resizes both give the same result bit for bit,
+    with bilinear ones up to float rounding (the kernel's weights are PyTorch's, its order of
+    operations may differ).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if any(r is not None and r.get("mode") not in FUSE_SUM_MODES for r in resizes):
+        raise ValueError(f"fuse_sum resizes must use one of the modes {FUSE_SUM_MODES}, got "
+                         f"{[r.get('mode') for r in resizes if r is not None]}")
     ext = inference_kernels(terms)
     if ext is not None:
         out_size = _resized_size(terms[0], resizes[0])
         if (all(t.permute(0, 2, 3, 1).is_contiguous() for t in terms)
                 and all(_resized_size(t, r) == out_size for t, r in zip(terms, resizes))
                 and all(t.shape[:2] == terms[0].shape[:2] for t in terms)):
-            ys, xs = [], []
-            for t, r in zip(terms, resizes):
-                items = tuple(sorted(r.items())) if r is not None else None
-                ys.append(_nearest_index(t.shape[2], items, 0) if items else torch.arange(out_size[0]))
-                xs.append(_nearest_index(t.shape[3], items, 1) if items else torch.arange(out_size[1]))
+            tables = [_resize_tables(t, r, out_size) for t, r in zip(terms, resizes)]
             with _kernel("fuse_sum"):
-                out = ext.fuse_sum([t.permute(0, 2, 3, 1) for t in terms], ys, xs, out_size[0], out_size[1],
-                                   activation == "relu")
+                out = ext.fuse_sum([t.permute(0, 2, 3, 1) for t in terms], *(list(column) for column in zip(*tables)),
+                                   out_size[0], out_size[1], activation == "relu")
             return out.permute(0, 3, 1, 2)
     out = _resized(terms[0], resizes[0])
     for t, r in zip(terms[1:], resizes[1:]):
@@ -1193,7 +1322,7 @@ def fuse_sum(terms: Sequence[Tensor], resizes: Sequence[Optional[dict]], activat
 
 
 def _resized_size(t: Tensor, resize: Optional[dict]) -> Tuple[int, int]:
-    """The (H, W) of ``_resized(t, resize)``, for nearest resizes with integer results."""
+    """The (H, W) of ``_resized(t, resize)`` (PyTorch floors ``size * scale_factor``)."""
     if resize is None:
         return int(t.shape[2]), int(t.shape[3])
     if resize.get("size") is not None:
