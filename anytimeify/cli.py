@@ -153,6 +153,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    import anytimeify
+    from anytimeify.bench import FixedMasks, PAPER_SKIPS, fold_for_inference
+    from anytimeify.masking import tune
+    from anytimeify.models import create_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net = create_model(args.model, args.num_classes).eval()
+    skips = args.skip or PAPER_SKIPS
+    # the frozen anytime model (its masked convs) and the dense model the benchmarks compare with:
+    # every conv shape the engine decides for at this input size
+    model = anytimeify.convert(net, head=args.head, confidence=anytimeify.Confidence(
+        criterion=FixedMasks(skips[:3]))).eval().freeze()
+    model.check_input(torch.zeros(1, 3, *args.input))
+    reports = [tune.tune(model, args.input, force=args.force), tune.tune(fold_for_inference(net), args.input,
+                                                                         force=args.force)]
+    layers = {row["shape"]: row for report in reports for row in report.layers}
+    payload = {"model": args.model, "input": [1, 3, *args.input], "machine": reports[0].machine,
+               "cache": reports[0].cache, "seconds": round(sum(r.seconds for r in reports), 2),
+               "measured": sum(r.measured for r in reports), "layers": list(layers.values())}
+    from rich.table import Table
+
+    keeps = [str(k) for k in tune.TUNE_KEEPS]
+    table = Table(title=f"{args.model} at {args.input[0]}x{args.input[1]} on {payload['machine'].get('cpu')} "
+                        f"({payload['machine'].get('kernel_isa')} kernels, {torch.get_num_threads()} threads)")
+    for col in ["layer shape", "dense"] + [f"keep {k}" for k in keeps]:
+        table.add_column(col)
+    for row in payload["layers"]:
+        masked = row["masked"] or {}
+        table.add_row(row["shape"], row["dense"], *[masked.get(k, "") for k in keeps])
+    table.caption = (f"{payload['measured']} layer shapes measured in {payload['seconds']:.1f} s "
+                     f"(the rest were cached); cache: {payload['cache']}")
+    _emit(payload, args.json, args.output, table)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from anytimeify.demo import run_demo
 
@@ -358,6 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--output", help="also write the JSON to this file")
     be.set_defaults(func=cmd_bench)
 
+    tu = sub.add_parser("tune", help="measure the engine's kernel choices for a model's layers on this machine "
+                                     "(cached; otherwise done at first use)")
+    tu.add_argument("model", choices=list_models())
+    tu.add_argument("--input", type=parse_size, default=(1024, 2048), help="HxW (default 1024x2048)")
+    tu.add_argument("--head", default="redesigned", choices=["redesigned", "original"])
+    tu.add_argument("--num-classes", type=int, default=None)
+    tu.add_argument("--skip", type=parse_skips, default=None,
+                    help="skip fractions of the masks the model runs while its shapes are collected")
+    tu.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice); the "
+                                                          "measurements are cached per thread count")
+    tu.add_argument("--force", action="store_true", help="measure again what the cache holds")
+    tu.add_argument("--json", action="store_true")
+    tu.add_argument("--output", help="also write the JSON to this file")
+    tu.set_defaults(func=cmd_tune)
+
     ins = sub.add_parser("inspect", help="list the stage boundaries exits can attach to")
     ins.add_argument("model", choices=list_models())
     ins.add_argument("--input", type=parse_size, default=(256, 256))
@@ -375,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as err:
         print(f"anytimeify {args.command}: error: {err}", file=sys.stderr)
         return 2
 

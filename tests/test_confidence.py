@@ -262,7 +262,7 @@ def test_mask_aware_flops(net, x):
     with torch.no_grad():  # half the positions, less those tied with the median (bilinear borders repeat values)
         confidence = next(model.anytime(x)).logits.softmax(1).amax(1)
     confident = float((confidence > model.confidence.threshold).float().mean())
-    assert 0.45 <= confident <= 0.5 and masked.exits[0].skipped == pytest.approx(confident, abs=1e-12)
+    assert 0.45 <= confident <= 0.5 and masked.exits[0].skipped == pytest.approx(confident, abs=1e-6)
     for m, r in zip(masked.exits[1:], ref.exits[1:]):
         assert m.paper_gflops < r.paper_gflops
 

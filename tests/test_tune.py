@@ -180,3 +180,26 @@ def test_tune_a_model_ahead(table, monkeypatch):
         after = [o.logits for o in frozen.anytime(x)]
     for a, b in zip(after, before):
         assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max().item())
+
+
+def test_tune_command(tmp_path, monkeypatch, capsys):
+    """``anytimeify tune MODEL`` measures the built-in model's layer shapes into the cache and
+    prints the choices with the machine they were measured on."""
+    from anytimeify.cli import main
+
+    monkeypatch.setenv("ANYTIMEIFY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ANYTIMEIFY_TUNE", "auto")
+    monkeypatch.setattr(tune, "_tables", {})
+    monkeypatch.setattr(tune, "CROP_MACS", 2e6)
+    monkeypatch.setattr(tune, "TUNE_KEEPS", (0.3, 0.8))
+    assert main(["tune", "hrnet_w18_small_v2", "--input", "64x64", "--num-classes", "3", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["measured"] == len(payload["layers"]) > 10
+    assert payload["machine"]["cpu"] and payload["machine"]["threads"] == torch.get_num_threads()
+    assert all(row["dense"] in tune.DENSE_CANDIDATES for row in payload["layers"])
+    cached = list((tmp_path / "tuning").glob("*.json"))
+    assert len(cached) == 1 and payload["cache"] == str(cached[0])
+    assert main(["tune", "hrnet_w18_small_v2", "--input", "64x64", "--num-classes", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["measured"] == 0
+    assert main(["tune", "hrnet_w18_small_v2", "--input", "60x64"]) == 2  # not a multiple of 32
+    assert "60x64" in capsys.readouterr().err

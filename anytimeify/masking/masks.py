@@ -8,7 +8,7 @@ generators or calls at different input sizes never see each other's masks.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,11 +25,14 @@ class MaskSet:
     Args:
         computed: ``(B, 1, h, w)`` bool, True where later convolutions compute.
         sparse: whether the convs it governs run the sparse engine (then index plans are built).
+        all_computed: known to compute every position (confidence adaptivity switched off): the
+            convs it governs then run as plain convs, with no blend (it would change nothing).
     """
 
-    def __init__(self, computed: torch.Tensor, sparse: bool = False):
+    def __init__(self, computed: torch.Tensor, sparse: bool = False, all_computed: bool = False):
         self.computed = computed
         self.sparse = sparse
+        self.all_computed = all_computed
         self._masks: Dict[Tuple[int, int, torch.dtype], torch.Tensor] = {}
         self._plans: Dict[Tuple[int, int, torch.dtype], object] = {}
 
@@ -71,7 +74,8 @@ class MaskDecider(nn.Module):
     def forward(self, logits: torch.Tensor) -> MaskSet:
         execution = self.confidence.execution
         sparse = execution == "sparse" or (execution == "auto" and not torch.is_grad_enabled())
-        return MaskSet(computed_mask(logits, self.confidence, self.exit_index), sparse=sparse)
+        return MaskSet(computed_mask(logits, self.confidence, self.exit_index), sparse=sparse,
+                       all_computed=not self.confidence.enabled)
 
     def extra_repr(self) -> str:
         crit = self.confidence.criterion
@@ -91,17 +95,23 @@ def copy_aggregate(previous: torch.Tensor, new: torch.Tensor, masks: MaskSet) ->
     return torch.where(m, new, previous)
 
 
-def mask_for_conv(masks: MaskSet, x: torch.Tensor, geometry: Tuple[int, ...]) -> torch.Tensor:
-    """The mask at the output size of a conv with ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw) on ``x``."""
+def mask_for_conv(masks: MaskSet, x: torch.Tensor, geometry: Tuple[int, ...]) -> Optional[torch.Tensor]:
+    """The mask at the output size of a conv with ``geometry`` = (kh, kw, sh, sw, ph, pw, dh, dw) on
+    ``x``; None while confidence adaptivity is switched off (the plain conv, no blend: before it
+    is switched on in training, the 7x7 blend of an all-ones mask would cost a quarter of a step
+    and change nothing)."""
     from .engine import conv_output_hw
 
+    if masks.all_computed:
+        return None
     kh, kw, sh, sw, ph, pw, dh, dw = geometry
     return masks.at(*conv_output_hw(x.shape[-2], x.shape[-1], (kh, kw), (sh, sw), (ph, pw), (dh, dw)), x.dtype)
 
 
-def plan_for_mask(masks: MaskSet, mask: torch.Tensor):
-    """The sparse engine's index plan of a mask :func:`mask_for_conv` returned (None in dense execution)."""
-    if not masks.sparse:
+def plan_for_mask(masks: MaskSet, mask: Optional[torch.Tensor]):
+    """The sparse engine's index plan of a mask :func:`mask_for_conv` returned (None in dense
+    execution and for no mask)."""
+    if mask is None or not masks.sparse:
         return None
     return masks.plan_at(mask.shape[-2], mask.shape[-1], mask.dtype)
 

@@ -526,6 +526,7 @@ def tune(model: torch.nn.Module, input_size: Sequence[int], *, force: bool = Fal
     layers = _engine_layers(model, x)
     todo = [(k, g, m) for k, (g, m) in layers.items()
             if force or table.get(k) is None or (_is_masked(m) and not table.get(k).masked)]
+    _warned["tuning"] = True  # the progress bar says it
     if progress and todo:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

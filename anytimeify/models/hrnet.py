@@ -35,6 +35,7 @@ __all__ = ["HRNetSeg", "HRNetPose", "hrnet_seg", "hrnet_pose", "HRNET_VARIANTS",
 
 # variant name -> (timm model name, default exit width of the redesigned heads)
 HRNET_VARIANTS: Dict[str, tuple] = {
+    "w18_small": ("hrnet_w18_small", 64),  # HRNet-W18-Small v1: one module per stage, widths 16-128
     "w18_small_v2": ("hrnet_w18_small_v2", 64),
     "w18": ("hrnet_w18", 64),
     "w32": ("hrnet_w32", 64),
@@ -112,7 +113,7 @@ class HRNetSeg(_Trunk):
     upsample them to the label size for the loss and for evaluation.
 
     Args:
-        variant: ``"w18_small_v2"``, ``"w18"``, ``"w32"`` or ``"w48"``.
+        variant: ``"w18_small"``, ``"w18_small_v2"``, ``"w18"``, ``"w32"`` or ``"w48"``.
         num_classes: number of output classes.
         align_corners: ``align_corners`` of every bilinear resize: the fuse layers, the head's
             branch fusion and, through :func:`anytimeify.convert`, the exits' (the reference
