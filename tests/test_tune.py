@@ -132,6 +132,10 @@ def test_auto_mode_measures_a_new_shape_once_and_caches_it(table, monkeypatch):
     timing = table.get(tune.shape_key(geometry, 16, 24))
     assert set(timing.dense) == {"onednn", "implicit", "implicit_rows"} and not timing.masked
     assert kernel == timing.best_dense()
+    # the faster of the implicit GEMM's two kernels is what "implicit" runs for this shape
+    assert timing.implicit_variant in (1, 2)
+    assert tune.implicit_variant(geometry, 16, 24) == timing.implicit_variant
+    assert tune.implicit_variant(geometry, 16, 25) == 0  # not measured: the kernel chooses by shape
     # a masked conv of that shape needs its masked candidates too: measured once more, then cached
     strategy = choose_strategy(geometry, 16 * 24, 100, DEFAULT_COST_MODEL, implicit=True, in_hw=(16, 24))
     assert calls == [False, True]

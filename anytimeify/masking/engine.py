@@ -685,6 +685,15 @@ def release_buffers() -> None:
         ext.release_pool()
 
 
+def _implicit_variant(geometry: ConvGeometry, in_height: int, in_width: int) -> int:
+    """Which of the implicit GEMM's two kernels a layer runs: measured on this machine where tuning
+    is on (1: weights shared in L1 by groups of positions; 2: accumulators in registers over every
+    kernel row), else 0 (by the kernel's shape: 2 with several kernel rows, else 1)."""
+    from . import tune
+
+    return tune.implicit_variant(geometry, in_height, in_width)
+
+
 def _kernel(name: str):
     """A profiler label for a compiled kernel call (``anytimeify::<name>`` in torch.profiler tables)."""
     return torch.profiler.record_function("anytimeify::" + name)
@@ -1075,7 +1084,7 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
                     with _kernel("implicit_conv"):
                         ext.implicit_conv(x_nhwc, packed, padded_bias, plan.kept_index, out_flat, out_height, out_width,
                                           *geometry.kernel_size, *geometry.stride, *geometry.padding, *geometry.dilation,
-                                          relu, slots, side, res_arg, 0)
+                                          relu, slots, side, res_arg, _implicit_variant(geometry, in_height, in_width))
             else:
                 x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
                 _gathered_conv_into(out_flat, x_flat, weights.full_bias, geometry, plan, in_height, in_width,
@@ -1196,7 +1205,7 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: Co
         with _kernel("implicit_conv"):
             ext.implicit_conv(x_nhwc, packed, padded_bias, rows, out_flat, out_height, out_width, *geometry.kernel_size,
                               *geometry.stride, *geometry.padding, *geometry.dilation, relu, none_i32, none_f32,
-                              none_f32, 0)
+                              none_f32, _implicit_variant(geometry, in_height, in_width))
     return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
 
 

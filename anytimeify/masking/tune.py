@@ -61,7 +61,7 @@ FRESH_BYTES = 32 << 20
 #: timed calls per candidate (the minimum counts: noise only ever adds time)
 REPS = 2
 #: version of the cache file's format
-FORMAT = 1
+FORMAT = 2
 TUNE_MODES = ("auto", "cache", "off")
 
 ShapeKey = Tuple[int, ...]
@@ -118,11 +118,15 @@ class LayerTiming:
         dense: per unmasked candidate (:data:`DENSE_CANDIDATES` that can run it).
         masked: per masked candidate (:data:`MASKED_CANDIDATES` that can run it), one value per keep.
         keeps: the keep fractions of ``masked``.
+        implicit_variant: the faster of the implicit GEMM's two kernels over every position (1:
+            weights shared in L1 by groups of positions; 2: accumulators in registers over every
+            kernel row; 0: not measured), which ``"implicit"`` then runs.
     """
 
     dense: Dict[str, float] = field(default_factory=dict)
     masked: Dict[str, List[float]] = field(default_factory=dict)
     keeps: List[float] = field(default_factory=lambda: list(TUNE_KEEPS))
+    implicit_variant: int = 0
 
     def best_dense(self, allowed: Iterable[str] = DENSE_CANDIDATES) -> Optional[str]:
         """The fastest unmasked candidate among ``allowed`` (None: none measured)."""
@@ -140,13 +144,14 @@ class LayerTiming:
         return min(options, key=options.__getitem__) if options else None
 
     def to_json(self) -> dict:
-        return {"dense": self.dense, "masked": self.masked, "keeps": self.keeps}
+        return {"dense": self.dense, "masked": self.masked, "keeps": self.keeps,
+                "implicit_variant": self.implicit_variant}
 
     @classmethod
     def from_json(cls, data: dict) -> "LayerTiming":
         return cls(dense={str(k): float(v) for k, v in data["dense"].items()},
                    masked={str(k): [float(x) for x in v] for k, v in data["masked"].items()},
-                   keeps=[float(k) for k in data["keeps"]])
+                   keeps=[float(k) for k in data["keeps"]], implicit_variant=int(data.get("implicit_variant", 0)))
 
 
 class TuningTable:
@@ -359,7 +364,17 @@ def measure_layer(geometry, weight: Tensor, bias: Optional[Tensor], in_height: i
             candidates.append("implicit_rows")
     with torch.inference_mode():
         for name in candidates:
-            seconds = _timed(lambda: dense_conv2d(x, weight, weights.full_bias, geometry, weights, kernel=name))
+            def dense(name=name):
+                return dense_conv2d(x, weight, weights.full_bias, geometry, weights, kernel=name)
+            if name == "implicit":  # both of its kernels; the faster one serves the masked calls too
+                seconds = {}
+                for variant in (1, 2):
+                    with _forced_variant(variant):
+                        seconds[variant] = _timed(dense)
+                timing.implicit_variant = min(seconds, key=seconds.__getitem__)
+                seconds = seconds[timing.implicit_variant]
+            else:
+                seconds = _timed(dense)
             timing.dense[name] = seconds / positions * 1e9 + (fresh if name == "onednn" else 0.0)
         if masked:
             lam = torch.tensor(3.0) if lam is None else lam.detach().float()
@@ -372,10 +387,41 @@ def measure_layer(geometry, weight: Tensor, bias: Optional[Tensor], in_height: i
                         return sparse_masked_conv2d(x, weight, bias, geometry, lam, plan, strategy=name,
                                                     use_extension=name != "pytorch", shift=shift,
                                                     activation=activation, weights=weights)
-                    seconds = _timed(call)
+                    with _forced_variant(timing.implicit_variant):
+                        seconds = _timed(call)
                     extra = fresh if name == "pytorch" else 0.0
                     timing.masked.setdefault(name, []).append(seconds / positions * 1e9 + extra)
     return timing
+
+
+_forced = threading.local()
+
+
+class _forced_variant:
+    """Within the block, the implicit GEMM runs ``variant`` (measurements)."""
+
+    def __init__(self, variant: int) -> None:
+        self.variant = variant
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_forced, "variant", None)
+        _forced.variant = self.variant
+
+    def __exit__(self, *exc) -> None:
+        _forced.variant = self.previous
+
+
+def implicit_variant(geometry, in_height: int, in_width: int) -> int:
+    """The implicit GEMM kernel measured faster for a conv shape (0 where not measured: the
+    kernel's own choice by shape)."""
+    forced = getattr(_forced, "variant", None)
+    if forced is not None:
+        return forced
+    table = active_table()
+    if table is None:
+        return 0
+    timing = table.get(shape_key(geometry, in_height, in_width))
+    return timing.implicit_variant if timing is not None else 0
 
 
 def lookup(geometry, in_height: int, in_width: int, masked: bool) -> Optional[LayerTiming]:
