@@ -2,17 +2,18 @@
 
 The demo is the whole method end to end, in a few minutes on two cores:
 
-1. data: scikit-learn's handwritten digits composed into 64x64 scenes on textured backgrounds
-   (:class:`~anytimeify.data.DigitScenes`; 11 classes); a quarter of the digit instances is held
-   out and only ever used for evaluation;
+1. data: scikit-learn's handwritten digits composed into scenes on textured backgrounds
+   (:class:`~anytimeify.data.DigitScenes`; 11 classes): 64x64 crops with 2-4 digits for training,
+   512x512 pages with 20-32 digits for evaluation (the network is fully convolutional); a quarter
+   of the digit instances is held out and only ever used for evaluation;
 2. model: HRNet-W18-Small-v2 converted with redesigned exits and confidence adaptivity;
 3. training: every exit at once with :class:`~anytimeify.train.Trainer`, confidence adaptivity
    switched on for the second half of the run (the paper's "trained in" CA), a schedule fitted to
    the time budget (a few timed steps decide how many steps fit);
-4. evaluation on held-out scenes: per exit the mIoU without and with confidence adaptivity, the
-   paper's GFLOPs and the skipped fraction (dense execution, which computes the same outputs as the
-   sparse one to float rounding, in batches), and the wall-clock time to reach the exit measured
-   on the frozen model in sparse execution, one image at a time;
+4. evaluation on held-out scenes, one image at a time on the frozen model (batch norms folded):
+   per exit the mIoU without and with confidence adaptivity, the paper's GFLOPs, the skipped
+   fraction and the wall-clock time to reach the exit (with confidence adaptivity in the engine's
+   sparse execution, which really skips the confident positions);
 5. outputs in ``--out``: ``model.safetensors`` + ``demo.json`` (settings, reused by a second run),
    ``result.json``, ``progression.png`` and the training log ``log.jsonl``.
 """
@@ -48,10 +49,19 @@ class DemoSettings:
     lr: float = 2e-3                # Adam, poly decay
     threshold: float = 0.99         # max-prob confidence threshold (the paper: 0.998, see docs/training.md)
     background_weight: float = 0.5  # class weight of the background in the cross-entropy
-    val_scenes: int = 200           # held-out scenes evaluated (mIoU, GFLOPs, skipped)
+    val_scenes: int = 100           # held-out scenes evaluated (mIoU, GFLOPs, skipped)
+    timed_scenes: int = 30          # of those, the first ones timed without and with CA, interleaved
     val_seed: int = 12345           # the held-out scenes are the same for every --seed
-    timed_scenes: int = 20          # of those, the first ones timed one by one in sparse execution
     minutes: float = 4.0            # default training budget
+    # the held-out scenes are larger than the training crops (the network is fully convolutional):
+    # a whole image with digits here and there, where most positions are background, which is what
+    # confidence adaptivity saves time on
+    eval_scene: int = 512           # held-out scenes are eval_scene x eval_scene pixels
+    eval_digits: tuple = (20, 32)   # digits per held-out scene
+
+
+#: settings that only change the evaluation: a model trained with other values of these is reused
+EVAL_ONLY = ("val_scenes", "val_seed", "timed_scenes", "eval_scene", "eval_digits", "minutes")
 
 
 #: the recipe ``anytimeify demo`` runs
@@ -82,8 +92,8 @@ def demo_config(settings: DemoSettings, out: str, seed: int, iterations: int, th
             "train": {"name": "digits", "length": scenes, "size": [settings.scene, settings.scene],
                       "digits": list(settings.digits), "digit_size": list(settings.digit_size), "seed": seed,
                       "transforms": {"scale": None, "flip": False}},
-            "val": {"name": "digits", "length": settings.val_scenes, "size": [settings.scene, settings.scene],
-                    "digits": list(settings.digits), "digit_size": list(settings.digit_size),
+            "val": {"name": "digits", "length": settings.val_scenes,
+                    "size": [settings.eval_scene, settings.eval_scene], "digits": list(settings.eval_digits), "digit_size": list(settings.digit_size),
                     "seed": settings.val_seed, "transforms": {}},
             "batch_size": settings.batch_size, "workers": 0, "val_batch_size": 1,
         },
@@ -129,6 +139,21 @@ def _seconds_per_step(cfg, steps: int = 3) -> float:
     return sum(times[1:]) / max(1, len(times) - 1)
 
 
+def _interleaved_seconds(model: nn.Module, dataset, count: int) -> Dict[bool, List[float]]:
+    """Mean seconds to reach each exit without and with confidence adaptivity, over the first
+    ``count`` images one at a time; the two runs of an image follow each other (in alternating
+    order), so that both see the same state of the machine."""
+    totals = {False: [0.0] * model.num_exits, True: [0.0] * model.num_exits}
+    with torch.no_grad():
+        for index in range(count):
+            image = dataset[index][0][None].contiguous(memory_format=torch.channels_last)
+            for ca in ((False, True) if index % 2 == 0 else (True, False)):
+                model.set_confidence(ca)
+                for out in model.anytime(image):
+                    totals[ca][out.index - 1] += out.elapsed
+    return {ca: [t / max(1, count) for t in times] for ca, times in totals.items()}
+
+
 def _palette() -> torch.Tensor:
     colours = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
                (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
@@ -141,8 +166,11 @@ def _progression_png(model: nn.Module, dataset, indices: List[int], path: str) -
 
     from .train.checkpointing import atomic_write
 
+    if getattr(model, "confidence", None) is not None:
+        model.set_confidence(True)
     palette = _palette()
-    scale = 3
+    side = max(dataset[0][1].shape[-2:])
+    scale = max(1, 192 // side) if side < 192 else 256 / side  # tiles of 192-256 pixels
     rows = []
     titles: List[str] = []
     with torch.no_grad():
@@ -166,7 +194,7 @@ def _progression_png(model: nn.Module, dataset, indices: List[int], path: str) -
                 mask_tiles.append(grey.expand(3, *size))
             rows.append(mask_tiles)
             titles = ["image", "labels"] + [f"exit {o.index}" for o in outputs]
-    tile_h, tile_w = rows[0][0].shape[-2] * scale, rows[0][0].shape[-1] * scale
+    tile_h, tile_w = round(rows[0][0].shape[-2] * scale), round(rows[0][0].shape[-1] * scale)
     header, gap = 16, 4
     canvas = Image.new("RGB", (len(rows[0]) * (tile_w + gap), header + len(rows) * (tile_h + gap)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -174,8 +202,8 @@ def _progression_png(model: nn.Module, dataset, indices: List[int], path: str) -
         draw.text((c * (tile_w + gap) + 4, 2), title, fill=(0, 0, 0))
     for r, row in enumerate(rows):
         for c, tile in enumerate(row):
-            picture = Image.fromarray(tile.permute(1, 2, 0).contiguous().numpy()).resize((tile_w, tile_h),
-                                                                                          Image.NEAREST)
+            picture = Image.fromarray(tile.permute(1, 2, 0).contiguous().numpy()).resize(
+                (tile_w, tile_h), Image.BILINEAR if c == 0 and scale < 1 else Image.NEAREST)
             canvas.paste(picture, (c * (tile_w + gap), header + r * (tile_h + gap)))
         if r % 2 == 1:
             draw.text((2 * (tile_w + gap) - tile_w + 4, header + r * (tile_h + gap) + 4),
@@ -187,7 +215,7 @@ def _table(result: Dict[str, Any], settings: DemoSettings):
     from rich.table import Table
 
     table = Table(title=f"{settings.model} anytime, {result['val_images']} held-out digit scenes "
-                        f"({settings.scene}x{settings.scene}), threshold {settings.threshold}")
+                        f"({settings.eval_scene}x{settings.eval_scene}), threshold {settings.threshold}")
     for col in ("exit", "mIoU", "mIoU (CA)", "paper GFLOPs", "paper GFLOPs (CA)", "skipped", "ms", "ms (CA)"):
         table.add_column(col, justify="right")
     for e in result["exits"]:
@@ -196,7 +224,7 @@ def _table(result: Dict[str, Any], settings: DemoSettings):
                       f"{1000 * e['seconds']:.1f}", f"{1000 * e['seconds_ca']:.1f}")
     table.caption = (f"trained {result['iterations']} steps in {result['train_seconds']:.0f} s"
                      f"{' (reused)' if result.get('reused') else ''}; ms: time to the exit, frozen model, sparse "
-                     f"execution, mean of {result['timed_images']} images one by one, {result['threads']} threads; "
+                     f"execution with CA, mean of {result['timed_images']} images one by one, {result['threads']} threads; "
                      f"skipped: share of positions the exit marks confident")
     return table
 
@@ -234,7 +262,7 @@ def run_demo(out: str = "anytimeify-demo", minutes: Optional[float] = None, seed
     record_path = os.path.join(out, "demo.json")
     weights_path = os.path.join(out, "model.safetensors")
     wanted = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.__dict__.items()
-                           if k != "minutes"}, "seed": seed}
+                           if k not in EVAL_ONLY}, "seed": seed}
     previous = None
     if not retrain and os.path.isfile(record_path) and os.path.isfile(weights_path):
         with open(record_path, encoding="utf-8") as f:
@@ -278,33 +306,34 @@ def run_demo(out: str = "anytimeify-demo", minutes: Optional[float] = None, seed
     _, val_set = build_datasets(cfg)
     metric = build_metric(cfg, 11)
     model.eval()
-    console.print(f"evaluating {len(val_set)} held-out scenes without and with confidence adaptivity; timing "
-                  f"{settings.timed_scenes} of them one by one in sparse execution ...")
-    # accuracy, GFLOPs and skipped fractions: dense execution in batches (the same outputs as sparse)
-    model.set_execution("dense")
-    accuracy = {ca: evaluate(model, val_set, metric, confidence=ca, batch_size=32) for ca in (False, True)}
-    model.set_execution("auto")
-    # time: the inference model (batch norms folded), sparse execution, one image at a time
+    console.print(f"evaluating {len(val_set)} held-out {settings.eval_scene}x{settings.eval_scene} scenes one by one, "
+                  "without and with confidence adaptivity (sparse execution) ...")
+    # the inference model (batch norms folded), one image at a time: its per-exit outputs, FLOP
+    # counts and skipped fractions are those of the trained model (dense execution computes the
+    # same to float rounding); times are to each exit, in the engine's sparse execution with CA
     frozen = model.freeze()
-    timed = torch.utils.data.Subset(val_set, range(min(settings.timed_scenes, len(val_set))))
-    evaluate(frozen, torch.utils.data.Subset(val_set, [0]), metric, confidence=True)  # warm-up (engine tuning)
-    timing = {ca: evaluate(frozen, timed, metric, confidence=ca, batch_size=1) for ca in (False, True)}
+    for ca in (False, True):  # warm-up: the engine's kernel choices for new layer shapes
+        evaluate(frozen, torch.utils.data.Subset(val_set, [0]), metric, confidence=ca)
+    accuracy = {ca: evaluate(frozen, val_set, metric, confidence=ca, batch_size=1) for ca in (False, True)}
+    timed = min(settings.timed_scenes, len(val_set))
+    seconds = _interleaved_seconds(frozen, val_set, timed)
     exits = []
     for plain, adaptive, time_plain, time_adaptive in zip(accuracy[False].exits, accuracy[True].exits,
-                                                          timing[False].exits, timing[True].exits):
+                                                          seconds[False], seconds[True]):
         exits.append({"exit": plain.exit, "miou": round(plain.metrics["miou"], 2),
                       "miou_ca": round(adaptive.metrics["miou"], 2),
                       "paper_gflops": round(plain.paper_gflops, 6), "paper_gflops_ca": round(adaptive.paper_gflops, 6),
-                      "skipped": round(adaptive.skipped, 4), "seconds": round(time_plain.seconds, 5),
-                      "seconds_ca": round(time_adaptive.seconds, 5)})
+                      "skipped": round(adaptive.skipped, 4), "seconds": round(time_plain, 5),
+                      "seconds_ca": round(time_adaptive, 5)})
     payload = {"exits": exits, "train_seconds": round(train_seconds, 2), "iterations": iterations,
                "stopped_early": stopped_early, "reused": previous is not None, "threshold": settings.threshold,
-               "val_images": accuracy[True].images, "timed_images": timing[True].images,
+               "val_images": accuracy[True].images, "timed_images": timed,
                "threads": torch.get_num_threads(), "model": settings.model,
-               "scene": [settings.scene, settings.scene], "seed": seed}
+               "scene": [settings.scene, settings.scene],
+               "eval_scene": [settings.eval_scene, settings.eval_scene], "seed": seed}
     atomic_write(os.path.join(out, "result.json"), lambda tmp: open(tmp, "w", encoding="utf-8").write(
         json.dumps(payload, indent=2) + "\n"))
-    _progression_png(model, val_set, [0, 1, 2], os.path.join(out, "progression.png"))
+    _progression_png(frozen, val_set, [0, 1], os.path.join(out, "progression.png"))
     if as_json:
         print(json.dumps(payload))
     else:

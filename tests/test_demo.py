@@ -1,4 +1,5 @@
 """`anytimeify demo`: trains, evaluates on held-out scenes, writes its outputs, reuses the model."""
+import dataclasses
 import json
 import os
 
@@ -10,11 +11,12 @@ from anytimeify.cli import main
 
 @pytest.fixture
 def small_demo(monkeypatch):
-    # the real recipe evaluates 200 scenes after minutes of training; the mechanics are the same
-    monkeypatch.setattr(demo, "DEFAULT_SETTINGS", demo.DemoSettings(val_scenes=6, timed_scenes=2, batch_size=4))
+    # the real recipe evaluates 100 pages of 512x512 after minutes of training; the mechanics are the same
+    monkeypatch.setattr(demo, "DEFAULT_SETTINGS", demo.DemoSettings(val_scenes=3, batch_size=4, eval_scene=96,
+                                                                    eval_digits=(3, 5)))
 
 
-def test_demo_trains_evaluates_writes_and_reuses(tmp_path, capsys, small_demo):
+def test_demo_trains_evaluates_writes_and_reuses(tmp_path, capsys, small_demo, monkeypatch):
     out = tmp_path / "demo"
     assert main(["demo", "--minutes", "0.1", "--out", str(out), "--threads", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -27,7 +29,9 @@ def test_demo_trains_evaluates_writes_and_reuses(tmp_path, capsys, small_demo):
     import anytimeify
     from anytimeify.models import hrnet_seg
 
-    fvcore = anytimeify.flops(anytimeify.convert(hrnet_seg("w18_small_v2", num_classes=11)), (64, 64))
+    settings = demo.DEFAULT_SETTINGS
+    fvcore = anytimeify.flops(anytimeify.convert(hrnet_seg(settings.model.replace("hrnet_", ""), num_classes=11)),
+                              (settings.eval_scene, settings.eval_scene))
     assert [e["paper_gflops"] for e in exits] == pytest.approx([e.paper_gflops for e in fvcore.exits], abs=2e-6)
     assert all(e["paper_gflops_ca"] <= e["paper_gflops"] + 1e-9 for e in exits)
     assert exits[0]["paper_gflops_ca"] == exits[0]["paper_gflops"]  # nothing is masked before exit 1
@@ -35,7 +39,7 @@ def test_demo_trains_evaluates_writes_and_reuses(tmp_path, capsys, small_demo):
     assert all(0.0 <= e["miou"] <= 100.0 and 0.0 <= e["miou_ca"] <= 100.0 for e in exits)
     assert all(b["seconds"] > a["seconds"] and b["seconds_ca"] > a["seconds_ca"] for a, b in zip(exits, exits[1:]))
     assert result["train_seconds"] > 0 and result["iterations"] >= 1 and not result["reused"]
-    assert result["val_images"] == 6 and result["timed_images"] == 2
+    assert result["val_images"] == 3 and result["timed_images"] == 3
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "demo.json", "log.jsonl", "model.safetensors", "progression.png", "result.json"]
     from PIL import Image
@@ -52,6 +56,16 @@ def test_demo_trains_evaluates_writes_and_reuses(tmp_path, capsys, small_demo):
     assert again["train_seconds"] == result["train_seconds"]
     assert [e["miou"] for e in again["exits"]] == [e["miou"] for e in exits]  # the same model on the same scenes
     assert os.stat(out / "model.safetensors").st_mtime_ns == weights_mtime
+
+    # evaluation-only settings (the held-out pages) do not retrain; a training setting does
+    settings = demo.DEFAULT_SETTINGS
+    monkeypatch.setattr(demo, "DEFAULT_SETTINGS", dataclasses.replace(settings, eval_scene=128, val_scenes=2))
+    assert main(["demo", "--out", str(out), "--threads", "1", "--json"]) == 0
+    other_pages = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert other_pages["reused"] and other_pages["eval_scene"] == [128, 128] and other_pages["val_images"] == 2
+    monkeypatch.setattr(demo, "DEFAULT_SETTINGS", dataclasses.replace(settings, lr=1e-3))
+    assert main(["demo", "--minutes", "0.05", "--out", str(out), "--threads", "1", "--json"]) == 0
+    assert not json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reused"]
 
 
 def test_demo_rejects_a_non_positive_budget(tmp_path, capsys):

@@ -207,3 +207,24 @@ def test_tune_command(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["measured"] == 0
     assert main(["tune", "hrnet_w18_small_v2", "--input", "60x64"]) == 2  # not a multiple of 32
     assert "60x64" in capsys.readouterr().err
+
+
+def test_the_user_is_told_once_when_pytorch_wins_most_masked_layers(table, monkeypatch, caplog):
+    """Unmasked shapes where oneDNN is the fastest dense kernel are not news; masked shapes where
+    PyTorch's conv and blend beat every compiled candidate at every keep are, once."""
+    monkeypatch.setitem(tune._warned, "slower", False)
+    compiled_slower = {"onednn": 1.0, "implicit": 2.0}
+    for width in range(1, 2 * tune.CHECK_AFTER):  # unmasked layers: oneDNN wins, no warning
+        table.put((width, width, 3, 3, 1, 1, 1, 1, 1, 1, 1, 64, 64), tune.LayerTiming(dense=dict(compiled_slower)))
+    with caplog.at_level("WARNING", logger="anytimeify.masking.tune"):
+        tune._check_compiled_pays(table)
+        assert not caplog.records
+        masked = {"pytorch": [1.0] * 4, "implicit": [3.0] * 4, "gather": [4.0] * 4}
+        for width in range(1, tune.CHECK_AFTER + 1):
+            table.put((width, width, 3, 3, 1, 1, 1, 1, 1, 1, 1, 32, 32),
+                      tune.LayerTiming(dense=dict(compiled_slower), masked=masked))
+            tune._check_compiled_pays(table)
+        tune._check_compiled_pays(table)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert f"slower than PyTorch's on {tune.CHECK_AFTER} of {tune.CHECK_AFTER} masked layer shapes" in warnings[0]

@@ -26,6 +26,8 @@ without the dense conv where that pays, following what was measured on CPU (SPAR
 """
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import logging
 import math
@@ -694,8 +696,14 @@ def _implicit_variant(geometry: ConvGeometry, in_height: int, in_width: int) -> 
     return tune.implicit_variant(geometry, in_height, in_width)
 
 
+_UNLABELLED = contextlib.nullcontext()
+
+
 def _kernel(name: str):
-    """A profiler label for a compiled kernel call (``anytimeify::<name>`` in torch.profiler tables)."""
+    """A profiler label for a compiled kernel call (``anytimeify::<name>`` in torch.profiler tables);
+    nothing while no profiler runs (a label costs about as much as a small kernel call)."""
+    if not torch.autograd.profiler._is_profiler_enabled:
+        return _UNLABELLED
     return torch.profiler.record_function("anytimeify::" + name)
 
 

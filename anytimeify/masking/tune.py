@@ -251,6 +251,20 @@ def _current_key(ext) -> Tuple[str, dict]:
     return memo
 
 
+_dirs: Dict[Tuple[Optional[str], ...], str] = {}
+
+
+def _cache_dir_text() -> str:
+    """:func:`cache_dir` as text, memoised on the variables it reads (the engine asks on every
+    masked conv; resolving a path each time costs more than a small conv)."""
+    env = os.environ
+    memo = (env.get("ANYTIMEIFY_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+    text = _dirs.get(memo)
+    if text is None:
+        text = _dirs[memo] = str(cache_dir())
+    return text
+
+
 def active_table() -> Optional[TuningTable]:
     """The tuning table of this machine and thread count (loaded from the cache, or empty), or
     None when tuning is off or the compiled kernels are not loaded."""
@@ -262,16 +276,17 @@ def active_table() -> Optional[TuningTable]:
     if ext is None:
         return None
     key, machine = _current_key(ext)
-    table = _tables.get((key, str(cache_dir())))
+    folder = _cache_dir_text()
+    table = _tables.get((key, folder))
     if table is None:
         with _tables_lock:
-            table = _tables.get((key, str(cache_dir())))
+            table = _tables.get((key, folder))
             if table is None:
-                path = cache_dir() / "tuning" / f"{key}.json"
+                path = Path(folder) / "tuning" / f"{key}.json"
                 table = TuningTable.read(path, key) if path.is_file() else None
                 if table is None:
                     table = TuningTable(key, machine, path)
-                _tables[(key, str(cache_dir()))] = table
+                _tables[(key, folder)] = table
     return table
 
 
@@ -469,22 +484,26 @@ def _measure_into(table: TuningTable, key: ShapeKey, geometry, in_height: int, i
     return timing
 
 
+#: masked layer shapes measured before :func:`_check_compiled_pays` judges
+CHECK_AFTER = 8
+
+
 def _check_compiled_pays(table: TuningTable) -> None:
-    """Tell the user once when PyTorch's ops beat the compiled kernels on most layers here."""
-    if _warned["slower"] or len(table.layers) < 4:
+    """Tell the user once when PyTorch's ops beat the compiled kernels on most masked layers here.
+
+    Only masked layer shapes count: an unmasked conv for which oneDNN is the fastest dense kernel
+    simply runs oneDNN, which is what the engine expects of many shapes; it is the masked layers,
+    where skipping needs the compiled kernels, that tell whether they pay on this CPU.
+    """
+    masked = [timing for timing in table.layers.values() if timing.masked]
+    if _warned["slower"] or len(masked) < CHECK_AFTER:
         return
-    losing = 0
-    for timing in table.layers.values():
-        compiled = [v for k, v in timing.dense.items() if k != "onednn"]
-        if compiled and min(compiled) > timing.dense.get("onednn", math.inf):
-            if not timing.masked or all(
-                    min(v for k, v in timing.masked_at(keep).items() if k != "pytorch") > timing.masked_at(keep)["pytorch"]
-                    for keep in timing.keeps):
-                losing += 1
-    if losing * 2 > len(table.layers):
+    losing = sum(all(min((v for k, v in timing.masked_at(keep).items() if k != "pytorch"), default=math.inf)
+                     > timing.masked_at(keep).get("pytorch", math.inf) for keep in timing.keeps) for timing in masked)
+    if losing * 2 > len(masked):
         _warned["slower"] = True
-        _logger.warning("on this CPU (%s) the compiled kernels were slower than PyTorch's on %d of %d layer shapes; "
-                        "those layers run PyTorch's ops", table.machine.get("cpu", "?"), losing, len(table.layers))
+        _logger.warning("on this CPU (%s) the compiled kernels were slower than PyTorch's on %d of %d masked layer "
+                        "shapes; those layers run PyTorch's ops", table.machine.get("cpu", "?"), losing, len(masked))
 
 
 # --------------------------------------------------------------------------------- a model
