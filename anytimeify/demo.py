@@ -92,8 +92,8 @@ def demo_config(settings: DemoSettings, out: str, seed: int, iterations: int, th
             "train": {"name": "digits", "length": scenes, "size": [settings.scene, settings.scene],
                       "digits": list(settings.digits), "digit_size": list(settings.digit_size), "seed": seed,
                       "transforms": {"scale": None, "flip": False}},
-            "val": {"name": "digits", "length": settings.val_scenes,
-                    "size": [settings.eval_scene, settings.eval_scene], "digits": list(settings.eval_digits), "digit_size": list(settings.digit_size),
+            "val": {"name": "digits", "length": settings.val_scenes, "size": [settings.eval_scene, settings.eval_scene],
+                    "digits": list(settings.eval_digits), "digit_size": list(settings.digit_size),
                     "seed": settings.val_seed, "transforms": {}},
             "batch_size": settings.batch_size, "workers": 0, "val_batch_size": 1,
         },
@@ -224,7 +224,8 @@ def _table(result: Dict[str, Any], settings: DemoSettings):
                       f"{1000 * e['seconds']:.1f}", f"{1000 * e['seconds_ca']:.1f}")
     table.caption = (f"trained {result['iterations']} steps in {result['train_seconds']:.0f} s"
                      f"{' (reused)' if result.get('reused') else ''}; ms: time to the exit, frozen model, sparse "
-                     f"execution with CA, mean of {result['timed_images']} images one by one, {result['threads']} threads; "
+                     f"execution with CA, mean of {result['timed_images']} images one by one, the runs without and "
+                     f"with CA interleaved, {result['threads']} threads; "
                      f"skipped: share of positions the exit marks confident")
     return table
 
@@ -333,7 +334,7 @@ def run_demo(out: str = "anytimeify-demo", minutes: Optional[float] = None, seed
                "eval_scene": [settings.eval_scene, settings.eval_scene], "seed": seed}
     atomic_write(os.path.join(out, "result.json"), lambda tmp: open(tmp, "w", encoding="utf-8").write(
         json.dumps(payload, indent=2) + "\n"))
-    _progression_png(frozen, val_set, [0, 1], os.path.join(out, "progression.png"))
+    _progression_png(frozen, val_set, list(range(min(2, len(val_set)))), os.path.join(out, "progression.png"))
     if as_json:
         print(json.dumps(payload))
     else:

@@ -27,7 +27,6 @@ without the dense conv where that pays, following what was measured on CPU (SPAR
 from __future__ import annotations
 
 import contextlib
-
 import functools
 import logging
 import math
