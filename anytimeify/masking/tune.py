@@ -58,10 +58,10 @@ DENSE_CANDIDATES = ("onednn", "implicit", "implicit_rows")
 CROP_MACS = 2.5e8
 #: outputs at least this large are fresh mmaps in glibc (its largest dynamic mmap threshold)
 FRESH_BYTES = 32 << 20
-#: timed calls per candidate (the minimum counts: noise only ever adds time)
-REPS = 2
+#: timed rounds per candidate (the minimum counts: noise only ever adds time)
+REPS = 3
 #: version of the cache file's format
-FORMAT = 2
+FORMAT = 3
 TUNE_MODES = ("auto", "cache", "off")
 
 ShapeKey = Tuple[int, ...]
@@ -302,6 +302,21 @@ def _timed(fn: Callable[[], object], reps: int = REPS) -> float:
     return best
 
 
+def _timed_rounds(calls: Dict[str, Callable[[], object]], reps: int = REPS) -> Dict[str, float]:
+    """Least wall-clock seconds of each of ``calls`` over ``reps`` rounds that call each once in
+    turn (after one untimed call each): a burst of load from elsewhere on the machine then falls on
+    every candidate of a round, instead of on whichever one was being timed."""
+    for fn in calls.values():
+        fn()
+    best = {name: math.inf for name in calls}
+    for _ in range(reps):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def _fresh_ns() -> float:
     """ns per float of writing a fresh 64 MiB allocation, beyond writing reused memory (page faults
     and zeroing by the kernel)."""
@@ -377,35 +392,47 @@ def measure_layer(geometry, weight: Tensor, bias: Optional[Tensor], in_height: i
         candidates.append("implicit")
         if rows_layout(geometry) is not None:
             candidates.append("implicit_rows")
+    def with_variant(fn: Callable[[], object], variant: int) -> Callable[[], object]:
+        def call():
+            with _forced_variant(variant):
+                return fn()
+        return call
+
     with torch.inference_mode():
+        calls: Dict[str, Callable[[], object]] = {}
         for name in candidates:
             def dense(name=name):
                 return dense_conv2d(x, weight, weights.full_bias, geometry, weights, kernel=name)
             if name == "implicit":  # both of its kernels; the faster one serves the masked calls too
-                seconds = {}
                 for variant in (1, 2):
-                    with _forced_variant(variant):
-                        seconds[variant] = _timed(dense)
-                timing.implicit_variant = min(seconds, key=seconds.__getitem__)
-                seconds = seconds[timing.implicit_variant]
+                    calls[f"implicit{variant}"] = with_variant(dense, variant)
             else:
-                seconds = _timed(dense)
-            timing.dense[name] = seconds / positions * 1e9 + (fresh if name == "onednn" else 0.0)
+                calls[name] = dense
+        seconds = _timed_rounds(calls)
+        for name in candidates:
+            if name == "implicit":
+                timing.implicit_variant = 1 if seconds["implicit1"] <= seconds["implicit2"] else 2
+                spent = seconds[f"implicit{timing.implicit_variant}"]
+            else:
+                spent = seconds[name]
+            timing.dense[name] = spent / positions * 1e9 + (fresh if name == "onednn" else 0.0)
         if masked:
             lam = torch.tensor(3.0) if lam is None else lam.detach().float()
             strategies = ["pytorch", "dense", "gather"] + [c for c in candidates if c != "onednn"]
             for keep in keeps:
                 mask = clustered_mask(crop_out_height, crop_out_width, keep)
                 plan = MaskPlan(mask)
+                masked_calls = {}
                 for name in strategies:
                     def call(name=name):
                         return sparse_masked_conv2d(x, weight, bias, geometry, lam, plan, strategy=name,
                                                     use_extension=name != "pytorch", shift=shift,
                                                     activation=activation, weights=weights)
-                    with _forced_variant(timing.implicit_variant):
-                        seconds = _timed(call)
+                    masked_calls[name] = with_variant(call, timing.implicit_variant)
+                seconds = _timed_rounds(masked_calls)
+                for name in strategies:
                     extra = fresh if name == "pytorch" else 0.0
-                    timing.masked.setdefault(name, []).append(seconds / positions * 1e9 + extra)
+                    timing.masked.setdefault(name, []).append(seconds[name] / positions * 1e9 + extra)
     return timing
 
 
