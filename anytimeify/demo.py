@@ -311,7 +311,8 @@ def run_demo(out: str = "anytimeify-demo", minutes: Optional[float] = None, seed
                   "without and with confidence adaptivity (sparse execution) ...")
     # the inference model (batch norms folded), one image at a time: its per-exit outputs, FLOP
     # counts and skipped fractions are those of the trained model (dense execution computes the
-    # same to float rounding); times are to each exit, in the engine's sparse execution with CA
+    # same to float rounding); the times come from a separate pass that interleaves the runs
+    # without and with CA image by image (with CA in the engine's sparse execution)
     frozen = model.freeze()
     for ca in (False, True):  # warm-up: the engine's kernel choices for new layer shapes
         evaluate(frozen, torch.utils.data.Subset(val_set, [0]), metric, confidence=ca)

@@ -293,13 +293,7 @@ def active_table() -> Optional[TuningTable]:
 # --------------------------------------------------------------------------------- measuring
 def _timed(fn: Callable[[], object], reps: int = REPS) -> float:
     """Least wall-clock seconds of ``reps`` calls (after one untimed call)."""
-    fn()
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return _timed_rounds({"": fn}, reps)[""]
 
 
 def _timed_rounds(calls: Dict[str, Callable[[], object]], reps: int = REPS) -> Dict[str, float]:
@@ -525,8 +519,7 @@ def _check_compiled_pays(table: TuningTable) -> None:
     masked = [timing for timing in table.layers.values() if timing.masked]
     if _warned["slower"] or len(masked) < CHECK_AFTER:
         return
-    losing = sum(all(min((v for k, v in timing.masked_at(keep).items() if k != "pytorch"), default=math.inf)
-                     > timing.masked_at(keep).get("pytorch", math.inf) for keep in timing.keeps) for timing in masked)
+    losing = sum(all(timing.best_masked(keep) == "pytorch" for keep in timing.keeps) for timing in masked)
     if losing * 2 > len(masked):
         _warned["slower"] = True
         _logger.warning("on this CPU (%s) the compiled kernels were slower than PyTorch's on %d of %d masked layer "
