@@ -217,7 +217,7 @@ def _add_demo(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from anytimeify.train import load_config, run
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = load_config(args.config, _overrides(args), data_root=args.data_root)
     result = run(cfg, resume=args.resume, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     if int(os.environ.get("RANK", "0")) == 0:
         last = result.evaluations[-1].to_dict() if result.evaluations else None
@@ -236,9 +236,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> List[str]:
+    """``--set`` values, then what the named options set (JSON strings are valid YAML); ``--data-root``
+    goes to :func:`load_config`."""
     overrides = list(args.set or [])
+    if getattr(args, "pretrained", None):
+        overrides.append(f"model.backbone={json.dumps(args.pretrained)}")
     if getattr(args, "out", None):
-        overrides.append(f"out={args.out}")
+        overrides.append(f"out={json.dumps(args.out)}")
     return overrides
 
 
@@ -250,6 +254,9 @@ def _add_train(sub) -> None:
     tr.add_argument("--resume", metavar="PATH", help="continue from a training checkpoint, or 'auto' (the newest "
                                                      "in <out>/checkpoints)")
     tr.add_argument("--out", help="run folder (overrides the config's out)")
+    tr.add_argument("--data-root", metavar="PATH", help="the data set's folder (sets data.train.root and data.val.root)")
+    tr.add_argument("--pretrained", metavar="PATH", help="a local ImageNet checkpoint of the backbone "
+                                                         "(sets model.backbone)")
     tr.add_argument("--max-minutes", type=float, default=None,
                     help="stop after this many minutes with a checkpoint (resume later)")
     tr.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -287,18 +294,39 @@ def _eval_table(reports, title: str):
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from anytimeify.train import build_datasets, build_metric, load_config, num_outputs
-    from anytimeify.train import evaluate as evaluate_model
-    from anytimeify.train.checkpointing import load_weights
-    from anytimeify.train.builders import build_model
+    from anytimeify.train import load_config
 
-    cfg = load_config(args.config, _overrides(args))
+    from anytimeify.train import cleanup, init_distributed
+
+    cfg = load_config(args.config, _overrides(args), data_root=args.data_root)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(cfg)
-    load_weights(model, args.checkpoint)
+    dist = init_distributed(cfg.device)  # under torchrun each process evaluates its share
+    try:
+        return _evaluate_checkpoint(args, cfg, dist)
+    finally:
+        cleanup(dist)
+
+
+def _evaluate_checkpoint(args: argparse.Namespace, cfg, dist) -> int:
+    from anytimeify.train import build_metric, exit_table, num_outputs
+    from anytimeify.train import evaluate as evaluate_model
+    from anytimeify.train.builders import build_model, build_val_dataset, flip_pairs_of
+    from anytimeify.train.checkpointing import load_weights
+
+    model = build_model(cfg).to(dist.device)
+    if args.reference:
+        from anytimeify.checkpoint import load_reference_checkpoint
+
+        load_reference_checkpoint(model, args.checkpoint)
+    else:
+        try:
+            load_weights(model, args.checkpoint)
+        except ValueError as err:  # CheckpointMismatch and unreadable training states
+            raise ValueError(f"{err} (A checkpoint of the ADP-C reference implementation loads with "
+                             "--reference.)") from err
     model.eval()
-    _, val_set = build_datasets(cfg)
+    val_set = build_val_dataset(cfg)
     if val_set is None:
         raise ValueError(f"{args.config} has no data.val; add one (or --set data.val.name=...)")
     metric = build_metric(cfg, num_outputs(model))
@@ -306,9 +334,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("task 'custom' has no built-in metric; evaluate with anytimeify.train.evaluate and your own")
     settings = [True, False] if model.confidence is not None and not args.no_confidence else [False]
     reports = [evaluate_model(model, val_set, metric, confidence=ca, batch_size=args.batch_size,
-                              max_images=args.max_images, channels_last=cfg.channels_last) for ca in settings]
-    payload = {"config": args.config, "checkpoint": args.checkpoint, "images": reports[0].images,
-               "reports": [r.to_dict() for r in reports]}
+                              max_images=args.max_images, channels_last=cfg.channels_last, dist=dist,
+                              flip_pairs=flip_pairs_of(cfg, val_set)) for ca in settings]
+    if not dist.is_main:
+        return 0
+    payload = {"config": args.config, "checkpoint": args.checkpoint, "reference": bool(args.reference),
+               "images": reports[0].images, "confidence": reports[0].confidence,
+               "exits": exit_table(reports[0]), "reports": [r.to_dict() for r in reports]}
     title = f"{cfg.model.name}: {reports[0].images} images of {cfg.data.val['name']}"
     _emit(payload, args.json, args.output, _eval_table(reports, title))
     return 0
@@ -316,14 +348,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="per-exit metrics, GFLOPs and time of a trained checkpoint")
-    ev.add_argument("config", help="the run's YAML config (its data.val is evaluated)")
-    ev.add_argument("--checkpoint", required=True, help="model.safetensors or a training checkpoint (.pt)")
+    ev.add_argument("config", help="the run's YAML config or a recipe (its data.val is evaluated)")
+    ev.add_argument("--checkpoint", required=True, help="model.safetensors or a training checkpoint (.pt); with "
+                                                        "--reference, a checkpoint of the ADP-C reference code")
+    ev.add_argument("--reference", action="store_true",
+                    help="the checkpoint is the ADP-C reference implementation's (e.g. a released .pth); its keys "
+                         "are mapped by anytimeify.checkpoint.load_reference_checkpoint")
+    ev.add_argument("--data-root", metavar="PATH", help="the data set's folder (sets data.train.root and data.val.root)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     ev.add_argument("--no-confidence", action="store_true", help="only evaluate with every position computed")
     ev.add_argument("--batch-size", type=int, default=1, help="images per pass (default 1: per-image times)")
     ev.add_argument("--max-images", type=int, default=None)
     ev.add_argument("--threads", type=int, default=0)
-    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table: 'exits' lists each exit's "
+                                                        "metric (miou or pckh) and paper_gflops")
     ev.add_argument("--output", help="also write the JSON to this file")
     ev.set_defaults(func=cmd_eval)
 

@@ -1,11 +1,14 @@
-"""Training throughput of anytime HRNets on the paper's Cityscapes crops, printed as JSON.
+"""Training throughput of anytime HRNets on the paper's crops, printed as JSON, with the cost of
+a whole recipe run estimated from it.
 
 For each model and precision: HRNet converted with redesigned exits and confidence adaptivity
-(dense execution, the differentiable blend, as in training), 19 classes, batch 2 of 512x1024
-crops, SGD, the multi-exit cross-entropy; one warm-up step, then the median of ``--reps`` timed
-optimiser steps. Prints ``{"device", "threads", "results": [{"model", "precision", "images_per_s",
-"seconds_per_step", "cityscapes_epoch_hours"}]}``, where an epoch of the Cityscapes recipe is
-2975 images (REFERENCE.md §6).
+(dense execution, the differentiable blend, as in training); segmentation models: 19 classes,
+batch 2 of 512x1024 crops, SGD, the multi-exit cross-entropy; pose models (``*_pose``): 16 joints,
+256x256 crops, 64x64 heatmaps, Adam, the multi-exit heatmap MSE. One warm-up step, then the median
+of ``--reps`` timed optimiser steps. Prints ``{"device", "threads", "results": [{"model",
+"precision", "images_per_s", "seconds_per_step", "epoch_hours", "run_hours"}]}``: an epoch is
+the recipe's training set (Cityscapes 2975 images, MPII 22246 person crops), a run its epochs
+(484, 210; REFERENCE.md §6), both on this one device.
 
     python benchmarks/train_throughput.py                      # W18-Small-v2 and W48, fp32 and bf16, CPU
     python benchmarks/train_throughput.py --models hrnet_w18_small_v2 --precisions fp32 --reps 3
@@ -22,22 +25,38 @@ import torch
 
 import anytimeify
 from anytimeify.models import create_model
-from anytimeify.train import MultiExitLoss, SegmentationLoss
+from anytimeify._machine import cpu_model, machine_info
+from anytimeify.train import HeatmapMSELoss, MultiExitLoss, SegmentationLoss
 
-CITYSCAPES_TRAIN_IMAGES = 2975
+# (training images per epoch, epochs) of the recipes
+RECIPE_SIZE = {"cityscapes": (2975, 484), "mpii": (22246, 210)}
 
 
 def measure(model_name: str, precision: str, device: torch.device, crop, batch: int, reps: int) -> dict:
     torch.manual_seed(0)
-    net = create_model(model_name, 19)
-    model = anytimeify.convert(net, head="redesigned", confidence=anytimeify.Confidence(threshold=0.998)).train()
+    pose = model_name.endswith("_pose")
+    if pose:
+        crop = crop or (256, 256)
+        net = create_model(model_name, 16)
+        confidence = anytimeify.Confidence(criterion="heatmap", threshold=0.002)
+    else:
+        crop = crop or (512, 1024)
+        net = create_model(model_name, 19)
+        confidence = anytimeify.Confidence(threshold=0.998)
+    model = anytimeify.convert(net, head="redesigned", confidence=confidence).train()
     model = model.to(device, memory_format=torch.channels_last)
-    loss = MultiExitLoss(SegmentationLoss(ignore_index=255))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     images = torch.randn(batch, 3, *crop, device=device).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 19, (batch, *crop), device=device)
+    if pose:
+        loss = MultiExitLoss(HeatmapMSELoss())
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        labels = {"heatmaps": torch.rand(batch, 16, crop[0] // 4, crop[1] // 4, device=device),
+                  "weights": torch.ones(batch, 16, device=device)}
+    else:
+        loss = MultiExitLoss(SegmentationLoss(ignore_index=255))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        labels = torch.randint(0, 19, (batch, *crop), device=device)
     times = []
     for i in range(reps + 1):
         if device.type == "cuda":
@@ -55,16 +74,19 @@ def measure(model_name: str, precision: str, device: torch.device, crop, batch: 
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
     rate = batch / step
-    return {"model": model_name, "precision": precision, "crop": list(crop), "batch": batch,
-            "seconds_per_step": round(step, 3), "images_per_s": round(rate, 4),
-            "cityscapes_epoch_hours": round(CITYSCAPES_TRAIN_IMAGES / rate / 3600, 2), "steps_timed": len(times)}
+    recipe = "mpii" if pose else "cityscapes"
+    images_per_epoch, epochs = RECIPE_SIZE[recipe]
+    epoch_hours = images_per_epoch / rate / 3600
+    return {"model": model_name, "recipe": recipe, "precision": precision, "crop": list(crop), "batch": batch,
+            "seconds_per_step": round(step, 3), "images_per_s": round(rate, 4), "epoch_hours": round(epoch_hours, 2),
+            "run_hours": round(epoch_hours * epochs, 1), "steps_timed": len(times)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="hrnet_w18_small_v2,hrnet_w48")
+    parser.add_argument("--models", default="hrnet_w18_small_v2,hrnet_w48,hrnet_w32_pose")
     parser.add_argument("--precisions", default="fp32,bf16")
-    parser.add_argument("--crop", default="512x1024")
+    parser.add_argument("--crop", default=None, help="HxW (default: 512x1024 segmentation, 256x256 pose)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -73,14 +95,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    crop = tuple(int(v) for v in args.crop.lower().split("x"))
+    crop = tuple(int(v) for v in args.crop.lower().split("x")) if args.crop else None
     results = []
     for model_name in args.models.split(","):
         for precision in args.precisions.split(","):
             results.append(measure(model_name, precision, device, crop, args.batch, args.reps))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(json.dumps({"device": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                      "results": results}, indent=2))
+                      "machine": machine_info() if device.type == "cpu" else None, "results": results}))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 * :class:`DigitScenes`: real handwritten digits (scikit-learn's) composed into segmentation
   scenes; the demo's data, offline.
 * :class:`ImageMaskFolder`: images and label maps on disk.
+* :class:`CityscapesSegmentation`: Cityscapes in the layout it ships in (``leftImg8bit/``,
+  ``gtFine/``), label ids mapped to the 19 train ids by the official table.
+* :class:`MPIIDataset`: MPII human pose in the layout of the HRNet pose code (``annot/*.json``,
+  ``images/``), with that code's affine crops and heatmap targets.
 * :func:`segmentation_transforms`, :func:`pose_transforms`: the paper's augmentation, on
   torchvision's ``transforms.v2``.
 * :class:`EpochSampler`, :class:`SeededSamples`: a data order that survives resuming and DDP.
@@ -18,7 +22,10 @@ from typing import Any, Callable, Dict, List, Optional
 from torch.utils.data import Dataset
 
 from .digits import DIGIT_CLASSES, DigitScenes, digit_split
+from .cityscapes import (CITYSCAPES_CLASS_WEIGHTS, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CityscapesSegmentation,
+                         cityscapes_label_table)
 from .folder import DataFileError, ImageMaskFolder, read_image, read_mask
+from .mpii import MPII_FLIP_PAIRS, MPII_JOINTS, MPIIDataset
 from .sampling import EpochSampler, SeededSamples, sample_seed
 from .transforms import (
     IMAGENET_MEAN, IMAGENET_STD, PoseTransform, RandomHorizontalFlipJoints, RandomScale, SegmentationTransform,
@@ -30,7 +37,13 @@ __all__ = [
     "EpochSampler", "SeededSamples", "sample_seed", "segmentation_transforms", "pose_transforms",
     "SegmentationTransform", "PoseTransform", "RandomScale", "RandomHorizontalFlipJoints", "gaussian_heatmaps",
     "IMAGENET_MEAN", "IMAGENET_STD", "register_dataset", "create_dataset", "list_datasets",
+    "CityscapesSegmentation", "CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "CITYSCAPES_CLASS_WEIGHTS",
+    "cityscapes_label_table", "MPIIDataset", "MPII_JOINTS", "MPII_FLIP_PAIRS", "OWN_GEOMETRY",
 ]
+
+# Data sets that crop and augment themselves (their transform options are their own keyword
+# arguments, with ``train=`` saying whether to augment) instead of taking a joint transform.
+OWN_GEOMETRY = {"mpii"}
 
 _DATASETS: Dict[str, Callable[..., Dataset]] = {}
 
@@ -92,3 +105,23 @@ def _folder(split: str, transform: Optional[Callable] = None, root: str = "", **
         raise ValueError("data set 'folder' needs root: the folder that holds images/ and masks/")
     split_root = os.path.join(root, split)
     return ImageMaskFolder(split_root if os.path.isdir(split_root) else root, transform=transform, **kwargs)
+
+
+@register_dataset("cityscapes")
+def _cityscapes(split: str, transform: Optional[Callable] = None, root: str = "", **kwargs: Any) -> Dataset:
+    """Cityscapes fine annotations under ``root`` (``leftImg8bit/``, ``gtFine/``)."""
+    if not root:
+        raise ValueError("data set 'cityscapes' needs root: the folder that holds leftImg8bit/ and gtFine/ "
+                         "(--data-root)")
+    return CityscapesSegmentation(root, split=split, transform=transform, **kwargs)
+
+
+@register_dataset("mpii")
+def _mpii(split: str, transform: Optional[Callable] = None, root: str = "", **kwargs: Any) -> Dataset:
+    """MPII under ``root`` (``annot/{split}.json``, ``images/``); crops and heatmaps are its own."""
+    if transform is not None:
+        raise ValueError("data set 'mpii' makes its own crops and heatmaps; give its options (image_size, sigma, "
+                         "rotation, scale_factor, flip) instead of a transform")
+    if not root:
+        raise ValueError("data set 'mpii' needs root: the folder that holds annot/ and images/ (--data-root)")
+    return MPIIDataset(root, split=split, **kwargs)

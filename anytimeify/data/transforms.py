@@ -40,19 +40,29 @@ class RandomScale(v2.Transform):
     boxes with the image (torchvision's ``v2.functional.resize`` dispatches by type).
 
     Args:
-        scale: ``(min, max)`` factor, e.g. ``(0.5, 2.0)`` (Cityscapes recipe).
+        scale: ``(min, max)`` factor, e.g. ``(0.5, 2.0)``.
+        step: draw from ``min, min + step, ..., max`` instead of uniformly; the ADP-C reference
+            (HRNet-Semantic-Segmentation) draws ``0.5 + k / 10`` for ``k = 0..16``: ``scale=(0.5, 2.1),
+            step=0.1``.
     """
 
-    def __init__(self, scale: Sequence[float]):
+    def __init__(self, scale: Sequence[float], step: Optional[float] = None):
         super().__init__()
         low, high = (float(s) for s in scale)
         if not 0 < low <= high:
             raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {tuple(scale)}")
+        if step is not None and not float(step) > 0:
+            raise ValueError(f"scale step must be > 0 or None, got {step!r}")
         self.scale = (low, high)
+        self.step = float(step) if step is not None else None
 
     def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
-        factor = self.scale[0] + float(torch.rand(())) * (self.scale[1] - self.scale[0])
+        if self.step is not None:
+            count = int(round((self.scale[1] - self.scale[0]) / self.step)) + 1
+            factor = self.scale[0] + self.step * int(torch.randint(count, ()))
+        else:
+            factor = self.scale[0] + float(torch.rand(())) * (self.scale[1] - self.scale[0])
         return {"size": [max(1, round(height * factor)), max(1, round(width * factor))]}
 
     def transform(self, inpt: Any, params: Dict[str, Any]) -> Any:
@@ -139,7 +149,8 @@ class SegmentationTransform:
 
 
 def segmentation_transforms(train: bool = True, *, crop_size: Optional[Sequence[int]] = None,
-                            scale: Optional[Sequence[float]] = (0.5, 2.0), flip: bool = True,
+                            scale: Optional[Sequence[float]] = (0.5, 2.0), scale_step: Optional[float] = None,
+                            flip: bool = True,
                             ignore_index: int = 255, mean: Sequence[float] = IMAGENET_MEAN,
                             std: Sequence[float] = IMAGENET_STD) -> SegmentationTransform:
     """The segmentation pipeline of the paper's recipes (HRNet-Semantic-Segmentation's).
@@ -152,6 +163,7 @@ def segmentation_transforms(train: bool = True, *, crop_size: Optional[Sequence[
         train: augment (True) or only normalise (False).
         crop_size: ``(H, W)`` of training crops; None: no crop.
         scale: ``(min, max)`` random rescale factor; None: none.
+        scale_step: draw the factor on a grid of this step (see :class:`RandomScale`); None: uniformly.
         flip: random horizontal flip (not for data whose classes are not mirror-symmetric, such
             as digits).
         ignore_index: label of padded pixels.
@@ -163,7 +175,7 @@ def segmentation_transforms(train: bool = True, *, crop_size: Optional[Sequence[
     steps: List[v2.Transform] = []
     if train:
         if scale is not None:
-            steps.append(RandomScale(scale))
+            steps.append(RandomScale(scale, scale_step))
         if crop_size is not None:
             size = _size(crop_size, "crop_size")
             steps.append(v2.RandomCrop(size, pad_if_needed=True,

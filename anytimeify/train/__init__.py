@@ -41,6 +41,7 @@ __all__ = [
     "EvalReport", "ExitResult", "save_weights", "load_weights", "save_training_state", "load_training_state",
     "read_training_state", "latest_checkpoint", "CheckpointMismatch", "init_distributed", "DistInfo",
     "build_model", "build_datasets", "build_loss", "build_metric", "model_from_checkpoint", "num_outputs",
+    "exit_table", "write_metrics",
 ]
 
 
@@ -53,7 +54,8 @@ def run(cfg: TrainConfig, resume: Optional[str] = None, max_seconds: Optional[fl
     """Train the run ``cfg`` describes, in this process or as one rank of a torchrun job.
 
     Builds the model (ImageNet backbone first if configured, then ``convert``), the data sets,
-    loss and metric; writes ``<out>/config.yaml``; trains with :class:`Trainer`.
+    loss and metric; writes ``<out>/config.yaml``; trains with :class:`Trainer`; writes the last
+    evaluation's per-exit metrics and GFLOPs to ``<out>/metrics.json`` (:func:`write_metrics`).
 
     Args:
         cfg: the run's config.
@@ -73,9 +75,35 @@ def run(cfg: TrainConfig, resume: Optional[str] = None, max_seconds: Optional[fl
             atomic_write(os.path.join(cfg.out, "config.yaml"),
                          lambda tmp: open(tmp, "w", encoding="utf-8").write(cfg.to_yaml()))
         trainer = Trainer(model, train_set, config=cfg, loss=loss, val_set=val_set, metric=metric, dist=dist)
-        return trainer.fit(resume=resume, max_seconds=max_seconds)
+        result = trainer.fit(resume=resume, max_seconds=max_seconds)
+        if dist.is_main and result.evaluations:
+            write_metrics(os.path.join(cfg.out, "metrics.json"), result.evaluations[-1], step=result.steps)
+        return result
     finally:
         cleanup(dist)
+
+
+def exit_table(report: EvalReport) -> list:
+    """One flat record per exit: ``exit``, the metric's scalar results (``miou``, ``acc``; ``pckh``
+    and the MPII joint groups), ``paper_gflops``, ``gmacs``, ``skipped``, ``seconds``."""
+    rows = []
+    for e in report.exits:
+        row = {"exit": e.exit}
+        row.update({k: v for k, v in e.metrics.items() if isinstance(v, (int, float))})
+        row.update(paper_gflops=e.paper_gflops, gmacs=e.gmacs, skipped=e.skipped, seconds=e.seconds)
+        rows.append(row)
+    return rows
+
+
+def write_metrics(path: str, report: EvalReport, **extra) -> None:
+    """Write ``{"exits": exit_table(report), "confidence": ..., "images": ..., **extra}`` atomically."""
+    import json
+
+    from .checkpointing import atomic_write
+
+    payload = {"exits": exit_table(report), "confidence": report.confidence, "images": report.images, **extra}
+    text = json.dumps(payload, indent=1, allow_nan=True)
+    atomic_write(path, lambda tmp: open(tmp, "w", encoding="utf-8").write(text + "\n"))
 
 
 def num_outputs(model) -> int:

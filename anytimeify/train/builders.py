@@ -14,7 +14,7 @@ from .losses import HeatmapMSELoss, MultiExitLoss, SegmentationLoss
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["build_model", "build_datasets", "build_loss", "build_metric", "import_object"]
+__all__ = ["build_model", "build_datasets", "build_val_dataset", "build_loss", "build_metric", "import_object", "flip_pairs_of"]
 
 
 def import_object(path: str, what: str) -> Any:
@@ -96,18 +96,26 @@ def _transform(cfg: TrainConfig, spec: Dict[str, Any], train: bool):
 
 
 def _dataset(cfg: TrainConfig, spec: Dict[str, Any], split: str, train: bool) -> Dataset:
-    from ..data import create_dataset
+    from ..data import OWN_GEOMETRY, create_dataset
 
     options = {k: v for k, v in spec.items() if k not in ("name", "transforms", "split")}
+    if spec["name"] in OWN_GEOMETRY:
+        # the data set crops and augments itself: its transform options are its own arguments
+        options.update(spec.get("transforms") or {})
+        return create_dataset(spec["name"], split=spec.get("split", split), train=train, **options)
     return create_dataset(spec["name"], split=spec.get("split", split), transform=_transform(cfg, spec, train),
                           **options)
 
 
 def build_datasets(cfg: TrainConfig) -> Tuple[Dataset, Optional[Dataset]]:
     """The training and (if configured) validation data sets, each with its transforms."""
-    train = _dataset(cfg, cfg.data.train, "train", True)
-    val = _dataset(cfg, cfg.data.val, "val", False) if cfg.data.val is not None else None
-    return train, val
+    return _dataset(cfg, cfg.data.train, "train", True), build_val_dataset(cfg)
+
+
+def build_val_dataset(cfg: TrainConfig) -> Optional[Dataset]:
+    """The validation data set with its evaluation transforms (None when ``data.val`` is not set);
+    evaluating does not need the training split on disk."""
+    return _dataset(cfg, cfg.data.val, "val", False) if cfg.data.val is not None else None
 
 
 def build_loss(cfg: TrainConfig) -> MultiExitLoss:
@@ -127,11 +135,38 @@ def build_loss(cfg: TrainConfig) -> MultiExitLoss:
 
 
 def build_metric(cfg: TrainConfig, num_classes: int) -> Optional[Callable[[], object]]:
-    """Factory of one exit's metric: mIoU (segmentation), PCK (pose), None (custom)."""
+    """Factory of one exit's metric: mIoU (segmentation); pose: MPII's PCKh@0.5 on ``mpii`` data
+    (against ``<root>/annot/gt_<split>.mat``), else heatmap PCK; None (custom)."""
+    import os
+
     from ..metrics import HeatmapPCK, SegmentationMetrics
 
     if cfg.task == "segmentation":
         return lambda: SegmentationMetrics(num_classes, ignore_index=cfg.loss.ignore_index)
     if cfg.task == "pose":
+        val = cfg.data.val or {}
+        if val.get("name") == "mpii":
+            split = {"val": "valid"}.get(val.get("split", "valid"), val.get("split", "valid"))
+            gt = os.path.join(str(val.get("root", "")), "annot", f"gt_{split}.mat")
+            if not os.path.isfile(gt):
+                raise FileNotFoundError(f"MPII ground truth {gt!r} does not exist; the PCKh evaluation needs the "
+                                        "annot/gt_valid.mat of the HRNet pose code's MPII layout")
+            from ..metrics import MPIIPCKh
+
+            return lambda: MPIIPCKh(gt)
         return lambda: HeatmapPCK()
     return None
+
+
+def flip_pairs_of(cfg: TrainConfig, dataset: Optional[Dataset]) -> Optional[list]:
+    """The joint pairs of the flip test when ``eval.flip_test`` is on (the data set's
+    ``flip_pairs``), else None."""
+    if not cfg.eval.flip_test or dataset is None:
+        return None
+    if cfg.task != "pose":
+        raise ConfigError("eval.flip_test is the pose flip test; set it only with task: pose")
+    pairs = getattr(dataset, "flip_pairs", None)
+    if pairs is None:
+        raise ConfigError(f"eval.flip_test: the data set {type(dataset).__name__} has no flip_pairs (left/right "
+                          "joint pairs); give it a flip_pairs attribute or set eval.flip_test: false")
+    return [tuple(p) for p in pairs]

@@ -210,12 +210,16 @@ class EvalConfig:
         every: evaluate every this many optimiser steps instead (0: by epochs).
         confidence: evaluate with confidence adaptivity on (as the model is trained) and also off.
         max_images: evaluate on at most this many images (None: all).
+        flip_test: pose: average each exit's heatmaps with those of the mirrored image (flipped
+            back, left/right joints swapped, shifted one pixel: HRNet pose's test), as the MPII
+            evaluation does. The GFLOPs and times reported are those of one pass.
     """
 
     every_epochs: int = 1
     every: int = 0
     confidence: bool = True
     max_images: Optional[int] = None
+    flip_test: bool = False
 
 
 @dataclass
@@ -258,6 +262,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.progress, bool):  # YAML reads a bare on/off as a boolean
+            self.progress = "on" if self.progress else "off"
         validate(self)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -374,8 +380,12 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     return raw
 
 
-def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Sequence[str] = (),
+                data_root: Optional[Union[str, os.PathLike]] = None) -> TrainConfig:
     """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides.
+
+    ``data_root`` becomes the ``root`` of ``data.train`` and ``data.val`` (of those the config has),
+    before the overrides: the recipes name no data folder.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -395,5 +405,13 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Seque
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{source}: a config is a mapping of sections, got {type(loaded).__name__}")
         raw = loaded or {}
+    if data_root is not None:
+        data = raw.setdefault("data", {}) or {}
+        raw["data"] = data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: section 'data' must be a mapping, got {type(data).__name__}")
+        for split in ("train", "val"):
+            if isinstance(data.get(split), dict):
+                data[split]["root"] = os.fspath(data_root)
     raw = apply_overrides(raw, overrides)
     return config_from_dict(raw, source)

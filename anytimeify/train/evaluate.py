@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -75,7 +75,8 @@ def _to(value, device: torch.device):
 def evaluate(model: nn.Module, dataset: Dataset, metric: Callable[[], object], *, confidence: bool = True,
              batch_size: int = 1, workers: int = 0, device: Optional[torch.device] = None,
              max_images: Optional[int] = None, channels_last: bool = True, dist: Optional[DistInfo] = None,
-             progress: Optional[Callable[[int], None]] = None) -> EvalReport:
+             progress: Optional[Callable[[int], None]] = None,
+             flip_pairs: Optional[Sequence[Sequence[int]]] = None) -> EvalReport:
     """Evaluate every exit of an anytime model on ``dataset``.
 
     Args:
@@ -90,6 +91,9 @@ def evaluate(model: nn.Module, dataset: Dataset, metric: Callable[[], object], *
         channels_last: feed channels-last inputs.
         dist: process group info; each process evaluates ``dataset[rank::world_size]``.
         progress: called with the number of images done after each batch.
+        flip_pairs: pose flip test: also run the mirrored image and average each exit's heatmaps
+            with the mirrored ones flipped back, these joint pairs swapped and shifted one pixel
+            (:func:`anytimeify.metrics.flip_test_average`). GFLOPs and times are those of one pass.
 
     Returns:
         An :class:`EvalReport`; under DDP every process gets the same, reduced over processes.
@@ -125,6 +129,11 @@ def evaluate(model: nn.Module, dataset: Dataset, metric: Callable[[], object], *
                 sums[:, out.index - 1] += torch.tensor([out.paper_macs, out.macs,
                                                         out.skipped * len(batch_images), out.elapsed],
                                                        dtype=torch.float64)
+            if flip_pairs is not None:
+                from ..metrics import flip_test_average
+
+                mirrored = [out.logits for out in model.anytime(batch_images.flip(-1))]
+                logits = [flip_test_average(a, b, flip_pairs) for a, b in zip(logits, mirrored)]
             metrics.update(logits, target)
             images += len(batch_images)
             if progress is not None:

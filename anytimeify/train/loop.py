@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.sampling import EpochSampler, SeededSamples
+from .builders import flip_pairs_of
 from .checkpointing import (latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_training_state,
                             save_weights)
 from .config import TrainConfig
@@ -229,7 +230,8 @@ class Trainer:
         return evaluate(self.model, self.val_set, self.metric, confidence=confidence,
                         batch_size=self.config.data.val_batch_size, workers=self.config.data.workers,
                         device=self.device, max_images=self.config.eval.max_images,
-                        channels_last=self.config.channels_last, dist=self.dist)
+                        channels_last=self.config.channels_last, dist=self.dist,
+                        flip_pairs=flip_pairs_of(self.config, self.val_set))
 
     def _log_eval(self, log: RunLog, bar: TrainProgress, report: EvalReport) -> None:
         record = {"event": "eval", "step": self.step, "epoch": self.epoch, **report.to_dict()}
