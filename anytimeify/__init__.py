@@ -6,10 +6,11 @@
 """
 from ._fx.stages import register_stage_adapter
 from ._fx.trace import TraceError, register_autowrap_function, register_leaf_module
-from .convert import Candidate, convert, inspect
+from .convert import Candidate, convert, from_exits, inspect
 from .masking import Confidence, MaskedConv2d
 from .flops import ExitFlops, FlopReport, flops
-from .model import AnytimeModel, ExitOutput
+from .model import AnytimeModel, ExitOutput, Prediction
+from .budget import BudgetResult, Calibration, calibrate, evaluate_budgets
 
 __version__ = "0.1.0"
 
@@ -25,7 +26,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'anytimeify' has no attribute {name!r}")
 
 __all__ = [
-    "convert", "inspect", "Confidence", "MaskedConv2d", "flops", "AnytimeModel", "ExitOutput", "Candidate", "FlopReport", "ExitFlops",
+    "convert", "from_exits", "inspect", "calibrate", "evaluate_budgets", "Calibration", "BudgetResult", "Prediction", "Confidence", "MaskedConv2d", "flops", "AnytimeModel", "ExitOutput", "Candidate", "FlopReport", "ExitFlops",
     "register_leaf_module", "register_autowrap_function", "register_stage_adapter", "TraceError",
     "train", "data", "metrics", "models",
 ]

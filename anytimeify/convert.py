@@ -22,16 +22,18 @@ from ._fx.split import split_graph
 from ._fx.adapters import trace_for_conversion
 from ._fx.stages import Boundary, candidate_boundaries, resolve_exits, spatial_divisor, stage_adapter_for
 from ._fx.trace import LeafSpec
-from .exits import HEAD_KINDS, Exit, original_head, redesigned_head
+from .exits import HEAD_KINDS, ClassifierExit, Exit, original_head, redesigned_head
 from ._fx.confidence import apply_confidence
 from .masking.criteria import Confidence
 from .model import AnytimeModel, Program
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["convert", "inspect", "Candidate"]
+__all__ = ["convert", "from_exits", "inspect", "Candidate", "TASKS"]
 
 DEFAULT_PROBE = (1, 3, 256, 256)
+#: what ``convert(task=...)`` accepts: dense prediction (segmentation, pose) or image classification
+TASKS = ("dense", "classification")
 
 
 def _probe_shape(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, ...]:
@@ -43,6 +45,22 @@ def _probe_shape(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple
     if len(size) != 4 or min(size) <= 0:
         raise ValueError(f"input_size must be (H, W) or (B, C, H, W) with positive sizes, got {input_size!r}")
     return size
+
+
+def _module_tree(base: nn.Module) -> Tuple[nn.Module, Dict[str, torch.Tensor]]:
+    """A module holding the base model's children and its own parameters and buffers (under the
+    same names), and those own tensors."""
+    root = nn.Module()
+    for name, child in base.named_children():
+        root.add_module(name, child)
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, param in base.named_parameters(recurse=False):
+        root.register_parameter(name, param)
+        tensors[name] = param
+    for name, buffer in base.named_buffers(recurse=False):
+        root.register_buffer(name, buffer)
+        tensors[name] = buffer
+    return root, tensors
 
 
 def _traced(model: nn.Module, leaf_modules, autowrap_functions, training: bool) -> fx.GraphModule:
@@ -86,7 +104,8 @@ def _output_node(gm: fx.GraphModule) -> Tuple[fx.Node, fx.Node]:
     if not isinstance(value, fx.Node):
         raise TypeError(
             "convert() needs a model whose forward returns one tensor of logits; this one returns "
-            f"{type(value).__name__}. Wrap it in a module that returns the logits tensor."
+            f"{type(value).__name__}. Wrap it in a module that returns the logits tensor (a network "
+            "that already returns one tensor per exit is made anytime by anytimeify.from_exits)."
         )
     return out, value
 
@@ -122,6 +141,17 @@ def _make_exits(boundaries: List[Boundary], num_classes: int, head: str, width: 
             scale = (out_hw[0] / fused_hw[0], out_hw[1] / fused_hw[1])
         exits.append(Exit(layers, head, depth, align_corners, scale))
         info.append({"name": b.name, "channels": b.channels, "stride": b.stride, "depth": depth})
+    return exits, info
+
+
+def _make_classifier_exits(boundaries: List[Boundary], num_classes: int) -> Tuple[nn.ModuleList, List[dict]]:
+    exits = nn.ModuleList()
+    info = []
+    for b in boundaries:
+        tokens = [len(shape) == 3 for shape in b.shapes]
+        channels = [shape[-1] if token else shape[1] for shape, token in zip(b.shapes, tokens)]
+        exits.append(ClassifierExit(channels, num_classes, tokens))
+        info.append({"name": b.name, "channels": channels, "stride": b.stride, "depth": 0})
     return exits, info
 
 
@@ -161,12 +191,12 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
             width: Optional[int] = None, *, confidence: Optional[Confidence] = None,
             input_size: Optional[Sequence[int]] = None,
             leaf_modules: Sequence[LeafSpec] = (), autowrap_functions: Sequence[Callable] = (),
-            align_corners: Optional[bool] = None, inplace: bool = False) -> AnytimeModel:
-    """Turn a dense-prediction network into an anytime model with early exits.
+            align_corners: Optional[bool] = None, inplace: bool = False, task: str = "dense") -> AnytimeModel:
+    """Turn a dense-prediction network (or an image classifier) into an anytime model with early exits.
 
     Args:
         model: a module whose forward takes an image batch ``(B, C, H, W)`` and returns logits
-            ``(B, classes, h, w)``.
+            ``(B, classes, h, w)`` (``task="dense"``) or ``(B, classes)`` (``task="classification"``).
         exits: ``"stages"`` (the stage boundaries found by the model family's adapter) or a list
             of boundary names: module qualified names or graph node names, as
             :func:`anytimeify.inspect` lists them.
@@ -184,10 +214,20 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
         align_corners: for the exits' bilinear resizing; default: the model's ``align_corners``
             attribute, else False (the ADP-C reference implementation's, and PyTorch's default).
         inplace: reuse ``model``'s modules instead of a deep copy.
+        task: ``"dense"`` (segmentation, pose: the exits of ``head``) or ``"classification"``: each
+            exit pools the stage's features globally (feature maps over positions, a vision
+            transformer's tokens over tokens) into one linear layer, and ``head``, ``width`` and
+            ``confidence`` do not apply (a classifier's samples leave early as a whole:
+            :meth:`AnytimeModel.predict`).
 
     Returns:
         An :class:`AnytimeModel` with ``len(exits) + 1`` exits, the last being the model's own head.
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "classification" and confidence is not None:
+        raise ValueError("confidence adaptivity skips positions of a dense prediction; a classifier's samples "
+                         "leave early as a whole: convert without confidence and use model.predict(x, thresholds)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
     if head not in HEAD_KINDS:
@@ -213,9 +253,7 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
     else:
         _logger.info("%s traces differently in train and eval mode; keeping both graphs", type(base).__name__)
 
-    root = nn.Module()  # the converted model's module tree: the base model's children + exits
-    for name, child in base.named_children():
-        root.add_module(name, child)
+    root, tensors = _module_tree(base)  # the converted model's module tree: the base model's + exits
     programs: Dict[bool, Program] = {}
     info: List[dict] = []
     divisor = 1
@@ -224,12 +262,19 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
         _propagate_shapes(base, gm, probe)
         _, final = _output_node(gm)
         out_shape = final.meta["tensor_meta"].shape
-        if len(out_shape) != 4:
-            raise TypeError(f"the model's output must be (B, classes, h, w) logits, got shape {tuple(out_shape)}")
-        boundaries = resolve_exits(base, gm, exits)
+        if task == "dense" and len(out_shape) != 4:
+            hint = " (a classifier: convert(model, task='classification'))" if len(out_shape) == 2 else ""
+            raise TypeError(f"the model's output must be (B, classes, h, w) logits, got shape "
+                            f"{tuple(out_shape)}{hint}")
+        if task == "classification" and len(out_shape) != 2:
+            raise TypeError(f"a classifier's output must be (B, classes) logits, got shape {tuple(out_shape)}")
+        boundaries = resolve_exits(base, gm, exits, tokens=task == "classification")
         if not hasattr(root, "exits"):
-            exit_modules, info = _make_exits(boundaries, out_shape[1], head, width, tuple(out_shape[-2:]),
-                                             align_corners)
+            if task == "classification":
+                exit_modules, info = _make_classifier_exits(boundaries, out_shape[1])
+            else:
+                exit_modules, info = _make_exits(boundaries, out_shape[1], head, width, tuple(out_shape[-2:]),
+                                                 align_corners)
             root.add_module("exits", exit_modules)
             divisor = _input_divisor(base, gm, boundaries, [e["depth"] for e in info])
         graph = gm.graph
@@ -245,7 +290,73 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
     modules = dict(root.named_children())
     converted = AnytimeModel(programs, modules, input_divisor=divisor, in_channels=probe[1],
                              exit_info=info + [{"name": "output", "channels": [], "stride": None, "depth": 0}],
-                             base_class=type(base).__name__, confidence=confidence)
+                             base_class=type(base).__name__, confidence=confidence, tensors=tensors)
+    converted.train(base.training)
+    return converted
+
+
+def from_exits(model: nn.Module, *, input_size: Optional[Sequence[int]] = None,
+               leaf_modules: Sequence[LeafSpec] = (), autowrap_functions: Sequence[Callable] = (),
+               inplace: bool = False) -> AnytimeModel:
+    """Make an anytime model of a network that already has its exits (RANet, MSDNet, your own).
+
+    The network's forward must return one tensor of logits per exit, as a tuple or list in exit
+    order, and compute them in that order. Its traced graph is split after each exit's logits,
+    so ``anytime()`` computes nothing that only later exits need once the consumer stops, MACs
+    are counted per exit, and ``predict()`` lets each sample leave at its first confident exit.
+
+    Args:
+        model: the multi-exit network.
+        input_size: ``(H, W)`` or ``(B, C, H, W)`` of a probe input the model accepts (default: the
+            model's ``input_size`` attribute, else 256x256).
+        leaf_modules, autowrap_functions, inplace: as for :func:`convert`.
+
+    The result accepts inputs of the model's ``input_size`` only when the model declares one (a
+    network whose classifiers are built for one size), else sizes divisible by its
+    ``input_divisor`` attribute (default 1).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"from_exits() takes an nn.Module, got {type(model).__name__}")
+    base = model if inplace else copy.deepcopy(model)
+    fixed = None
+    if getattr(base, "input_size", None) is not None:
+        declared = base.input_size
+        fixed = (declared, declared) if isinstance(declared, int) else tuple(declared)
+        input_size = input_size or fixed
+    probe = _probe_shape(base, input_size)
+    graphs = {False: _traced(base, leaf_modules, autowrap_functions, False)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graphs[True] = _traced(base, leaf_modules, autowrap_functions, True)
+    if graphs[True].code == graphs[False].code:
+        del graphs[True]
+    root, tensors = _module_tree(base)
+    programs: Dict[bool, Program] = {}
+    count = 0
+    for training, gm in graphs.items():
+        _propagate_shapes(base, gm, probe)
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        value = out.args[0]
+        if not isinstance(value, (tuple, list)) or len(value) < 2 or not all(isinstance(v, fx.Node) for v in value):
+            raise TypeError(f"from_exits() needs a model whose forward returns a tuple or list of exit logits (two or "
+                            f"more); {type(base).__name__} returns {type(value).__name__}. For a network with one "
+                            "output, anytimeify.convert attaches exits")
+        results = list(value)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        if [order[n] for n in results] != sorted(order[n] for n in results) or len(set(results)) != len(results):
+            raise ValueError(f"{type(base).__name__} returns its exits out of the order it computes them; return them "
+                             "in the order they are computed, so that exit k needs nothing computed after it")
+        count = len(results)
+        gm.graph.owning_module = root
+        programs[training] = _build_program(root, gm.graph, results, [])
+    programs.setdefault(True, programs[False])
+    divisor = getattr(base, "input_divisor", 1)
+    converted = AnytimeModel(programs, dict(root.named_children()), input_divisor=int(divisor) if divisor else 1,
+                             in_channels=probe[1],
+                             exit_info=[{"name": f"exit{k + 1}", "channels": [], "stride": None, "depth": 0}
+                                        for k in range(count)],
+                             base_class=type(base).__name__, tensors=tensors)
+    converted.fixed_input_size = fixed
     converted.train(base.training)
     return converted
 

@@ -16,7 +16,7 @@ from .masking.conv import MaskedConv2d
 from .masking.engine import inference_kernels
 from .masking.masks import geometry_of, mask_for_conv, plan_for_mask
 
-__all__ = ["Exit", "fuse_branches", "original_head", "redesigned_head", "HEAD_KINDS"]
+__all__ = ["Exit", "ClassifierExit", "fuse_branches", "original_head", "redesigned_head", "HEAD_KINDS"]
 
 HEAD_KINDS = ("original", "redesigned")
 
@@ -152,3 +152,31 @@ class Exit(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, depth={self.depth}"
+
+
+class ClassifierExit(nn.Module):
+    """A classification exit: global average pooling of each of the stage's tensors, concatenated,
+    then one linear layer (``convert(..., task="classification")``).
+
+    Feature maps ``(B, C, H, W)`` are averaged over positions; token sequences ``(B, N, C)`` of
+    vision transformers over tokens, after a LayerNorm of their channels (the transformer's own
+    final norm is not applied to intermediate blocks).
+
+    Args:
+        channels: channels of each input tensor.
+        num_classes: classes of the linear layer.
+        tokens: per input, whether it is a token sequence ``(B, N, C)``.
+    """
+
+    def __init__(self, channels: Sequence[int], num_classes: int, tokens: Optional[Sequence[bool]] = None):
+        super().__init__()
+        tokens = list(tokens) if tokens is not None else [False] * len(channels)
+        self.tokens = tokens
+        self.norms = nn.ModuleList(nn.LayerNorm(c) if t else nn.Identity() for c, t in zip(channels, tokens))
+        self.linear = nn.Linear(sum(channels), num_classes)
+
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+        pooled = []
+        for x, norm, token in zip(features, self.norms, self.tokens):
+            pooled.append(norm(x).mean(dim=1) if token else x.mean(dim=(2, 3)))
+        return self.linear(pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1))

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ._fx.split import Segment
 from .masking.conv import MaskedConv2d
 
-__all__ = ["AnytimeModel", "ExitOutput", "Program"]
+__all__ = ["AnytimeModel", "ExitOutput", "Prediction", "Program", "confidence_scores"]
 
 
 @dataclass
@@ -53,6 +53,42 @@ class ExitOutput:
     def paper_gflops(self) -> float:
         """The paper's count (``paper_macs / 2**30``)."""
         return self.paper_macs / 2 ** 30
+
+
+@dataclass
+class Prediction:
+    """What :meth:`AnytimeModel.predict` returns: each sample's prediction from the exit it left at.
+
+    Attributes:
+        logits: ``(B, ...)`` each sample's logits, from its exit.
+        exits: ``(B,)`` int64, the exit (1-based) each sample left at.
+        macs: ``(B,)`` int64, the conv and linear multiply-accumulates executed for each sample
+            (cumulative up to its exit; only the samples still running are computed).
+        seconds: wall-clock seconds of the whole call.
+    """
+
+    logits: torch.Tensor
+    exits: torch.Tensor
+    macs: torch.Tensor
+    seconds: float
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Predicted classes: ``logits.argmax(1)``."""
+        return self.logits.argmax(1)
+
+    @property
+    def total_macs(self) -> int:
+        """MACs executed for the whole batch."""
+        return int(self.macs.sum())
+
+
+def confidence_scores(logits: torch.Tensor) -> torch.Tensor:
+    """A sample's confidence: the largest softmax probability over classes (dim 1), averaged over
+    positions for dense predictions (``(B, C, h, w)``); ``(B,)`` float32. MSDNet's and RANet's
+    criterion for classifiers, its image-level mean for dense models."""
+    prob = torch.softmax(logits.float(), dim=1).amax(dim=1)
+    return prob.reshape(prob.shape[0], -1).mean(dim=1)
 
 
 class Ledger:
@@ -146,10 +182,17 @@ class AnytimeModel(nn.Module):
 
     def __init__(self, programs: Dict[bool, Program], modules: Dict[str, nn.Module], *,
                  input_divisor: int, in_channels: int, exit_info: Sequence[dict],
-                 base_class: str, confidence=None):
+                 base_class: str, confidence=None, tensors: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         for name, module in modules.items():
             self.add_module(name, module)
+        # parameters and buffers the base model holds itself (a transformer's class token and
+        # position embedding); the graphs read these very tensors
+        for name, tensor in (tensors or {}).items():
+            if isinstance(tensor, nn.Parameter):
+                self.register_parameter(name, tensor)
+            else:
+                self.register_buffer(name, tensor)
         # the programs share this model's modules but must not register them a second time
         object.__setattr__(self, "_programs", programs)
         self.input_divisor = input_divisor
@@ -272,6 +315,10 @@ class AnytimeModel(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"expected a floating-point input, got dtype {x.dtype}; convert it with x.float()")
         h, w = x.shape[-2:]
+        fixed = getattr(self, "fixed_input_size", None)
+        if fixed is not None and (h, w) != tuple(fixed):
+            raise ValueError(f"this model takes {fixed[0]}x{fixed[1]} inputs only (its classifiers are built for that "
+                             f"size), got {h}x{w}; resize the input")
         d = self.input_divisor
         if h % d or w % d or h == 0 or w == 0:
             fix_h, fix_w = max(d, -(-h // d) * d), max(d, -(-w // d) * d)
@@ -316,6 +363,72 @@ class AnytimeModel(nn.Module):
             later = program.read_later[seg.index]
             for name in [k for k in env if k not in later]:
                 del env[name]
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, thresholds: Sequence[float]) -> Prediction:
+        """Per-sample early exit: each sample leaves at the first exit whose confidence reaches that
+        exit's threshold, and later segments run only for the samples still in (the batch shrinks
+        as samples leave), so what is not needed is really not computed.
+
+        Args:
+            x: a batch of images.
+            thresholds: one per exit; ``thresholds[k]`` is the confidence
+                (:func:`confidence_scores`) at which a sample leaves at exit ``k + 1``. The last
+                exit takes every sample still in, so ``num_exits - 1`` values suffice (a last
+                value is ignored). :func:`anytimeify.calibrate` picks them for a cost budget.
+
+        Returns:
+            A :class:`Prediction`: logits, exit and executed MACs per sample, and the time taken.
+
+        Every sample's prediction equals what the full network's exit would give it (each
+        sample's computation does not depend on the others in eval mode), up to float rounding
+        of kernels that depend on the batch size.
+        """
+        self.check_input(x)
+        if self.training:
+            raise RuntimeError("predict() runs the model in eval mode; call model.eval() first (batch norms in "
+                               "training mode mix the samples of a batch)")
+        if self.confidence is not None and self.confidence.enabled:
+            raise ValueError("predict() lets whole samples leave early; confidence adaptivity skips positions within "
+                             "them and is not combined with it: model.set_confidence(False) first")
+        limits = [float(t) for t in thresholds]
+        if len(limits) not in (self.num_exits - 1, self.num_exits):
+            raise ValueError(f"thresholds: give {self.num_exits - 1} values (one per exit before the last), "
+                             f"got {len(limits)}")
+        start = time.perf_counter()
+        program = self.program
+        batch = x.shape[0]
+        env: Dict[str, object] = {program.input_name: x}
+        alive = torch.arange(batch, device=x.device)
+        exits = torch.full((batch,), self.num_exits, dtype=torch.int64)
+        macs = torch.zeros(batch, dtype=torch.int64)
+        logits: Optional[torch.Tensor] = None
+        for seg in program.segments:
+            values, ledger = run_segment(seg, [env[name] for name in seg.inputs])
+            env.update(zip(seg.outputs, values))
+            here = alive.cpu()
+            macs[here] += ledger.executed // max(1, len(here))
+            out = env[program.exit_names[seg.index]]
+            if logits is None:
+                logits = out.new_empty((batch,) + tuple(out.shape[1:]))
+            last = seg.index == self.num_exits - 1
+            leave = torch.ones(len(alive), dtype=torch.bool, device=out.device) if last else \
+                confidence_scores(out) >= limits[seg.index]
+            logits[alive[leave]] = out[leave]
+            exits[here[leave.cpu()]] = seg.index + 1
+            if last or bool(leave.all()):
+                break
+            stay = ~leave
+            later = program.read_later[seg.index]
+            size = len(alive)
+            for name in list(env):
+                if name not in later:
+                    del env[name]
+                elif isinstance(env[name], torch.Tensor) and env[name].dim() > 0 and env[name].shape[0] == size:
+                    env[name] = env[name][stay]
+            alive = alive[stay]
+        assert logits is not None
+        return Prediction(logits, exits, macs, time.perf_counter() - start)
 
     def exits_until(self, x: torch.Tensor, deadline: float) -> ExitOutput:
         """Run exits until ``deadline`` seconds of compute have passed; return the last prediction.

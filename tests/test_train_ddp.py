@@ -80,4 +80,5 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
                                                                       abs=1e-6)
     assert [e["skipped"] for e in ddp_eval] == pytest.approx([e["skipped"] for e in single_eval], abs=1e-6)
     # only rank 0 wrote the run's files
-    assert sorted(p.name for p in ddp_out.iterdir()) == ["checkpoints", "config.yaml", "log.jsonl", "model.safetensors"]
+    assert sorted(p.name for p in ddp_out.iterdir()) == ["checkpoints", "config.yaml", "log.jsonl", "metrics.json",
+                                                         "model.safetensors"]

@@ -134,6 +134,19 @@ def _timm_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
     return select_stage_levels(boundaries) if boundaries else None
 
 
+def _token_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
+    """Vision transformers (timm's ``blocks`` of equal width, tokens in and out): exits after the
+    blocks at a quarter, a half and three quarters of the depth (their outputs are token sequences,
+    which only classification exits take)."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) < 4 or getattr(model, "feature_info", None) is None:
+        return None
+    if module_boundary(gm, "blocks.0") is not None:  # 4-D outputs: a convolutional network's blocks
+        return None
+    depth = len(blocks)
+    return [f"blocks.{depth * k // 4 - 1}" for k in (1, 2, 3)]
+
+
 # -- segmentation-models-pytorch -------------------------------------------------------------------
 
 
@@ -266,6 +279,7 @@ def _smp_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
 
 
 # registered last = tried first: HRNet, then smp, then timm
+register_stage_adapter("tokens")(_token_stages)  # tried last: timm's finds no 4-D stage outputs in a transformer
 register_stage_adapter("timm")(_timm_stages)
 register_stage_adapter("smp")(_smp_stages)
 register_stage_adapter("hrnet")(_hrnet_stages)

@@ -52,9 +52,10 @@ class Boundary:
         return max(self.nodes, key=order.__getitem__)
 
 
-def _is_tensor_node(node: fx.Node) -> bool:
+def _is_tensor_node(node: fx.Node, ranks: Tuple[int, ...] = (4,)) -> bool:
+    """A tensor of one of ``ranks`` dimensions: 4 for feature maps, 3 for a transformer's tokens."""
     val = node.meta.get("tensor_meta")
-    return val is not None and hasattr(val, "shape") and len(val.shape) == 4
+    return val is not None and hasattr(val, "shape") and len(val.shape) in ranks
 
 
 def _inside(node: fx.Node, path: str) -> bool:
@@ -64,23 +65,23 @@ def _inside(node: fx.Node, path: str) -> bool:
     return path in stack
 
 
-def module_boundary(gm: fx.GraphModule, path: str) -> Optional[Boundary]:
+def module_boundary(gm: fx.GraphModule, path: str, ranks: Tuple[int, ...] = (4,)) -> Optional[Boundary]:
     """The tensors that leave module ``path`` (None if none does, or it is never called)."""
     outputs = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr") or not _inside(node, path):
             continue
-        if any(not _inside(user, path) for user in node.users) and _is_tensor_node(node):
+        if any(not _inside(user, path) for user in node.users) and _is_tensor_node(node, ranks):
             outputs.append(node)
     if not outputs:
         return None
     return _with_shapes(gm, Boundary(path, outputs))
 
 
-def node_boundary(gm: fx.GraphModule, name: str) -> Optional[Boundary]:
+def node_boundary(gm: fx.GraphModule, name: str, ranks: Tuple[int, ...] = (4,)) -> Optional[Boundary]:
     for node in gm.graph.nodes:
         if node.name == name:
-            return _with_shapes(gm, Boundary(name, [node])) if _is_tensor_node(node) else None
+            return _with_shapes(gm, Boundary(name, [node])) if _is_tensor_node(node, ranks) else None
     return None
 
 
@@ -91,7 +92,10 @@ def _with_shapes(gm: fx.GraphModule, b: Boundary) -> Boundary:
     b.nodes = [p[0] for p in pairs]
     b.shapes = [p[1] for p in pairs]
     in_h = gm.meta["input_shape"][-2]
-    b.stride = in_h / b.shapes[0][-2]
+    if len(b.shapes[0]) == 3:  # tokens (B, N, C): one per patch of a square grid (and a class token)
+        b.stride = in_h / max(1, round(math.sqrt(b.shapes[0][1])))
+    else:
+        b.stride = in_h / b.shapes[0][-2]
     return b
 
 
@@ -153,8 +157,12 @@ def candidate_boundaries(gm: fx.GraphModule, max_depth: int = 2, include: Sequen
     return found
 
 
-def resolve_exits(model: nn.Module, gm: fx.GraphModule, exits) -> List[Boundary]:
-    """Turn ``exits`` ("stages" or a list of names) into boundaries, in execution order."""
+def resolve_exits(model: nn.Module, gm: fx.GraphModule, exits, tokens: bool = False) -> List[Boundary]:
+    """Turn ``exits`` ("stages" or a list of names) into boundaries, in execution order.
+
+    ``tokens``: token sequences ``(B, N, C)`` are boundaries too (classification exits pool them).
+    """
+    ranks = (3, 4) if tokens else (4,)
     if isinstance(exits, str):
         if exits != "stages":
             raise ValueError(f"exits must be 'stages' or a list of boundary names, got {exits!r}")
@@ -167,7 +175,7 @@ def resolve_exits(model: nn.Module, gm: fx.GraphModule, exits) -> List[Boundary]
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"exit names must be strings, got {name!r}")
-        b = module_boundary(gm, name) if _is_module(gm, name) else node_boundary(gm, name)
+        b = module_boundary(gm, name, ranks) if _is_module(gm, name) else node_boundary(gm, name, ranks)
         if b is None:
             valid = [c.name for c in candidate_boundaries(gm)]
             raise ValueError(

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from torch.utils.data import Dataset
 
-from .digits import DIGIT_CLASSES, DigitScenes, digit_split
+from .digits import DIGIT_CLASSES, DigitScenes, digit_images, digit_split
 from .cityscapes import (CITYSCAPES_CLASS_WEIGHTS, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, CityscapesSegmentation,
                          cityscapes_label_table)
 from .folder import DataFileError, ImageMaskFolder, read_image, read_mask
@@ -33,7 +33,7 @@ from .transforms import (
 )
 
 __all__ = [
-    "DigitScenes", "digit_split", "DIGIT_CLASSES", "ImageMaskFolder", "read_image", "read_mask", "DataFileError",
+    "DigitScenes", "digit_split", "digit_images", "DIGIT_CLASSES", "ImageMaskFolder", "read_image", "read_mask", "DataFileError",
     "EpochSampler", "SeededSamples", "sample_seed", "segmentation_transforms", "pose_transforms",
     "SegmentationTransform", "PoseTransform", "RandomScale", "RandomHorizontalFlipJoints", "gaussian_heatmaps",
     "IMAGENET_MEAN", "IMAGENET_STD", "register_dataset", "create_dataset", "list_datasets",

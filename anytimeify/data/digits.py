@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DigitScenes", "digit_split", "DIGIT_CLASSES", "SPLIT_SEED"]
+__all__ = ["DigitScenes", "digit_split", "digit_images", "DIGIT_CLASSES", "SPLIT_SEED"]
 
 #: class names of the digit scenes: background, then the digits
 DIGIT_CLASSES: Tuple[str, ...] = ("background",) + tuple(str(d) for d in range(10))
@@ -67,6 +67,42 @@ def digit_split(split: str) -> torch.Tensor:
         n_val = int(round(HELD_OUT * len(members)))
         chosen.append(members[:n_val] if split == "val" else members[n_val:])
     return torch.sort(torch.cat(chosen)).values
+
+
+#: share of each class's training instances held out for calibration (``digit_images("calib")``)
+CALIBRATION = 0.2
+
+
+def digit_images(split: str, size: int = 32, channels: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The digits as a classification set: images resized to ``size`` x ``size`` and labels.
+
+    Splits: ``"test"`` is :func:`digit_split`'s held-out 25%; ``"calib"`` is a fixed fifth of each
+    class's remaining instances (a validation split for choosing thresholds, never trained on);
+    ``"train"`` the rest. Images are bilinearly resized grey levels in [0, 1], repeated over
+    ``channels``, then normalised to zero mean and unit variance over the whole data set.
+
+    Returns:
+        ``(images (N, channels, size, size) float32, labels (N,) int64)``.
+    """
+    if split not in ("train", "calib", "test"):
+        raise ValueError(f"split must be 'train', 'calib' or 'test', got {split!r}")
+    images, targets = _digits()
+    if split == "test":
+        chosen = digit_split("val")
+    else:
+        pool = digit_split("train")
+        g = torch.Generator().manual_seed(SPLIT_SEED + 1)
+        parts = []
+        for digit in range(10):
+            members = pool[targets[pool] == digit]
+            members = members[torch.randperm(len(members), generator=g)]
+            n_calib = int(round(CALIBRATION * len(members)))
+            parts.append(members[:n_calib] if split == "calib" else members[n_calib:])
+        chosen = torch.sort(torch.cat(parts)).values
+    mean, std = float(images.mean()), float(images.std())
+    x = F.interpolate(images[chosen, None], size=(size, size), mode="bilinear", align_corners=False)
+    x = ((x - mean) / std).repeat(1, channels, 1, 1).contiguous()
+    return x, targets[chosen].clone()
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,11 @@ def build_model(cfg: TrainConfig, seed: Optional[int] = None):
 
     torch.manual_seed(cfg.seed if seed is None else seed)
     net = build_base_model(cfg)
+    if isinstance(net, anytimeify.AnytimeModel):  # a network with its own exits (RANet)
+        if cfg.confidence.enabled:
+            raise ConfigError(f"model {cfg.model.name!r} has its own exits and no spatial confidence adaptivity; set "
+                              "confidence.enabled: false")
+        return net.train()
     confidence = None
     cc = cfg.confidence
     if cc.enabled:
