@@ -33,15 +33,30 @@ class LoadResult:
     ignored: List[str] = field(default_factory=list)
 
 
+def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, read on the CPU.
+
+    Raises:
+        ValueError: the file cannot be read (truncated, corrupt or not safetensors); the message
+            names the path, which safetensors' own errors do not.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError, OSError, ...
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"cannot read checkpoint {path!r}: the file is truncated, corrupt or not safetensors "
+                         f"({type(err).__name__}: {detail})") from err
+
+
 def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     """Read a state dict from a local file and normalise its container and key prefixes."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        obj: object = load_file(path)
+        obj: object = _read_safetensors(path)
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

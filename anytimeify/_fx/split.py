@@ -12,6 +12,8 @@ from typing import Dict, List, Sequence
 import torch.fx as fx
 import torch.nn as nn
 
+from .trace import ReplayTracer
+
 __all__ = ["Segment", "split_graph"]
 
 
@@ -44,7 +46,9 @@ def split_graph(root: nn.Module, graph: fx.Graph, segment_of: Dict[fx.Node, int]
         results: nodes whose values the caller reads after the segment that makes them.
     """
     n_segments = max(segment_of.values()) + 1
-    graphs = [fx.Graph() for _ in range(n_segments)]
+    # unpickling re-traces each segment's code with the graph's tracer class: ReplayTracer keeps
+    # the free functions the segments call single nodes, as they are here
+    graphs = [fx.Graph(tracer_cls=ReplayTracer) for _ in range(n_segments)]
     envs: List[Dict[fx.Node, fx.Node]] = [{} for _ in range(n_segments)]
     inputs: List[List[str]] = [[] for _ in range(n_segments)]
     producer: Dict[fx.Node, int] = {}

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any, Callable, Optional, Sequence, Set, Type, Union
+import types
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Type, Union
 
 import torch.fx as fx
 import torch.nn as nn
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["register_leaf_module", "register_autowrap_function", "AnytimeTracer", "trace", "TraceError"]
+__all__ = ["register_leaf_module", "register_autowrap_function", "AnytimeTracer", "ReplayTracer", "trace",
+           "TraceError"]
 
 _LEAF_MODULES: Set[Type[nn.Module]] = set()
 _AUTOWRAP_FUNCTIONS: Set[Callable] = set()
@@ -78,6 +80,43 @@ class AnytimeTracer(fx.Tracer):
             raise
 
 
+class ReplayTracer(fx.Tracer):
+    """The tracer that rebuilds a converted graph from its generated code, as unpickling does.
+
+    ``torch.load`` of a whole model does not store a GraphModule's graph: it traces the module's
+    generated ``forward`` again, with the tracer class recorded on the graph (every module a
+    leaf). The free functions that code calls were single nodes of the graph (confidence
+    adaptivity's ``mask_for_conv``, ``plan_for_mask`` and ``copy_aggregate``, the user's
+    ``autowrap_functions``, the inference rewrites' fused ops), so this tracer keeps each of them
+    one node again instead of running its Python control flow on proxies, which fails. Every graph
+    anytimeify builds records it (:func:`trace`, :func:`~anytimeify._fx.split.split_graph`).
+    """
+
+    def trace(self, root, concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
+        forward = type(root).forward if isinstance(root, nn.Module) else root
+        code_globals = getattr(forward, "__globals__", {})
+        originals = {name: value for name, value in code_globals.items()
+                     if isinstance(value, (types.FunctionType, types.BuiltinFunctionType))
+                     and not getattr(value, "__module__", "").startswith("torch")}
+        for name, fn in originals.items():
+            code_globals[name] = self._as_node(fn)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            code_globals.update(originals)
+
+    def _as_node(self, fn: Callable) -> Callable:
+        """``fn`` recorded as one call_function node when an argument is a proxy, else called."""
+        def call(*args, **kwargs):
+            proxies = []
+            fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
+            if proxies:
+                return self.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return call
+
+
 def _user_frame(tb) -> str:
     frames = traceback.extract_tb(tb)
     for frame in reversed(frames):
@@ -104,14 +143,26 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError, ... here
         where = tracer.failed_module or ""
-        kind = type(model.get_submodule(where)).__name__ if where else type(model).__name__
+        failure = f"{_user_frame(err.__traceback__)}: {type(err).__name__}: {err}"
+        if not where:  # the root's own forward: it is what gets exits, so it cannot be a leaf
+            name = type(model).__name__
+            raise TraceError(
+                f"torch.fx could not trace the forward of the model itself ({name}) at {failure}\n"
+                f"Remedy: leaf_modules and @anytimeify.register_leaf_module cannot help here: they keep "
+                f"submodules opaque, and {name}'s own forward must be traced to place exits in it. Make its "
+                f"control flow static (decided by constructor arguments or input shapes, not by tensor "
+                f"values), or wrap the traceable part (the network from image to logits) in a module of "
+                f"its own, convert that, and keep the data-dependent logic outside the converted model; a "
+                f"free function that fails can be kept as one call with autowrap_functions=[fn]."
+            ) from err
+        kind = type(model.get_submodule(where)).__name__
         raise TraceError(
-            f"torch.fx could not trace module {where or '<root>'!r} ({kind}) at "
-            f"{_user_frame(err.__traceback__)}: {type(err).__name__}: {err}\n"
-            f"Remedy: keep that module opaque with convert(..., leaf_modules=[{where or kind!r}]) "
+            f"torch.fx could not trace module {where!r} ({kind}) at {failure}\n"
+            f"Remedy: keep that module opaque with convert(..., leaf_modules=[{where!r}]) "
             f"or decorate its class with @anytimeify.register_leaf_module; wrap a free function "
             f"with autowrap_functions=[fn]."
         ) from err
+    graph._tracer_cls = ReplayTracer  # what unpickling re-traces the converted graph with
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["leaves_used"] = dict(tracer.leaves_used)
     return gm

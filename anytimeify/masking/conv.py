@@ -83,6 +83,14 @@ def _cached_layer_weights(conv: nn.Conv2d, shift: Optional[Tensor]) -> LayerWeig
     return cache[1]
 
 
+def _state_without_weights_cache(state: dict) -> dict:
+    """A module's pickled state without ``_weights_cache``: the packed weights are a copy of the
+    parameters as large as them, rebuilt at the first call, so pickling them (``torch.save`` of a
+    model, ``copy.deepcopy``) would double a saved model's size once it has run."""
+    state["_weights_cache"] = None
+    return state
+
+
 class MaskedConv2d(nn.Conv2d):
     """A ``Conv2d`` whose output is computed where a mask is 1 and interpolated elsewhere.
 
@@ -129,6 +137,9 @@ class MaskedConv2d(nn.Conv2d):
         self.reader_radius: Optional[int] = None
         self.engine_dense = False
         self._weights_cache: Optional[Tuple[Tuple, LayerWeights]] = None
+
+    def __getstate__(self) -> dict:
+        return _state_without_weights_cache(super().__getstate__())
 
     # -------------------------------------------------------------------------------- building
     @classmethod
@@ -369,6 +380,8 @@ class MaskedConv2d(nn.Conv2d):
             The paper's count as a float.
         """
         batch = int(x_shape[0])
+        if batch == 0:  # an empty batch computes nothing
+            return 0.0
         dense_per_sample = self.dense_macs(x_shape) // batch
         if mask is None:
             return float(dense_per_sample * batch)
@@ -426,6 +439,9 @@ class EngineConv2d(nn.Conv2d):
         #: None or ``"relu"``: applied as the output is written (set by the inference rewrites
         #: where a ReLU is the conv's only reader)
         self.activation: Optional[str] = None
+
+    def __getstate__(self) -> dict:
+        return _state_without_weights_cache(super().__getstate__())
 
     @property
     def geometry(self) -> ConvGeometry:

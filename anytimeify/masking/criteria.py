@@ -1,24 +1,32 @@
 """Confidence criteria: from an exit's logits to the mask of positions later convolutions compute.
 
 Every criterion maps logits ``(B, K, h, w)`` to a boolean "computed" mask ``(B, 1, h, w)``
-(True = not confident yet, compute it). Masks carry no gradient.
+(True = not confident yet, compute it). Masks carry no gradient. A position whose logits are not
+all finite (NaN, inf) is computed whatever the criterion says: comparisons with NaN are False, so
+it would otherwise count as confident and its broken prediction would be copied forward silently.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["Confidence", "CRITERIA", "EXECUTIONS", "computed_mask"]
+__all__ = ["Confidence", "CRITERIA", "EXECUTIONS", "computed_mask", "NON_FINITE_WARNING"]
 
 CRITERIA = ("max_prob", "entropy", "topk", "random", "heatmap")
 #: executions of masked convs: "auto" is dense under autograd and sparse without it
 EXECUTIONS = ("auto", "dense", "sparse")
 
 CriterionFn = Callable[[torch.Tensor], torch.Tensor]
+
+#: the RuntimeWarning :func:`computed_mask` gives when an exit's logits are not all finite (one
+#: stable text, so Python's default filter shows it once per process)
+NON_FINITE_WARNING = ("non-finite logits (NaN or inf) found at an early exit: confidence adaptivity computes "
+                      "those positions at every exit instead of skipping them; check the input and the model")
 
 
 @dataclass
@@ -94,7 +102,7 @@ def _takes_exit_index(fn: Callable) -> bool:
 def _skip_fraction(score: torch.Tensor, fraction: float) -> torch.Tensor:
     """Computed mask that skips the ``fraction`` highest-scoring positions of each sample."""
     b = score.shape[0]
-    flat = score.reshape(b, -1)
+    flat = score.reshape(b, score.shape[-2] * score.shape[-1])  # (an empty batch too)
     n_skip = int(round(fraction * flat.shape[1]))
     computed = torch.ones_like(flat, dtype=torch.bool)
     if n_skip > 0:
@@ -105,10 +113,29 @@ def _skip_fraction(score: torch.Tensor, fraction: float) -> torch.Tensor:
 
 @torch.no_grad()
 def computed_mask(logits: torch.Tensor, confidence: Confidence, exit_index: int) -> torch.Tensor:
-    """The boolean computed mask ``(B, 1, h, w)`` that exit ``exit_index`` (0-based) decides."""
+    """The boolean computed mask ``(B, 1, h, w)`` that exit ``exit_index`` (0-based) decides.
+
+    Positions whose logits are not all finite are computed whatever the criterion says, with a
+    ``RuntimeWarning`` (:data:`NON_FINITE_WARNING`).
+    """
     logits = logits.detach()
     if not confidence.enabled:
         return torch.ones(logits.shape[0], 1, *logits.shape[-2:], dtype=torch.bool, device=logits.device)
+    return _criterion_mask(logits, confidence, exit_index) | _non_finite(logits)
+
+
+def _non_finite(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, h, w)``: True where some logit is NaN or infinite (warning once when there are)."""
+    from .engine import _traced
+
+    bad = ~torch.isfinite(logits).all(dim=1, keepdim=True)
+    if not _traced((logits,)) and bool(bad.any()):  # (no data to look at while tracing)
+        warnings.warn(NON_FINITE_WARNING, RuntimeWarning)
+    return bad
+
+
+def _criterion_mask(logits: torch.Tensor, confidence: Confidence, exit_index: int) -> torch.Tensor:
+    """The computed mask of the criterion alone."""
     crit = confidence.criterion
     if callable(crit):
         mask = crit(logits, exit_index) if _takes_exit_index(crit) else crit(logits)

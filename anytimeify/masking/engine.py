@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .interp import INTERP_RADIUS, kernel_offsets, rbf_kernel, support_radius
 
@@ -706,17 +707,41 @@ def _kernel(name: str):
     return torch.profiler.record_function("anytimeify::" + name)
 
 
+def _traced(tensors: Sequence[Tensor]) -> bool:
+    """Whether ops on ``tensors`` are being traced or compiled rather than run on their data.
+
+    The compiled kernels are opaque to every tracer and read the tensors' memory, so they must
+    not run on proxies or on tensors without data: under ``torch.jit.trace``, torch.fx symbolic
+    tracing, ``torch.compile`` and ``torch.export`` (both set ``torch.compiler.is_compiling()``),
+    under a dispatch mode (``make_fx``, ``FakeTensorMode``, functionalization: the mode would not
+    see the kernel's work) and on tensors that are not plain (FakeTensor, functional tensors,
+    other subclasses). PyTorch's ops take their place there, with the same result up to float
+    rounding.
+    """
+    if (torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None):
+        return True
+    for t in tensors:  # (a loop: this runs for every engine call, a generator costs as much as the checks)
+        if type(t) not in _PLAIN_TENSORS or torch._is_functional_tensor(t):
+            return True
+    return False
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
 def _ext_for(x: Tensor, use_extension: bool = True):
-    """The compiled kernels if they can run on ``x`` (float32 on the CPU), else None."""
-    if not use_extension or x.dtype != torch.float32 or x.device.type != "cpu":
+    """The compiled kernels if they can run on ``x`` (float32 on the CPU, not traced), else None."""
+    if not use_extension or x.dtype != torch.float32 or x.device.type != "cpu" or _traced((x,)):
         return None
     return _extension()
 
 
 def inference_kernels(tensors: Sequence[Tensor]):
     """The compiled kernels for a dense inference op on ``tensors`` (HRNet's branch fusion, fuse
-    layers): 4-d float32 CPU tensors, no autograd, not while tracing; else None (use PyTorch)."""
-    if torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+    layers): 4-d float32 CPU tensors, no autograd, not while tracing, compiling or exporting
+    (see :func:`_traced`); else None (use PyTorch)."""
+    if _traced(tensors):
         return None
     if any(t.dim() != 4 or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         return None

@@ -59,7 +59,9 @@ class MaskSet:
 
     @property
     def skipped(self) -> float:
-        """Fraction of positions (over the batch) marked confident."""
+        """Fraction of positions (over the batch) marked confident (0.0 for an empty batch)."""
+        if self.computed.numel() == 0:
+            return 0.0
         return 1.0 - self.computed.float().mean().item()
 
 

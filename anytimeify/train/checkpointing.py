@@ -140,12 +140,9 @@ def read_weights(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from ..checkpoint import _read_safetensors
 
-        try:
-            return load_file(path)
-        except Exception as err:
-            raise ValueError(f"cannot read checkpoint {path!r} (corrupt or not safetensors): {err}") from err
+        return _read_safetensors(path)
     return read_training_state(path)["model"]
 
 
