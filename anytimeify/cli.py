@@ -294,9 +294,7 @@ def _eval_table(reports, title: str):
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from anytimeify.train import load_config
-
-    from anytimeify.train import cleanup, init_distributed
+    from anytimeify.train import cleanup, init_distributed, load_config
 
     cfg = load_config(args.config, _overrides(args), data_root=args.data_root)
     if args.threads:
@@ -392,14 +390,102 @@ def _demo_image(size: Tuple[int, int], seed: int):
     return (image.clamp(0, 1) - mean) / std
 
 
+def build_base(spec: str, num_classes: Optional[int] = None):
+    """A base network from a model spec: a built-in name (``anytimeify.models.list_models()``),
+    ``timm:NAME`` (random weights) or ``smp:ARCH:ENCODER`` (segmentation-models-pytorch, random
+    encoder weights)."""
+    from anytimeify.models import create_model, list_models
+
+    kind, _, rest = spec.partition(":")
+    if kind == "timm" and rest:
+        import timm
+
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        try:
+            return timm.create_model(rest, pretrained=False, **kwargs)
+        except RuntimeError as err:  # timm's "Unknown model"
+            raise ValueError(f"model {spec!r}: {err}") from None
+    if kind == "smp" and rest.count(":") == 1:
+        import segmentation_models_pytorch as smp
+
+        arch, encoder = rest.split(":")
+        factory = next((getattr(smp, n) for n in dir(smp) if n.lower() == arch.lower()), None)
+        if factory is None or not isinstance(factory, type):
+            raise ValueError(f"model {spec!r}: segmentation-models-pytorch has no architecture {arch!r}")
+        return factory(encoder_name=encoder, encoder_weights=None, classes=num_classes or 1)
+    if spec in list_models():
+        return create_model(spec, num_classes)
+    raise ValueError(f"unknown model {spec!r}: give a built-in name ({', '.join(list_models())}), timm:NAME or "
+                     "smp:ARCH:ENCODER")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import anytimeify
+
+    net = build_base(args.model, args.num_classes)
+    if args.checkpoint:
+        from anytimeify.checkpoint import read_state_dict
+
+        state = read_state_dict(args.checkpoint)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {args.checkpoint!r} does not fit {args.model}: {len(missing)} tensors missing "
+                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if isinstance(net, anytimeify.AnytimeModel):
+        model = net
+    else:
+        confidence = None if args.threshold is None else anytimeify.Confidence(threshold=args.threshold,
+                                                                                criterion=args.criterion)
+        model = anytimeify.convert(net, head=args.head, width=args.width, confidence=confidence, task=args.task,
+                                   input_size=args.input)
+    model.eval()
+    if args.profile:
+        model.profile_latency(args.input)
+    if args.freeze:
+        model = model.freeze()
+    path = anytimeify.save(model, args.out, overwrite=args.overwrite)
+    payload = {"out": str(path), "model": args.model, "exits": model.num_exits, "frozen": model.frozen,
+               "parameters": sum(p.numel() for p in model.parameters()), "latency_profile": model.latency_profile}
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(f"saved {args.model} with {model.num_exits} exits to {path} (anytimeify.load({str(path)!r}))")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    cv = sub.add_parser("convert", help="convert a model and save it (safetensors + JSON; anytimeify.load reads it)")
+    cv.add_argument("model", help="a built-in name, timm:NAME or smp:ARCH:ENCODER")
+    cv.add_argument("--out", required=True, help="directory to write")
+    cv.add_argument("--num-classes", type=int, default=None)
+    cv.add_argument("--checkpoint", help="weights of the base network (a local .pth/.safetensors file)")
+    cv.add_argument("--task", default="dense", choices=["dense", "classification"])
+    cv.add_argument("--head", default="redesigned", choices=["redesigned", "original"])
+    cv.add_argument("--width", type=int, default=None, help="redesigned exit width (default: the model's)")
+    cv.add_argument("--threshold", type=float, default=None,
+                    help="add confidence adaptivity with this threshold (e.g. 0.998)")
+    cv.add_argument("--criterion", default="max_prob", choices=["max_prob", "entropy", "heatmap"])
+    cv.add_argument("--input", type=parse_size, default=(256, 256), help="probe input HxW (default 256x256)")
+    cv.add_argument("--profile", action="store_true", help="also measure the per-segment latency at --input on "
+                                                           "this machine (for anytime(deadline=...))")
+    cv.add_argument("--freeze", action="store_true", help="save the frozen (inference) model")
+    cv.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    cv.add_argument("--json", action="store_true")
+    cv.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from anytimeify.models import list_models
 
     parser = argparse.ArgumentParser(prog="anytimeify", description="Anytime dense prediction (ADP-C) tools.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    from anytimeify import __version__
+
+    parser.add_argument("--version", action="version", version=f"anytimeify {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     _add_demo(sub)
+    _add_convert(sub)
     _add_train(sub)
     _add_eval(sub)
 
@@ -467,7 +553,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, RuntimeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as err:
         print(f"anytimeify {args.command}: error: {err}", file=sys.stderr)
         return 2
 

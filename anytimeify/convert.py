@@ -26,6 +26,7 @@ from .exits import HEAD_KINDS, ClassifierExit, Exit, original_head, redesigned_h
 from ._fx.confidence import apply_confidence
 from .masking.criteria import Confidence
 from .model import AnytimeModel, Program
+from .saving import describe_source
 
 _logger = logging.getLogger(__name__)
 
@@ -230,6 +231,11 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
                          "leave early as a whole: convert without confidence and use model.predict(x, thresholds)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, AnytimeModel):
+        raise TypeError(
+            f"the model is already converted (an AnytimeModel of {model.base_class} with {model.num_exits} exits); "
+            f"convert() takes the base network: convert that with the exits, head and confidence wanted (switch "
+            f"confidence adaptivity of this model with model.set_confidence(...) and model.set_execution(...))")
     if head not in HEAD_KINDS:
         raise ValueError(f"head must be one of {HEAD_KINDS}, got {head!r}")
     if width is not None and (not isinstance(width, int) or width <= 0):
@@ -291,8 +297,21 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
     converted = AnytimeModel(programs, modules, input_divisor=divisor, in_channels=probe[1],
                              exit_info=info + [{"name": "output", "channels": [], "stride": None, "depth": 0}],
                              base_class=type(base).__name__, confidence=confidence, tensors=tensors)
+    # what anytimeify.save records to build this model again
+    converted.source = describe_source(model)
+    converted.conversion = {"method": "convert", "exits": exits if isinstance(exits, str) else list(exits),
+                            "head": head, "width": width, "task": task, "input_size": list(probe),
+                            "align_corners": align_corners, **_named_hooks(leaf_modules, autowrap_functions)}
     converted.train(base.training)
     return converted
+
+
+def _named_hooks(leaf_modules, autowrap_functions) -> Dict[str, list]:
+    """Leaf modules and autowrap functions by name (None where one has no importable name)."""
+    from .saving import _qualified
+
+    return {"leaf_modules": [m if isinstance(m, str) else _qualified(m) for m in leaf_modules],
+            "autowrap_functions": [_qualified(f) for f in autowrap_functions]}
 
 
 def from_exits(model: nn.Module, *, input_size: Optional[Sequence[int]] = None,
@@ -317,6 +336,9 @@ def from_exits(model: nn.Module, *, input_size: Optional[Sequence[int]] = None,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_exits() takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, AnytimeModel):
+        raise TypeError(f"the model is already an anytime model ({model.base_class} with {model.num_exits} exits); "
+                        "from_exits() takes the multi-exit network itself")
     base = model if inplace else copy.deepcopy(model)
     fixed = None
     if getattr(base, "input_size", None) is not None:
@@ -357,6 +379,9 @@ def from_exits(model: nn.Module, *, input_size: Optional[Sequence[int]] = None,
                                         for k in range(count)],
                              base_class=type(base).__name__, tensors=tensors)
     converted.fixed_input_size = fixed
+    converted.source = describe_source(model)
+    converted.conversion = {"method": "from_exits", "input_size": list(probe),
+                            **_named_hooks(leaf_modules, autowrap_functions)}
     converted.train(base.training)
     return converted
 

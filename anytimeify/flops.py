@@ -60,7 +60,9 @@ class FlopReport:
 
 def count_macs(module: nn.Module, inputs: Tuple) -> int:
     """MACs of one call of ``module`` on ``inputs`` by fvcore, conv and linear ops only."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # fvcore.nn scripts a loss with torch.jit.script on import
+        from fvcore.nn import FlopCountAnalysis
 
     analysis = FlopCountAnalysis(module, inputs)
     analysis.unsupported_ops_warnings(False)

@@ -5,7 +5,7 @@ import contextvars
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -81,6 +81,10 @@ class Prediction:
     def total_macs(self) -> int:
         """MACs executed for the whole batch."""
         return int(self.macs.sum())
+
+
+def _shape_key(shape: Sequence[int]) -> str:
+    return "x".join(str(int(v)) for v in shape)
 
 
 def confidence_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -201,6 +205,13 @@ class AnytimeModel(nn.Module):
         self.base_class = base_class
         self.confidence = confidence
         self.frozen = False
+        #: per input shape ("BxCxHxW"): each segment's measured seconds and paper GFLOPs
+        #: (:meth:`profile_latency`), for ``anytime(deadline=...)``
+        self.latency_profile: Optional[Dict[str, Dict[str, object]]] = None
+        self._segment_gflops: Dict[str, List[float]] = {}
+        #: how the base network and the conversion are made again (anytimeify.save); set by convert
+        self.source: Optional[Dict[str, object]] = None
+        self.conversion: Optional[Dict[str, object]] = None
         self._register_counters()
 
     def _register_counters(self) -> None:
@@ -251,6 +262,8 @@ class AnytimeModel(nn.Module):
         from ._fx.fold import fold_batch_norms, fuse_residuals, fuse_sums, mark_reader_radii, use_engine_convs
 
         frozen = copy.deepcopy(self).eval()
+        # anytimeify.save writes a frozen model as the model it was frozen from (and the flag)
+        frozen._unfrozen_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
         program = frozen._programs[False]
         holders = [program.graph_module] + [seg.module for seg in program.segments]
         graph = program.graph_module.graph
@@ -275,6 +288,13 @@ class AnytimeModel(nn.Module):
         frozen.frozen = True
         frozen._register_counters()
         return frozen.to(memory_format=torch.channels_last)
+
+    def __getstate__(self):
+        # a frozen model's copy of its source weights (for anytimeify.save) does not travel with
+        # torch.save: a pickled model would be twice its size
+        state = self.__dict__.copy()
+        state.pop("_unfrozen_state", None)
+        return state
 
     def train(self, mode: bool = True) -> "AnytimeModel":
         if mode and getattr(self, "frozen", False):
@@ -333,15 +353,112 @@ class AnytimeModel(nn.Module):
         self.check_input(x)
         return self.program.graph_module(x)
 
-    def anytime(self, x: torch.Tensor) -> Iterator[ExitOutput]:
+    def anytime(self, x: torch.Tensor, *, deadline: Optional[float] = None, budget_gflops: Optional[float] = None,
+                clock: Callable[[], float] = time.perf_counter) -> Iterator[ExitOutput]:
         """Yield one :class:`ExitOutput` per exit; stop iterating to skip the rest of the network.
 
         The work of exit k+1 starts only when the consumer asks for it, so a consumer that breaks
         after exit k never runs the later segments. Wrap the loop in ``torch.no_grad()`` for
         inference.
+
+        Args:
+            x: the image batch.
+            deadline: seconds of wall-clock time from the first ``next()``, the consumer's time
+                between exits included. A segment whose expected time (the latency profile
+                :meth:`profile_latency` measured for this input shape) exceeds what is left is
+                not started, and the generator ends. Without a profile for the shape, raises
+                ``ValueError``.
+            budget_gflops: the paper's GFLOPs (MACs / 2**30, whole batch) the progression may
+                spend; a segment whose cost (its dense count, or the profile's) would exceed
+                what is left is not started.
+            clock: the time source of ``deadline`` (injectable for tests).
+
+        A segment's expected cost with confidence adaptivity is the profile's (measured with the
+        model's confidence setting at profiling time); the first exit is not special: when it
+        does not fit, nothing runs.
         """
         self.check_input(x)
-        return self._anytime(x, self.program)
+        if deadline is None and budget_gflops is None:
+            return self._anytime(x, self.program)
+        costs = self._expected_costs(x, deadline is not None)
+        return self._bounded(self._anytime(x, self.program), costs, deadline, budget_gflops, clock)
+
+    def _expected_costs(self, x: torch.Tensor, need_time: bool) -> Dict[str, List[float]]:
+        key = _shape_key(x.shape)
+        profile = (self.latency_profile or {}).get(key)
+        if need_time and profile is None:
+            known = ", ".join(sorted(self.latency_profile or {})) or "none"
+            raise ValueError(f"anytime(deadline=...) needs the per-segment latency of input {key} on this machine: call "
+                             f"model.profile_latency({tuple(x.shape)}) once (profiled shapes: {known})")
+        if profile is not None:
+            return profile
+        if key not in self._segment_gflops:
+            from .flops import PAPER_UNIT, flops
+
+            cumulative = [e.paper_gflops * PAPER_UNIT for e in flops(self, x).exits]
+            self._segment_gflops[key] = [(b - a) / PAPER_UNIT for a, b in zip([0.0] + cumulative, cumulative)]
+        return {"seconds": [], "paper_gflops": self._segment_gflops[key]}
+
+    def _bounded(self, outputs: Iterator[ExitOutput], costs: Dict[str, List[float]], deadline: Optional[float],
+                 budget_gflops: Optional[float], clock: Callable[[], float]) -> Iterator[ExitOutput]:
+        start = clock()
+        spent = 0.0
+        for k in range(self.num_exits):
+            if deadline is not None and costs["seconds"][k] > deadline - (clock() - start):
+                return
+            if budget_gflops is not None and spent + costs["paper_gflops"][k] > budget_gflops:
+                return
+            out = next(outputs)
+            spent = out.paper_gflops
+            yield out
+
+    @torch.no_grad()
+    def profile_latency(self, input_size: Sequence[int], *, reps: int = 5, warmup: int = 1) -> Dict[str, object]:
+        """Measure each segment's time on this machine for one input shape, for ``anytime(deadline=...)``.
+
+        Runs ``anytime`` on random inputs ``warmup + reps`` times and keeps each segment's median
+        time and paper GFLOPs; the result is stored in ``model.latency_profile`` under the shape
+        (``"BxCxHxW"``) and saved with :func:`anytimeify.save`. Profile the model as it will
+        run (frozen or not, confidence adaptivity on or off, the same threads).
+
+        Args:
+            input_size: ``(H, W)`` (batch 1) or ``(B, C, H, W)``.
+            reps: timed runs (the median is kept).
+            warmup: untimed runs first (kernel builds, allocator pools).
+        """
+        import statistics
+
+        size = tuple(int(v) for v in input_size)
+        if len(size) == 2:
+            size = (1, self.in_channels) + size
+        if len(size) != 4 or reps < 1:
+            raise ValueError(f"input_size must be (H, W) or (B, C, H, W) and reps >= 1, got {input_size!r}, {reps!r}")
+        p = next(self.parameters())
+        was = self.training
+        self.eval()
+        times: List[List[float]] = [[] for _ in range(self.num_exits)]
+        gflops: List[float] = []
+        try:
+            for rep in range(warmup + reps):
+                x = torch.randn(size, device=p.device, dtype=p.dtype)
+                last, before = 0.0, 0.0
+                gflops = []
+                for k, out in enumerate(self._anytime(x, self.program)):
+                    if rep >= warmup:
+                        times[k].append(out.elapsed - last)
+                    last = out.elapsed
+                    gflops.append(out.paper_gflops - before)
+                    before = out.paper_gflops
+        finally:
+            self.train(was)
+        from ._machine import cpu_model
+
+        profile = {"seconds": [statistics.median(t) for t in times], "paper_gflops": gflops,
+                   "cpu": cpu_model(), "threads": torch.get_num_threads(), "device": str(p.device)}
+        if self.latency_profile is None:
+            self.latency_profile = {}
+        self.latency_profile[_shape_key(size)] = profile
+        return profile
 
     def _anytime(self, x: torch.Tensor, program: Program) -> Iterator[ExitOutput]:
         env: Dict[str, object] = {program.input_name: x}
@@ -430,15 +547,10 @@ class AnytimeModel(nn.Module):
         assert logits is not None
         return Prediction(logits, exits, macs, time.perf_counter() - start)
 
-    def exits_until(self, x: torch.Tensor, deadline: float) -> ExitOutput:
-        """Run exits until ``deadline`` seconds of compute have passed; return the last prediction.
-
-        The deadline is checked after each exit, so the segment running when it passes finishes.
-        """
+    def exits_until(self, x: torch.Tensor, deadline: float) -> Optional[ExitOutput]:
+        """The last prediction ``anytime(x, deadline=deadline)`` reaches (None when not even the
+        first exit fits the deadline); needs :meth:`profile_latency` for this input shape."""
         last = None
-        for out in self.anytime(x):
+        for out in self.anytime(x, deadline=deadline):
             last = out
-            if out.elapsed >= deadline:
-                break
-        assert last is not None
         return last

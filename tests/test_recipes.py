@@ -315,3 +315,33 @@ def test_eval_reference_evaluates_a_checkpoint_of_the_reference_code(cityscapes_
                  "--set", "device=cpu"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and str(released) in error and "--reference" in error
+
+
+def test_the_pose_evaluation_averages_each_exit_with_the_mirrored_image(mpii_root):
+    """eval.flip_test: each exit's heatmaps are averaged with the mirrored image's (flipped back,
+    left/right joints swapped, shifted one pixel) before PCKh, as the HRNet pose code tests."""
+    from anytimeify.metrics import MPIIPCKh, flip_test_average
+    from anytimeify.train import evaluate
+
+    recipe = RECIPES / "mpii" / "hrnet_w32_ee_rh.yaml"
+    cfg = load_config(recipe, SCALED["mpii"], data_root=mpii_root)
+    model = build_model(cfg).eval()
+    val = build_val_dataset(cfg)
+    gt = mpii_root / "annot" / "gt_valid.mat"
+    report = evaluate(model, val, lambda: MPIIPCKh(gt), confidence=False, flip_pairs=val.flip_pairs)
+    plain = evaluate(model, val, lambda: MPIIPCKh(gt), confidence=False)
+    expected = [MPIIPCKh(gt) for _ in range(model.num_exits)]
+    moved = False  # the flip test must change some predicted joint, else this test shows nothing
+    with torch.no_grad():
+        for image, target in val:
+            outs = model(image[None])
+            mirrored = model(image[None].flip(-1))
+            for metric, a, b in zip(expected, outs, mirrored):
+                averaged = flip_test_average(a, b, val.flip_pairs)
+                metric.update(averaged, {k: v[None] for k, v in target.items()})
+                moved |= not torch.equal(averaged.flatten(2).argmax(-1), a.flatten(2).argmax(-1))
+    assert moved
+    for exit_result, metric in zip(report.exits, expected):
+        want = metric.compute()
+        assert {k: exit_result.metrics[k] for k in want} == pytest.approx(want, nan_ok=True)
+    assert [e.paper_gflops for e in report.exits] == [e.paper_gflops for e in plain.exits]  # one pass counted

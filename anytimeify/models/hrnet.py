@@ -125,6 +125,8 @@ class HRNetSeg(_Trunk):
     def __init__(self, variant: str = "w48", num_classes: int = 19, align_corners: bool = False,
                  fuse_upsampling: str = "bilinear"):
         super().__init__()
+        self._anytimeify_source = {"factory": "anytimeify.models.hrnet:HRNetSeg", "args": [variant, num_classes],
+                                   "kwargs": {"align_corners": align_corners, "fuse_upsampling": fuse_upsampling}}
         if fuse_upsampling not in FUSE_UPSAMPLING:
             raise ValueError(f"fuse_upsampling must be one of {FUSE_UPSAMPLING}, got {fuse_upsampling!r}")
         self.variant, timm_name, self.default_exit_width = _variant(variant)
@@ -156,6 +158,8 @@ class HRNetPose(_Trunk):
 
     def __init__(self, variant: str = "w32", num_joints: int = 16):
         super().__init__()
+        self._anytimeify_source = {"factory": "anytimeify.models.hrnet:HRNetPose", "args": [variant, num_joints],
+                                   "kwargs": {}}
         self.variant, timm_name, self.default_exit_width = _variant(variant)
         self.num_classes = num_joints
         self.align_corners = False

@@ -12,6 +12,7 @@ load by name, and :func:`ranet_ops` counts operations as its ``op_counter.py`` d
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -372,6 +373,10 @@ class RANet(nn.Module):
         super().__init__()
         self.config = config
         self.input_size = config.input_size
+        # how anytimeify.save rebuilds this network
+        self._anytimeify_source = {"factory": "anytimeify.models.ranet:ranet_from_config", "args": [],
+                                   "kwargs": {k: list(v) if isinstance(v, tuple) else v
+                                              for k, v in dataclasses.asdict(config).items()}}
         counts = config.block_counts()
         bounds = [0] + counts  # blocks of sub-network s: bounds[s + 1]; of its predecessor: bounds[s]
         # registered (and built) in the reference's order: parameter order and random initialisation
@@ -470,6 +475,11 @@ class RANet(nn.Module):
                     k += 1
             low = features
         return logits
+
+
+def ranet_from_config(**fields) -> RANet:
+    """``RANet(RANetConfig(**fields))``: a network from its settings as plain values."""
+    return RANet(RANetConfig(**fields))
 
 
 def ranet(variant: str = "cifar10", num_classes: Optional[int] = None) -> RANet:

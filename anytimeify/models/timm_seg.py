@@ -49,6 +49,9 @@ class TimmSegmenter(nn.Module):
         super().__init__()
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self._anytimeify_source = {"factory": "anytimeify.models.timm_seg:TimmSegmenter",
+                                   "args": [backbone, num_classes, width],
+                                   "kwargs": {"align_corners": align_corners, **timm_kwargs}}
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
         probe = timm.create_model(backbone, pretrained=False, features_only=True, **timm_kwargs)
