@@ -16,7 +16,7 @@ from .saving import load, save
 __version__ = "0.1.0"
 
 #: subpackages imported on first use (``anytimeify.train`` pulls in torchmetrics and the data pipeline)
-_LAZY = ("train", "data", "metrics", "models")
+_LAZY = ("train", "data", "metrics", "models", "visualize")
 
 
 def __getattr__(name: str):
@@ -29,5 +29,5 @@ def __getattr__(name: str):
 __all__ = [
     "convert", "from_exits", "inspect", "save", "load", "calibrate", "evaluate_budgets", "Calibration", "BudgetResult", "Prediction", "Confidence", "MaskedConv2d", "flops", "AnytimeModel", "ExitOutput", "Candidate", "FlopReport", "ExitFlops",
     "register_leaf_module", "register_autowrap_function", "register_stage_adapter", "TraceError",
-    "train", "data", "metrics", "models",
+    "train", "data", "metrics", "models", "visualize",
 ]

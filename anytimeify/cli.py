@@ -474,6 +474,73 @@ def _add_convert(sub) -> None:
     cv.set_defaults(func=cmd_convert)
 
 
+def _input_image(path: str, size: Optional[Tuple[int, int]], divisor: int):
+    """An image file as the network input (ImageNet-normalised) and as shown ([0, 1])."""
+    import torch.nn.functional as F
+
+    from anytimeify.data import IMAGENET_MEAN, IMAGENET_STD, read_image
+
+    picture = read_image(path).float()[None] / 255.0
+    h, w = picture.shape[-2:]
+    if size is None:  # the largest multiple of the divisor that fits
+        size = (max(divisor, h // divisor * divisor), max(divisor, w // divisor * divisor))
+    if tuple(size) != (h, w):
+        picture = F.interpolate(picture, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    import torch
+
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (picture - mean) / std, picture[0].clamp(0, 1)
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    import anytimeify
+    from anytimeify.visualize import progression_figure, save_figure
+
+    model = anytimeify.load(args.model_dir)
+    x, shown = _input_image(args.image, args.size, model.input_divisor)
+    if args.threshold is not None:
+        if model.confidence is None:
+            raise ValueError(f"--threshold: the model in {args.model_dir} has no confidence adaptivity")
+        model.confidence.threshold = args.threshold
+    fig = progression_figure(model, x, display=shown, title=args.title)
+    path = save_figure(fig, args.out)
+    print(json.dumps({"out": str(path)}) if args.json else f"wrote {path}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from anytimeify.visualize import curves_figure, save_figure
+
+    labels = args.labels.split(",") if args.labels else None
+    fig = curves_figure(args.results, labels=labels, metric=args.metric, title=args.title)
+    path = save_figure(fig, args.out)
+    print(json.dumps({"out": str(path)}) if args.json else f"wrote {path}")
+    return 0
+
+
+def _add_pictures(sub) -> None:
+    vi = sub.add_parser("visualize", help="the anytime progression of one image: per exit, prediction, confidence "
+                                          "and the computed/skipped mask (needs matplotlib)")
+    vi.add_argument("model_dir", help="a model saved by anytimeify.save / anytimeify convert")
+    vi.add_argument("image", help="a PNG or JPEG image")
+    vi.add_argument("--out", required=True, help="figure file (.png, .pdf, .svg)")
+    vi.add_argument("--size", type=parse_size, default=None, help="resize the image to HxW (default: the largest "
+                                                                  "multiple of the model's input divisor)")
+    vi.add_argument("--threshold", type=float, default=None, help="override the confidence threshold")
+    vi.add_argument("--title", default=None)
+    vi.add_argument("--json", action="store_true")
+    vi.set_defaults(func=cmd_visualize)
+    pl = sub.add_parser("plot", help="metric against GFLOPs per exit from evaluation JSONs (needs matplotlib)")
+    pl.add_argument("results", nargs="+", help="anytimeify eval --json outputs or runs' metrics.json")
+    pl.add_argument("--out", required=True, help="figure file (.png, .pdf, .svg)")
+    pl.add_argument("--labels", default=None, help="comma-separated legend labels, one per file")
+    pl.add_argument("--metric", default=None, help="per-exit key to plot (default: miou, pckh or accuracy)")
+    pl.add_argument("--title", default=None)
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from anytimeify.models import list_models
 
@@ -486,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_demo(sub)
     _add_convert(sub)
+    _add_pictures(sub)
     _add_train(sub)
     _add_eval(sub)
 
@@ -553,7 +621,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError,
+            ImportError) as err:
         print(f"anytimeify {args.command}: error: {err}", file=sys.stderr)
         return 2
 

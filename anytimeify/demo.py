@@ -15,6 +15,7 @@ The demo is the whole method end to end, in a few minutes on two cores:
    fraction and the wall-clock time to reach the exit (with confidence adaptivity in the engine's
    sparse execution, which really skips the confident positions);
 5. outputs in ``--out``: ``model.safetensors`` + ``demo.json`` (settings, reused by a second run),
+   ``anytime-model/`` (the model saved by :func:`anytimeify.save`, for ``anytimeify visualize``),
    ``result.json``, ``progression.png`` and the training log ``log.jsonl``.
 """
 from __future__ import annotations
@@ -336,10 +337,13 @@ def run_demo(out: str = "anytimeify-demo", minutes: Optional[float] = None, seed
     atomic_write(os.path.join(out, "result.json"), lambda tmp: open(tmp, "w", encoding="utf-8").write(
         json.dumps(payload, indent=2) + "\n"))
     _progression_png(frozen, val_set, list(range(min(2, len(val_set)))), os.path.join(out, "progression.png"))
+    from .saving import save
+
+    save(model, os.path.join(out, "anytime-model"), overwrite=True)  # for anytimeify.load / anytimeify visualize
     if as_json:
         print(json.dumps(payload))
     else:
         console.print(_table(payload, settings))
         console.print(f"wrote {os.path.join(out, 'progression.png')}, {os.path.join(out, 'result.json')}, "
-                      f"{weights_path}")
+                      f"{weights_path} and {os.path.join(out, 'anytime-model')} (anytimeify.load)")
     return payload

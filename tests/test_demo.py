@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from anytimeify import demo
 from anytimeify.cli import main
@@ -41,7 +42,14 @@ def test_demo_trains_evaluates_writes_and_reuses(tmp_path, capsys, small_demo, m
     assert result["train_seconds"] > 0 and result["iterations"] >= 1 and not result["reused"]
     assert result["val_images"] == 3 and result["timed_images"] == 3
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "demo.json", "log.jsonl", "model.safetensors", "progression.png", "result.json"]
+        "anytime-model", "demo.json", "log.jsonl", "model.safetensors", "progression.png", "result.json"]
+    # the saved anytime model is the trained one: it reloads with the same weights
+    import anytimeify
+    from safetensors.torch import load_file
+
+    reloaded = anytimeify.load(out / "anytime-model").state_dict()
+    trained = load_file(str(out / "model.safetensors"))
+    assert reloaded.keys() == trained.keys() and all(torch.equal(reloaded[k], trained[k]) for k in trained)
     from PIL import Image
 
     with Image.open(out / "progression.png") as picture:
