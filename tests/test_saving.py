@@ -112,16 +112,6 @@ def test_missing_or_altered_files_are_named(tmp_path):
 
 
 def test_an_unknown_base_network_needs_a_source(tmp_path):
-    import torch.nn as nn
-
-    class Mine(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = hrnet_seg("w18_small_v2", num_classes=5)
-
-        def forward(self, x):
-            return self.net(x)
-
     model = anytimeify.convert(Mine(), exits=["net.layer1", "net.stage2", "net.stage3"]).eval()
     with pytest.raises(SaveError, match="source="):
         anytimeify.save(model, tmp_path / "mine")
@@ -138,6 +128,8 @@ def test_an_unknown_base_network_needs_a_source(tmp_path):
 
 
 class Mine(torch.nn.Module):
+    """A user's own network: anytimeify does not know its factory."""
+
     def __init__(self):
         super().__init__()
         self.net = hrnet_seg("w18_small_v2", num_classes=5)
