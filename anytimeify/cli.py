@@ -477,6 +477,7 @@ def _add_convert(sub) -> None:
 def _input_image(path: str, size: Optional[Tuple[int, int]], divisor: int):
     """An image file as the network input (ImageNet-normalised) and as shown ([0, 1])."""
     import torch.nn.functional as F
+    from torchvision.transforms.v2 import functional as TF
 
     from anytimeify.data import IMAGENET_MEAN, IMAGENET_STD, read_image
 
@@ -486,11 +487,7 @@ def _input_image(path: str, size: Optional[Tuple[int, int]], divisor: int):
         size = (max(divisor, h // divisor * divisor), max(divisor, w // divisor * divisor))
     if tuple(size) != (h, w):
         picture = F.interpolate(picture, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-    import torch
-
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (picture - mean) / std, picture[0].clamp(0, 1)
+    return TF.normalize(picture, IMAGENET_MEAN, IMAGENET_STD), picture[0].clamp(0, 1)
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:

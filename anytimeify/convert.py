@@ -73,6 +73,19 @@ def _traced(model: nn.Module, leaf_modules, autowrap_functions, training: bool) 
         model.train(was)
 
 
+def _mode_graphs(base: nn.Module, leaf_modules, autowrap_functions) -> Dict[bool, fx.GraphModule]:
+    """The eval-mode graph, and the train-mode one where it differs: ``{training: graph}``."""
+    graphs = {False: _traced(base, leaf_modules, autowrap_functions, False)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the eval trace has said whatever tracing had to say
+        graphs[True] = _traced(base, leaf_modules, autowrap_functions, True)
+    if graphs[True].code == graphs[False].code:
+        del graphs[True]
+    else:
+        _logger.info("%s traces differently in train and eval mode; keeping both graphs", type(base).__name__)
+    return graphs
+
+
 def _propagate_shapes(model: nn.Module, gm: fx.GraphModule, probe: Tuple[int, ...]) -> None:
     """Record every node's shape at the probe input (``node.meta["tensor_meta"]``)."""
     gm.meta["input_shape"] = probe
@@ -250,15 +263,7 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
         align_corners = bool(getattr(base, "align_corners", False))
     width = width or _default_width(base)
 
-    graphs = {False: _traced(base, leaf_modules, autowrap_functions, False)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the eval trace has said whatever tracing had to say
-        graphs[True] = _traced(base, leaf_modules, autowrap_functions, True)
-    if graphs[True].code == graphs[False].code:
-        del graphs[True]
-    else:
-        _logger.info("%s traces differently in train and eval mode; keeping both graphs", type(base).__name__)
-
+    graphs = _mode_graphs(base, leaf_modules, autowrap_functions)
     root, tensors = _module_tree(base)  # the converted model's module tree: the base model's + exits
     programs: Dict[bool, Program] = {}
     info: List[dict] = []
@@ -346,12 +351,7 @@ def from_exits(model: nn.Module, *, input_size: Optional[Sequence[int]] = None,
         fixed = (declared, declared) if isinstance(declared, int) else tuple(declared)
         input_size = input_size or fixed
     probe = _probe_shape(base, input_size)
-    graphs = {False: _traced(base, leaf_modules, autowrap_functions, False)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graphs[True] = _traced(base, leaf_modules, autowrap_functions, True)
-    if graphs[True].code == graphs[False].code:
-        del graphs[True]
+    graphs = _mode_graphs(base, leaf_modules, autowrap_functions)
     root, tensors = _module_tree(base)
     programs: Dict[bool, Program] = {}
     count = 0

@@ -309,6 +309,7 @@ def _mpii_gt(path) -> Dict[str, object]:
                                 "the HRNet pose data layout)")
     try:
         gt = loadmat(str(path))
+    # scipy raises NotImplementedError for MATLAB v7.3 (HDF5) files, ValueError/OSError/TypeError for others
     except (ValueError, OSError, TypeError, NotImplementedError) as err:
         raise ValueError(f"cannot read MPII ground truth {str(path)!r} as a MATLAB file: {err}") from err
     needed = ("dataset_joints", "jnt_missing", "pos_gt_src", "headboxes_src")

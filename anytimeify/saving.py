@@ -62,16 +62,13 @@ def _qualified(obj: Any) -> Optional[str]:
 
 
 def _import(path: str, what: str) -> Any:
-    module, sep, name = path.partition(":")
-    if not sep:
-        raise SaveError(f"{what} {path!r} must be 'module:callable'")
+    from .train.builders import import_object
+    from .train.config import ConfigError
+
     try:
-        found = importlib.import_module(module)
-        for part in name.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError) as err:
-        raise SaveError(f"cannot import {what} {path!r}: {err}") from err
-    return found
+        return import_object(path, what)
+    except ConfigError as err:
+        raise SaveError(str(err)) from err
 
 
 def describe_source(model: nn.Module) -> Optional[Dict[str, Any]]:

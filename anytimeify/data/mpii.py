@@ -64,7 +64,8 @@ MPII_FLIP_PAIRS: Tuple[Tuple[int, int], ...] = ((0, 5), (1, 4), (2, 3), (10, 15)
 PIXEL_STD = 200.0
 """MPII scales are person sizes in units of this many pixels."""
 
-_SPLITS = {"train": "train", "valid": "valid", "val": "valid", "trainval": "trainval", "test": "test"}
+#: split name -> annotation file stem (``val`` is an alias of ``valid``)
+SPLIT_FILES = {"train": "train", "valid": "valid", "val": "valid", "trainval": "trainval", "test": "test"}
 
 
 def crop_affine(center: Sequence[float], scale: Union[float, Sequence[float]], rotation: float,
@@ -185,10 +186,10 @@ class MPIIDataset(Dataset):
                  sigma: float = 2.0, rotation: float = 30.0, scale_factor: float = 0.25, flip: bool = True,
                  rotation_prob: float = 0.6, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD):
-        if split not in _SPLITS:
-            raise ValueError(f"unknown MPII split {split!r}; choose one of {sorted(_SPLITS)}")
+        if split not in SPLIT_FILES:
+            raise ValueError(f"unknown MPII split {split!r}; choose one of {sorted(SPLIT_FILES)}")
         self.root = Path(root)
-        self.split = _SPLITS[split]
+        self.split = SPLIT_FILES[split]
         self.train = self.split in ("train", "trainval") if train is None else bool(train)
         self.image_size = _size(image_size, "image_size")
         self.heatmap_size = _size(heatmap_size, "heatmap_size")

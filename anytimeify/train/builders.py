@@ -18,12 +18,16 @@ __all__ = ["build_model", "build_datasets", "build_val_dataset", "build_loss", "
 
 
 def import_object(path: str, what: str) -> Any:
-    """``"package.module:attribute"`` -> the attribute (a clear error otherwise)."""
+    """``"package.module:attribute"`` (or ``"package.module:Class.attribute"``) -> the attribute
+    (a clear error otherwise)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"{what} {path!r} must be a known name or 'package.module:callable'")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        found = importlib.import_module(module_name)
+        for part in attr.split("."):
+            found = getattr(found, part)
+        return found
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"cannot import {what} {path!r}: {err}") from err
 
@@ -151,7 +155,9 @@ def build_metric(cfg: TrainConfig, num_classes: int) -> Optional[Callable[[], ob
     if cfg.task == "pose":
         val = cfg.data.val or {}
         if val.get("name") == "mpii":
-            split = {"val": "valid"}.get(val.get("split", "valid"), val.get("split", "valid"))
+            from ..data.mpii import SPLIT_FILES
+
+            split = SPLIT_FILES.get(val.get("split", "valid"), val.get("split", "valid"))
             gt = os.path.join(str(val.get("root", "")), "annot", f"gt_{split}.mat")
             if not os.path.isfile(gt):
                 raise FileNotFoundError(f"MPII ground truth {gt!r} does not exist; the PCKh evaluation needs the "

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..metrics import ExitMetrics
+from ..metrics import ExitMetrics, flip_test_average
 from .distributed import DistInfo
 
 _logger = logging.getLogger(__name__)
@@ -130,8 +130,6 @@ def evaluate(model: nn.Module, dataset: Dataset, metric: Callable[[], object], *
                                                         out.skipped * len(batch_images), out.elapsed],
                                                        dtype=torch.float64)
             if flip_pairs is not None:
-                from ..metrics import flip_test_average
-
                 mirrored = [out.logits for out in model.anytime(batch_images.flip(-1))]
                 logits = [flip_test_average(a, b, flip_pairs) for a, b in zip(logits, mirrored)]
             metrics.update(logits, target)
