@@ -18,14 +18,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ._fx.split import split_graph
 from ._fx.adapters import trace_for_conversion
 from ._fx.stages import Boundary, candidate_boundaries, resolve_exits, spatial_divisor, stage_adapter_for
 from ._fx.trace import LeafSpec
 from .exits import HEAD_KINDS, ClassifierExit, Exit, original_head, redesigned_head
 from ._fx.confidence import apply_confidence
 from .masking.criteria import Confidence
-from .model import AnytimeModel, Program
+from .model import AnytimeModel, Program, _build_program
 from .saving import describe_source
 
 _logger = logging.getLogger(__name__)
@@ -175,30 +174,6 @@ def _insert_exit_nodes(graph: fx.Graph, boundaries: List[Boundary]) -> List[fx.N
         with graph.inserting_after(b.last):
             nodes.append(graph.call_module(f"exits.{i}", args=(list(b.nodes),)))
     return nodes
-
-
-def _build_program(root: nn.Module, graph: fx.Graph, results: List[fx.Node],
-                   mask_nodes: List[fx.Node]) -> Program:
-    """Make ``graph`` return ``results`` and split it after each exit (after its mask decision)."""
-    out_node = next(n for n in graph.nodes if n.op == "output")
-    out_node.args = (tuple(results),)
-    graph.lint()
-    gm = fx.GraphModule(root, graph, "AnytimeGraph")
-    # a segment ends with its exit's result, or with the mask decision that follows it
-    ends = mask_nodes if mask_nodes else results[:-1]
-    segment_of: Dict[fx.Node, int] = {}
-    seg = 0
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
-        segment_of[node] = seg
-        if seg < len(ends) and node is ends[seg]:
-            seg += 1
-    keep = list(results) + list(mask_nodes)
-    segments = split_graph(gm, gm.graph, segment_of, keep)
-    input_name = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
-    masks = [m.name for m in mask_nodes] + [None] * (len(results) - len(mask_nodes))
-    return Program(gm, segments, input_name, [n.name for n in results], masks)
 
 
 def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head: str = "redesigned",

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ._fx.split import Segment
+from ._fx.split import Segment, split_graph
 from .masking.conv import MaskedConv2d
 
 __all__ = ["AnytimeModel", "ExitOutput", "Prediction", "Program", "confidence_scores"]
@@ -164,10 +164,32 @@ class Program:
                            for i in range(len(self.segments))]
 
 
+def _build_program(root: nn.Module, graph: fx.Graph, results: List[fx.Node],
+                   mask_nodes: List[fx.Node]) -> Program:
+    """Make ``graph`` return ``results`` and split it after each exit (after its mask decision)."""
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    out_node.args = (tuple(results),)
+    graph.lint()
+    gm = fx.GraphModule(root, graph, "AnytimeGraph")
+    # a segment ends with its exit's result, or with the mask decision that follows it
+    ends = mask_nodes if mask_nodes else results[:-1]
+    segment_of: Dict[fx.Node, int] = {}
+    seg = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        segment_of[node] = seg
+        if seg < len(ends) and node is ends[seg]:
+            seg += 1
+    keep = list(results) + list(mask_nodes)
+    segments = split_graph(gm, gm.graph, segment_of, keep)
+    input_name = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    masks = [m.name for m in mask_nodes] + [None] * (len(results) - len(mask_nodes))
+    return Program(gm, segments, input_name, [n.name for n in results], masks)
+
+
 def _rebuild_program(program: Program) -> Program:
     """Split a program's (rewritten) graph into segments again, at the same exits and masks."""
-    from .convert import _build_program
-
     gm = program.graph_module
     by_name = {node.name: node for node in gm.graph.nodes}
     results = [by_name[name] for name in program.exit_names]
