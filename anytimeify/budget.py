@@ -59,7 +59,20 @@ class ExitScores:
 
 @torch.no_grad()
 def exit_scores(model: AnytimeModel, data: Data, batch_size: int = 64) -> ExitScores:
-    """Run every exit on ``data`` and keep each sample's confidence (and correctness) per exit."""
+    """Run every exit on ``data`` and keep each sample's confidence (and correctness) per exit.
+
+    Args:
+        model: the anytime model (eval mode, no confidence adaptivity).
+        data: a Dataset of ``(image, label)`` or a tuple ``(images, labels)``.
+        batch_size: images per pass.
+
+    Returns:
+        The :class:`ExitScores`, to reuse across budgets (``calibrate(..., scores=...)``,
+            ``evaluate_budgets(..., val_scores=...)``).
+
+    Raises:
+        ValueError: the data set is empty.
+    """
     _check_model(model)
     scores, correct, costs = [], [], None
     for images, labels in _loader(data, batch_size):
@@ -159,8 +172,8 @@ def calibrate(model: Optional[AnytimeModel], val_data: Optional[Data], budget: f
 
     Returns:
         A :class:`Calibration`; its ``expected_macs`` is the achievable cost closest to
-        ``budget`` found (within one sample's cost of it when the budget lies inside the exits'
-        cost range).
+            ``budget`` found (within one sample's cost of it when the budget lies inside the exits'
+            cost range).
     """
     val = scores if scores is not None else exit_scores(model, val_data, batch_size)
     low_cost, high_cost = float(val.costs[0]), float(val.costs[-1])
@@ -227,6 +240,10 @@ def evaluate_budgets(model: AnytimeModel, test_data: Data, budgets: Optional[Seq
         metric: for dense models, a factory of a metric with ``update(logits, target)`` and
             ``compute()`` (e.g. ``lambda: SegmentationMetrics(19)``); classification counts accuracy.
         batch_size: images per pass.
+
+    Returns:
+        One :class:`BudgetResult` per budget, in the order given: the test accuracy (or the
+            ``metric``'s result) and the MACs actually spent.
     """
     _check_model(model)
     if val_scores is None:

@@ -26,7 +26,13 @@ _CLASSIFICATION_HEAD = ("incre_modules.", "downsamp_modules.", "final_layer.", "
 
 @dataclass
 class LoadResult:
-    """What a load took and what it left out."""
+    """What a load took and what it left out.
+
+    Attributes:
+        loaded: the model's keys that were loaded.
+        missing: the model's keys the file did not provide.
+        ignored: the file's keys that were not used.
+    """
 
     loaded: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)
@@ -51,7 +57,23 @@ def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Read a state dict from a local file and normalise its container and key prefixes."""
+    """Read a state dict from a local file and normalise its container and key prefixes.
+
+    Accepts ``torch.save`` files (``.pth``, ``.pt``, ``.bin``; read with ``weights_only=True``) and
+    ``.safetensors``; a bare state dict or one wrapped as ``{"state_dict": ...}``, ``{"model": ...}``
+    or ``{"model_state": ...}``; the key prefixes ``module.`` (DataParallel) and ``model.`` are
+    removed.
+
+    Args:
+        path: a local file.
+
+    Returns:
+        The tensors by key.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: the file cannot be read or holds no state dict; the message names the path.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
@@ -90,6 +112,14 @@ def load_backbone(model: nn.Module, path: Union[str, os.PathLike]) -> LoadResult
 
     The classification head in the file is ignored; the model's own head and exits keep their
     weights. Every trunk tensor (stem, ``layer1``, ``transition*``, ``stage*``) must be in the file.
+
+    Args:
+        model: an HRNet model (:func:`~anytimeify.models.hrnet_seg`, :func:`~anytimeify.models.hrnet_pose`),
+            before or after :func:`~anytimeify.convert`.
+        path: the checkpoint, read with :func:`read_state_dict`.
+
+    Returns:
+        What was loaded and what in the file was ignored (the classification head).
 
     Raises:
         ValueError: a trunk tensor is missing or has the wrong shape.
@@ -144,6 +174,15 @@ def load_reference_checkpoint(model: nn.Module, path: Union[str, os.PathLike], s
     ``exit{k}.*`` becomes ``exits.{k-1}.*``, a masked conv's ``Lambda`` becomes ``interp_lambda``,
     ``square_dis`` is dropped. Convert the model with the same variant, head and confidence
     settings as the checkpoint (EE: ``head="original"``; EE+RH and ADP-C: ``head="redesigned"``).
+
+    Args:
+        model: the converted model.
+        path: the reference checkpoint, read with :func:`read_state_dict`.
+        strict: raise on any mismatch; False loads what matches and reports the rest in the
+            :class:`LoadResult`.
+
+    Returns:
+        The keys loaded, missing from the file and left unused.
 
     Raises:
         ValueError: with ``strict``, when a tensor of the model is not in the file or the file has

@@ -20,8 +20,9 @@ _logger = logging.getLogger(__name__)
 __all__ = ["flops", "count_macs", "FlopReport", "ExitFlops", "PAPER_UNIT", "COUNTED_OPS"]
 
 PAPER_UNIT = 2 ** 30
-#: fvcore operator names that count: convolutions and linear maps
+"""The paper's "GFLOPs" unit: MACs / 2**30 (``paper_gflops = macs / PAPER_UNIT``)."""
 COUNTED_OPS = ("conv", "linear", "addmm", "matmul", "bmm", "einsum")
+"""fvcore operator names that count: convolutions and linear maps (bias excluded)."""
 
 
 @dataclass
@@ -47,7 +48,17 @@ class ExitFlops:
 
 @dataclass
 class FlopReport:
-    """Per-exit cumulative FLOPs of a model at one input size."""
+    """Per-exit cumulative FLOPs of a model at one input size.
+
+    The base model's count is ``flops(base_model, x).exits[-1]`` (the CLI prints it as
+    ``base_paper_gflops``).
+
+    Attributes:
+        model: the model's name (``name``, or its class name).
+        input: the input shape ``[B, C, H, W]``.
+        exits: one :class:`ExitFlops` per exit, cumulative.
+        params: the model's parameter count.
+    """
 
     model: str
     input: List[int]
@@ -55,11 +66,20 @@ class FlopReport:
     params: int
 
     def to_dict(self) -> dict:
+        """The report as plain dicts and lists (``exits`` as a list of dicts), for JSON."""
         return asdict(self)
 
 
 def count_macs(module: nn.Module, inputs: Tuple) -> int:
-    """MACs of one call of ``module`` on ``inputs`` by fvcore, conv and linear ops only."""
+    """MACs of one call of ``module`` on ``inputs`` by fvcore, conv and linear ops only.
+
+    Args:
+        module: the module to count.
+        inputs: the positional arguments of the call, as a tuple.
+
+    Returns:
+        The multiply-accumulates of the operators in :data:`COUNTED_OPS` (bias excluded).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # fvcore.nn scripts a loss with torch.jit.script on import
         from fvcore.nn import FlopCountAnalysis
@@ -91,7 +111,21 @@ def flops(model: nn.Module, x: Union[torch.Tensor, Sequence[int]], name: Optiona
     really receives; for any other module, the whole forward is one exit. With confidence
     adaptivity the counts depend on the input's masks: plain convs count their dense MACs (the
     same as fvcore's), masked convs report what they execute and the paper's formula
-    (REFERENCE.md §4), and each exit reports the fraction of positions it skips.
+    (REFERENCE.md §4), and each exit reports the fraction of positions it skips. The model runs
+    in eval mode under ``torch.no_grad()`` and is put back in its mode afterwards.
+
+    Args:
+        model: an :class:`~anytimeify.AnytimeModel`, or any module (counted as one exit).
+        x: an input tensor, or a size, ``(H, W)`` (batch 1, 3 channels) or ``(B, C, H, W)``, for
+            which a random input is drawn.
+        name: the report's model name (default: the model's class name).
+
+    Returns:
+        A :class:`FlopReport` with one cumulative :class:`ExitFlops` per exit.
+
+    Raises:
+        ValueError: ``x`` is neither a tensor nor a valid size, or an input the model does not
+            take (the message says which sizes it takes).
     """
     from .model import AnytimeModel
 

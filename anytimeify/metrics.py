@@ -195,12 +195,12 @@ def final_predictions(heatmaps: torch.Tensor, center, scale) -> Tuple[torch.Tens
 
     Args:
         heatmaps: ``(B, J, h, w)`` network output.
-        center: ``(B, 2)`` crop centres, 0-based image pixels (the data set's ``target["center"]``).
-        scale: ``(B, 2)`` or ``(B,)`` crop sizes in units of 200 pixels (``target["scale"]``).
+        center (Tensor | ndarray): ``(B, 2)`` crop centres, 0-based image pixels (the data set's ``target["center"]``).
+        scale (Tensor | ndarray): ``(B, 2)`` or ``(B,)`` crop sizes in units of 200 pixels (``target["scale"]``).
 
     Returns:
         ``(predictions, maxvals)``: float64 ``(B, J, 2)`` 0-based ``(x, y)`` image coordinates and
-        the heatmap maxima ``(B, J)``, both on the heatmaps' device.
+            the heatmap maxima ``(B, J)``, both on the heatmaps' device.
     """
     from .data.mpii import crop_affine
 
@@ -409,12 +409,12 @@ def mpii_pckh(predictions, gt_valid_mat_path, threshold: float = 0.5, indices=No
     pose code, a group and the means that include such a joint are then ``nan`` too.
 
     Args:
-        predictions: ``(N, 16, 2)`` 0-based ``(x, y)`` original-image pixels (NumPy or torch;
+        predictions (Tensor | ndarray): ``(N, 16, 2)`` 0-based ``(x, y)`` original-image pixels (NumPy or torch;
             :func:`final_predictions`), in the order of the ground truth's records (or of
             ``indices``).
-        gt_valid_mat_path: the ground truth file (``annot/gt_valid.mat``).
+        gt_valid_mat_path (str | PathLike): the ground truth file (``annot/gt_valid.mat``).
         threshold: in head sizes.
-        indices: evaluate only these records of the ground truth (``predictions[k]`` belongs to
+        indices (Sequence[int] | None): evaluate only these records of the ground truth (``predictions[k]`` belongs to
             record ``indices[k]``); None: all, in order.
 
     Returns:
@@ -432,7 +432,7 @@ class MPIIPCKh(Metric):
     """The MPII PCKh of heatmap predictions over an evaluation set (:func:`mpii_pckh`).
 
     Args:
-        gt_valid_mat: the ground truth file (``annot/gt_valid.mat``), read and checked here.
+        gt_valid_mat (str | PathLike): the ground truth file (``annot/gt_valid.mat``), read and checked here.
         threshold: in head sizes.
 
     ``update(heatmaps, target)`` takes heatmaps ``(B, 16, h, w)`` (after :func:`flip_test_average`

@@ -171,12 +171,15 @@ def save(model, directory: PathLike, *, source: Optional[Mapping[str, Any]] = No
     """Save an anytime model as ``directory/model.safetensors`` and ``directory/anytimeify.json``.
 
     Args:
-        model: an :class:`~anytimeify.AnytimeModel` made by :func:`~anytimeify.convert` or
+        model (AnytimeModel): an :class:`~anytimeify.AnytimeModel` made by :func:`~anytimeify.convert` or
             :func:`~anytimeify.from_exits` (frozen or not).
         directory: created; written completely in a temporary folder first, then renamed.
         source: how to build the base network, ``{"factory": "module:callable", "args": [...],
             "kwargs": {...}}``, when anytimeify cannot tell (see :func:`describe_source`).
         overwrite: replace an existing ``directory``.
+
+    Returns:
+        The directory written.
 
     Raises:
         SaveError: the base network's factory is unknown or does not rebuild the same tensors, or
@@ -228,6 +231,17 @@ def save(model, directory: PathLike, *, source: Optional[Mapping[str, Any]] = No
 
 def load(directory: PathLike, *, map_location: Union[str, torch.device] = "cpu"):
     """Rebuild a model saved by :func:`save` (no pickle is read).
+
+    The base network is built by the factory the JSON names, converted with the stored
+    arguments, loaded with the weights (after their SHA-256 is checked) and frozen when it was
+    saved frozen; latency profiles come back in ``model.latency_profile``.
+
+    Args:
+        directory: the folder :func:`save` wrote.
+        map_location: where the weights go (``"cpu"``, ``"cuda"``, a ``torch.device``).
+
+    Returns:
+        (AnytimeModel): the rebuilt model, in eval mode.
 
     Raises:
         FileNotFoundError: the directory, ``anytimeify.json`` or ``model.safetensors`` is missing

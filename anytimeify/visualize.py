@@ -56,7 +56,7 @@ def progression_figure(model, image: torch.Tensor, *, display: Optional[torch.Te
     """Figure-4 grid of one image: a column per exit; rows: prediction, confidence, computed mask.
 
     Args:
-        model: an :class:`~anytimeify.AnytimeModel` (dense prediction; eval mode is used).
+        model (AnytimeModel): an :class:`~anytimeify.AnytimeModel` (dense prediction; eval mode is used).
         image: the network input ``(3, H, W)`` or ``(1, 3, H, W)``, normalised as the model expects.
         display: the image to show ``(3, H, W)`` in [0, 1] (default: ``image`` min-max scaled).
         title: the figure's title.

@@ -31,6 +31,7 @@ SPLITS = ("train", "val", "test", "train_extra")
 # Per-class weights of the cross-entropy in the ADP-C reference training (HRNet-Semantic-Segmentation's).
 CITYSCAPES_CLASS_WEIGHTS = (0.8373, 0.918, 0.866, 1.0345, 1.0166, 0.9969, 0.9754, 1.0489, 0.8786, 1.0023, 0.9539,
                             0.9843, 1.1116, 0.9037, 1.0865, 1.0955, 1.0865, 1.1529, 1.0507)
+"""Per-class weights of the cross-entropy in the ADP-C reference training, by train id."""
 
 
 def _train_classes():
@@ -40,7 +41,9 @@ def _train_classes():
 
 
 CITYSCAPES_CLASSES: Tuple[str, ...] = tuple(c.name for c in _train_classes())
+"""The 19 class names, by train id (``road``, ``sidewalk``, ..., ``bicycle``)."""
 CITYSCAPES_PALETTE: Tuple[Tuple[int, int, int], ...] = tuple(tuple(c.color) for c in _train_classes())
+"""The official RGB colour of each of the 19 classes, by train id."""
 
 
 def cityscapes_label_table(ignore_index: int = 255) -> torch.Tensor:

@@ -26,8 +26,8 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["DigitScenes", "digit_split", "digit_images", "DIGIT_CLASSES", "SPLIT_SEED"]
 
-#: class names of the digit scenes: background, then the digits
 DIGIT_CLASSES: Tuple[str, ...] = ("background",) + tuple(str(d) for d in range(10))
+"""Class names of the digit scenes: background, then the digits (11 classes)."""
 #: seed of the instance split (fixed: the held-out digits must not change with a run's seed)
 SPLIT_SEED = 20220425
 #: share of each class's instances held out
@@ -131,7 +131,7 @@ class DigitScenes(Dataset):
         digits: ``(min, max)`` digits per scene (fewer when they do not fit without overlap).
         digit_size: ``(min, max)`` side of a pasted digit in pixels.
         seed: seed of the scenes (the instance split does not depend on it).
-        transform: optional callable ``(image, mask) -> (image, target)`` (e.g.
+        transform (Callable | None): optional callable ``(image, mask) -> (image, target)`` (e.g.
             :func:`anytimeify.data.segmentation_transforms`).
 
     Items are ``(image, mask)``: a ``tv_tensors.Image`` float ``(3, H, W)`` in [0, 1] and a

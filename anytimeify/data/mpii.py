@@ -161,7 +161,8 @@ class MPIIDataset(Dataset):
         scale_factor: scale jitter (``clip(1 + scale_factor * N(0, 1), 1 - sf, 1 + sf)``).
         flip: random horizontal flip (probability 0.5) with left/right joints swapped.
         rotation_prob: probability that a training sample is rotated at all.
-        mean, std: per-channel normalisation of the RGB image in [0, 1].
+        mean: per-channel mean of the normalisation of the RGB image in [0, 1].
+        std: per-channel standard deviation of that normalisation.
 
     An item is ``(image, target)``: the normalised float32 crop ``(3, H, W)`` and a dict of
     tensors: ``heatmaps (16, h, w)`` float32, ``weights (16,)`` float32 target weights (1 for a

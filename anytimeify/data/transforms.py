@@ -30,7 +30,9 @@ __all__ = [
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""Per-channel mean of the default normalisation (ImageNet's, RGB in [0, 1])."""
 IMAGENET_STD = (0.229, 0.224, 0.225)
+"""Per-channel standard deviation of the default normalisation (ImageNet's)."""
 
 
 class RandomScale(v2.Transform):
@@ -167,7 +169,8 @@ def segmentation_transforms(train: bool = True, *, crop_size: Optional[Sequence[
         flip: random horizontal flip (not for data whose classes are not mirror-symmetric, such
             as digits).
         ignore_index: label of padded pixels.
-        mean, std: per-channel normalisation of the float image in [0, 1].
+        mean: per-channel mean of the normalisation of the float image in [0, 1].
+        std: per-channel standard deviation of that normalisation.
 
     Returns:
         A :class:`SegmentationTransform`.
@@ -198,7 +201,7 @@ def gaussian_heatmaps(keypoints: torch.Tensor, visible: torch.Tensor, input_size
 
     Returns:
         ``heatmaps (J, h, w)`` with peak 1 at each joint, and ``weights (J,)``: 0 for joints that
-        are invisible or whose Gaussian lies outside the heatmap, else 1.
+            are invisible or whose Gaussian lies outside the heatmap, else 1.
     """
     (in_h, in_w), (hm_h, hm_w) = _size(input_size, "input_size"), _size(heatmap_size, "heatmap_size")
     joints = keypoints.to(torch.float32).reshape(-1, 2)

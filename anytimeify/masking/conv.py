@@ -105,15 +105,21 @@ class MaskedConv2d(nn.Conv2d):
 
     Attributes:
         execution: ``"dense"`` (differentiable oracle), ``"sparse"`` (inference engine) or
-            ``"auto"`` (dense under autograd, sparse otherwise).
+            ``"auto"`` (dense under autograd, sparse otherwise). The sparse execution raises
+            ``RuntimeError`` when gradients are required.
         strategy: the sparse engine's per-layer choice: ``"auto"`` (measured on this machine,
-            see :mod:`anytimeify.masking.tune`, else the cost model), ``"dense"``, ``"gather"``,
-            ``"implicit"``, ``"implicit_rows"`` or ``"pytorch"``; a test and benchmarking knob,
+            see :mod:`anytimeify.masking.tune`, else the cost model), ``"pytorch"`` (PyTorch's
+            conv and blend), ``"dense"`` (the engine's fastest dense conv, then the blend),
+            ``"implicit"`` (compiled implicit GEMM over the kept positions), ``"implicit_rows"``
+            (its row-vectorised form for thin outputs: horizontal stride and dilation 1; elsewhere
+            ``"implicit"``) or ``"gather"`` (PyTorch im2col over the kept positions; the path
+            without the compiled kernels and for grouped convs); a test and benchmarking knob,
             ``"auto"`` is right for real use.
         cost_model: the estimates ``"auto"`` decides with.
         shift: ``(C_out,)`` buffer added after the blend, or None.
         activation: None or ``"relu"``, applied last.
         reader_radius: set by :meth:`~anytimeify.AnytimeModel.freeze` where the output's only
+        interp_lambda: the learnable RBF parameter of the interpolation (starts at 3.0).
             reader is a conv governed by the same mask that reads it only within this many
             positions of the kept ones (0 for a 1x1 conv): the sparse execution then leaves the
             rows that nobody reads unwritten (their content is undefined). None: every row is
@@ -311,7 +317,7 @@ class MaskedConv2d(nn.Conv2d):
 
         Returns:
             ``"plain"`` (all kept), ``"zeros"`` (all skipped), ``"dense"`` (a dense conv then the
-            blend, the engine's or PyTorch's), ``"gather"``, ``"implicit"`` or ``"implicit_rows"``.
+                blend, the engine's or PyTorch's), ``"gather"``, ``"implicit"`` or ``"implicit_rows"``.
         """
         self.check_mask(x_shape, mask)
         plan = plan if plan is not None else MaskPlan(mask)
@@ -416,7 +422,16 @@ class EngineConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "EngineConv2d":
-        """The engine conv sharing ``conv``'s weight and bias (zero padding, explicit or "valid"/"same")."""
+        """The engine conv sharing ``conv``'s weight and bias (zero padding, explicit or "valid"/"same").
+
+        Args:
+            conv: a plain ``nn.Conv2d`` with ``padding_mode="zeros"``; state-dict names stay
+                unchanged.
+
+        Raises:
+            TypeError: ``conv`` is not a plain ``nn.Conv2d``.
+            ValueError: another padding mode.
+        """
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"EngineConv2d.from_conv expects a plain torch.nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
@@ -454,7 +469,12 @@ class EngineConv2d(nn.Conv2d):
 
     def kernel(self, x_shape: Sequence[int]) -> str:
         """The kernel an input of ``x_shape`` runs with the compiled kernels (see
-        :func:`~anytimeify.masking.engine.dense_kernel`)."""
+        :func:`~anytimeify.masking.engine.dense_kernel`).
+
+        Returns:
+            ``"onednn"`` (PyTorch's conv), ``"implicit"`` or ``"implicit_rows"``: the cost
+                model's choice.
+        """
         return self._layer_weights().dense_kernel(self._geometry, x_shape, DEFAULT_COST_MODEL)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -462,6 +482,8 @@ class EngineConv2d(nn.Conv2d):
             y = super().forward(x)
             return torch.relu(y) if self.activation == "relu" else y
         weights = self._layer_weights()  # one cache lookup for the layouts and the kernel choice
+        """The conv by :meth:`kernel`'s choice for float32 CPU inference with the compiled kernels;
+        the plain conv in training, with autograd, while tracing and elsewhere."""
         return dense_conv2d(x, self.weight, self.bias, self._geometry, weights=weights,
                             kernel=weights.dense_kernel(self._geometry, x.shape, DEFAULT_COST_MODEL),
                             activation=self.activation)

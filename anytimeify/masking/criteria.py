@@ -18,6 +18,7 @@ import torch
 __all__ = ["Confidence", "CRITERIA", "EXECUTIONS", "computed_mask", "NON_FINITE_WARNING"]
 
 CRITERIA = ("max_prob", "entropy", "topk", "random", "heatmap")
+"""The criterion names :class:`Confidence` accepts (besides a callable)."""
 #: executions of masked convs: "auto" is dense under autograd and sparse without it
 EXECUTIONS = ("auto", "dense", "sparse")
 
@@ -51,6 +52,14 @@ class Confidence:
         seed: seed of the ``random`` criterion's generator (None: torch's global generator).
         enabled: when False every position is computed (plain early exits); switch it with
             :meth:`AnytimeModel.set_confidence` to turn confidence adaptivity on after some epochs.
+
+    ``convert`` copies the settings it is given: change a converted model's own through
+    ``model.confidence`` (e.g. ``model.confidence.threshold = 0.99``).
+
+    Raises:
+        ValueError: at construction, an unknown criterion or execution, a threshold that is not
+            a number, or a fraction outside [0, 1].
+        TypeError: a criterion that is neither a name nor a callable.
     """
 
     threshold: float = 0.998

@@ -49,6 +49,14 @@ def create_model(name: str, num_classes: int | None = None) -> nn.Module:
         name: one of :func:`list_models` (e.g. ``hrnet_w48``, ``hrnet_w18_small_v2``, ``hrnet_w32_pose``,
             ``ranet_cifar10``).
         num_classes: classes (segmentation, default 19; RANet: its data set's) or joints (pose, default 16).
+
+    Returns:
+        ``hrnet_<variant>``: an :class:`HRNetSeg`; ``hrnet_<variant>_pose``: an :class:`HRNetPose`
+            (base networks for :func:`anytimeify.convert`); ``ranet_cifar10``, ``ranet_cifar100``,
+            ``ranet_imagenet``: RANet as an anytime model (:func:`anytimeify.from_exits`).
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
     """
     reg = _registry()
     if name not in reg:

@@ -41,6 +41,8 @@ HRNET_VARIANTS: Dict[str, tuple] = {
     "w32": ("hrnet_w32", 64),
     "w48": ("hrnet_w48", 128),
 }
+"""Variant name -> (timm trunk name, default exit width of the redesigned heads): ``w18_small``,
+``w18_small_v2``, ``w18``, ``w32`` (64) and ``w48`` (128)."""
 
 #: Every spatial size in HRNet (branches down to H/32) must divide exactly.
 HRNET_INPUT_DIVISOR = 32
@@ -181,10 +183,28 @@ class HRNetPose(_Trunk):
 
 
 def hrnet_seg(variant: str = "w48", num_classes: int = 19, **kwargs) -> HRNetSeg:
-    """Build an HRNetV2 segmentation network with random weights (see :class:`HRNetSeg`)."""
+    """Build an HRNetV2 segmentation network with random weights (see :class:`HRNetSeg`).
+
+    Args:
+        variant: a key of :data:`HRNET_VARIANTS` (``"w18_small_v2"``, ``"w48"``, ...; an
+            ``"hrnet_"`` prefix is accepted).
+        num_classes: number of output classes.
+        **kwargs (Any): more arguments of :class:`HRNetSeg` (``align_corners``, ``fuse_upsampling``).
+
+    Returns:
+        The network; its logits are at a quarter of the input resolution.
+    """
     return HRNetSeg(variant, num_classes, **kwargs)
 
 
 def hrnet_pose(variant: str = "w32", num_joints: int = 16) -> HRNetPose:
-    """Build an HRNet pose network with random weights (see :class:`HRNetPose`)."""
+    """Build an HRNet pose network with random weights (see :class:`HRNetPose`).
+
+    Args:
+        variant: a key of :data:`HRNET_VARIANTS` (the paper's pose network is ``"w32"``).
+        num_joints: number of heatmaps (16 for MPII).
+
+    Returns:
+        The network; its heatmaps are at a quarter of the input resolution.
+    """
     return HRNetPose(variant, num_joints)

@@ -26,6 +26,7 @@ __all__ = ["RANetConfig", "RANet", "ranet", "ranet_ops", "RANET_VARIANTS"]
 
 #: variants accepted by :func:`ranet`
 RANET_VARIANTS = ("cifar10", "cifar100", "imagenet")
+"""The variants :func:`ranet` builds (the reference code's CIFAR and ImageNet configurations)."""
 
 
 def _resize(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

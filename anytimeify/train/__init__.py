@@ -122,7 +122,7 @@ def model_from_checkpoint(path: str, cfg: Optional[TrainConfig] = None):
         cfg: the run's config; default: the config stored in the checkpoint.
 
     Returns:
-        ``(model, cfg)`` with the model in eval mode.
+        (tuple[AnytimeModel, TrainConfig]): ``(model, cfg)`` with the model in eval mode.
     """
     from .checkpointing import read_weights_config
 

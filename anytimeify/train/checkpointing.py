@@ -181,7 +181,9 @@ def save_training_state(path: Union[str, os.PathLike], *, model: nn.Module, opti
     Args:
         path: target file (``.pt``).
         model: the model (a DDP wrapper is unwrapped).
-        optimizer, scheduler, scaler: their ``state_dict()`` is stored (scheduler and scaler optional).
+        optimizer: its ``state_dict()`` is stored.
+        scheduler: the learning-rate scheduler; its ``state_dict()`` is stored (optional).
+        scaler: the gradient scaler; its ``state_dict()`` is stored (optional).
         position: where the run is: ``epoch``, ``step`` (optimiser steps done), ``sample`` (samples of
             this epoch already consumed per process).
         config: the run's config as a plain dict.
