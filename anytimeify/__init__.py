@@ -12,6 +12,7 @@ from .flops import ExitFlops, FlopReport, flops
 from .model import AnytimeModel, ExitOutput, Prediction
 from .budget import BudgetResult, Calibration, calibrate, evaluate_budgets
 from .saving import load, save
+from .exporting import AnytimeExport, export, load_export
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'anytimeify' has no attribute {name!r}")
 
 __all__ = [
-    "convert", "from_exits", "inspect", "save", "load", "calibrate", "evaluate_budgets", "Calibration", "BudgetResult", "Prediction", "Confidence", "MaskedConv2d", "flops", "AnytimeModel", "ExitOutput", "Candidate", "FlopReport", "ExitFlops",
+    "convert", "from_exits", "inspect", "save", "load", "export", "load_export", "AnytimeExport", "calibrate", "evaluate_budgets", "Calibration", "BudgetResult", "Prediction", "Confidence", "MaskedConv2d", "flops", "AnytimeModel", "ExitOutput", "Candidate", "FlopReport", "ExitFlops",
     "register_leaf_module", "register_autowrap_function", "register_stage_adapter", "TraceError",
     "train", "data", "metrics", "models", "visualize",
 ]

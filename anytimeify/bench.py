@@ -22,7 +22,7 @@ import json
 import math
 import statistics
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -118,11 +118,12 @@ def _median_time(fn, reps_out: List[float]) -> None:
 
 
 def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[float] = PAPER_SKIPS,
-               reps: int = 5, threads: int = 2, seed: int = 0) -> dict:
-    """Measure eager, folded-dense and anytime-with-CA latency of a built-in model (see module doc)."""
+               reps: int = 5, threads: int = 2, seed: int = 0, base: Optional[nn.Module] = None) -> dict:
+    """Measure eager, folded-dense and anytime-with-CA latency of a built-in model (see module doc),
+    or of ``base`` (any network ``convert`` takes; ``name`` then only labels it)."""
     import anytimeify
 
-    base, dense, model, x_cl = _frozen_pair(name, size, skips, threads, seed)
+    base, dense, model, x_cl = _frozen_pair(name, size, skips, threads, seed, base)
     if model.num_exits - 1 != len(skips):
         raise ValueError(f"{name} has {model.num_exits - 1} early exits; give that many skip fractions, got {list(skips)}")
     tuned = tune_for(size, model, dense)
@@ -184,7 +185,7 @@ def tune_for(size: Tuple[int, int], *models: nn.Module) -> int:
 
 
 def _frozen_pair(name: str, size: Tuple[int, int], skips: Sequence[float], threads: int,
-                 seed: int) -> Tuple[nn.Module, nn.Module, nn.Module, torch.Tensor]:
+                 seed: int, base: Optional[nn.Module] = None) -> Tuple[nn.Module, nn.Module, nn.Module, torch.Tensor]:
     """The eager base model, its BN-folded dense form, the frozen anytime model with fixed CA masks
     (BN folded as in the dense reference), and a channels-last input."""
     import anytimeify
@@ -192,7 +193,7 @@ def _frozen_pair(name: str, size: Tuple[int, int], skips: Sequence[float], threa
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    base = create_model(name).eval()
+    base = (create_model(name) if base is None else base).eval()
     model = anytimeify.convert(base, confidence=anytimeify.Confidence(criterion=FixedMasks(skips, seed=seed),
                                                                       execution="sparse")).eval().freeze()
     x = torch.randn(1, 3, *size).contiguous(memory_format=torch.channels_last)

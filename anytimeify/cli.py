@@ -55,10 +55,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
     import torch
 
     import anytimeify
-    from anytimeify.models import create_model
 
-    net = create_model(args.model, args.num_classes).eval()
-    model = anytimeify.convert(net, head=args.head, width=args.width)
+    net = base_from_args(args).eval()
+    model = anytimeify.convert(net, head=args.head, width=args.width, input_size=args.input)
     model.check_input(torch.zeros(1, 3, *args.input))
     base = anytimeify.flops(net, args.input)
     report = anytimeify.flops(model, args.input, name=args.model)
@@ -87,9 +86,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import anytimeify
-    from anytimeify.models import create_model
 
-    net = create_model(args.model, args.num_classes).eval()
+    net = base_from_args(args).eval()
     found = anytimeify.inspect(net, input_size=args.input, nodes=args.nodes)
     if args.json:
         print(json.dumps([{"name": c.name, "kind": c.kind, "shapes": c.shapes, "channels": c.channels,
@@ -140,7 +138,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from anytimeify.bench import ca_speedup
 
-    payload = ca_speedup(args.model, args.input, args.skip, reps=args.reps, threads=args.threads, seed=args.seed)
+    payload = ca_speedup(args.model, args.input, args.skip, reps=args.reps, threads=args.threads, seed=args.seed,
+                         base=base_from_args(args))
     from rich.table import Table
 
     table = Table(title=f"{args.model} at {args.input[0]}x{args.input[1]}, skips {payload['skips']}, "
@@ -159,15 +158,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import anytimeify
     from anytimeify.bench import FixedMasks, PAPER_SKIPS, fold_for_inference
     from anytimeify.masking import tune
-    from anytimeify.models import create_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    net = create_model(args.model, args.num_classes).eval()
+    net = base_from_args(args).eval()
     skips = args.skip or PAPER_SKIPS
     # the frozen anytime model (its masked convs) and the dense model the benchmarks compare with:
     # every conv shape the engine decides for at this input size
-    model = anytimeify.convert(net, head=args.head, confidence=anytimeify.Confidence(
+    model = anytimeify.convert(net, head=args.head, input_size=args.input, confidence=anytimeify.Confidence(
         criterion=FixedMasks(skips[:3]))).eval().freeze()
     model.check_input(torch.zeros(1, 3, *args.input))
     reports = [tune.tune(model, args.input, force=args.force), tune.tune(fold_for_inference(net), args.input,
@@ -419,18 +417,71 @@ def build_base(spec: str, num_classes: Optional[int] = None):
                      "smp:ARCH:ENCODER")
 
 
+def base_from_args(args: argparse.Namespace):
+    """``args.model`` built by :func:`build_base`, with ``args.checkpoint``'s weights when given."""
+    net = build_base(args.model, getattr(args, "num_classes", None))
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint:
+        from anytimeify.checkpoint import read_state_dict
+
+        state = read_state_dict(checkpoint)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {checkpoint!r} does not fit {args.model}: {len(missing)} tensors missing "
+                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    return net
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import anytimeify
+    from anytimeify.exporting import export
+
+    model = anytimeify.load(args.model_dir)
+    size = args.input
+    if size is None:
+        raise ValueError("--input HxW is required: the programs are exported for one image size "
+                         "(e.g. --input 512x1024)")
+    example = torch.zeros(args.batch, model.in_channels, *size)
+    result = export(model, example, segments=not args.no_segments, forward=not args.no_forward,
+                    dynamic_batch=args.dynamic_batch)
+    written = []
+    if args.onnx:
+        written = [str(p) for p in result.to_onnx(args.out, overwrite=args.overwrite)]
+    else:
+        result.save(args.out, overwrite=args.overwrite)
+        written = [str(os.path.join(args.out, name)) for name in
+                   ([result.manifest()["forward"]] if result.forward is not None else [])
+                   + [s["file"] for s in result.manifest()["segments"]]]
+    payload = {"out": str(args.out), "files": written, "input": list(example.shape),
+               "dynamic_batch": args.dynamic_batch, "format": "onnx" if args.onnx else "torch.export"}
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(f"exported {len(written)} programs for input {'x'.join(map(str, example.shape))} to {args.out}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    ex = sub.add_parser("export", help="torch.export (or ONNX) programs of forward and of each segment, for serving")
+    ex.add_argument("model_dir", help="a model saved by anytimeify.save / anytimeify convert")
+    ex.add_argument("--out", required=True, help="directory to write (programs + export.json)")
+    ex.add_argument("--input", type=parse_size, default=None, help="image size HxW to export for (required)")
+    ex.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1)")
+    ex.add_argument("--dynamic-batch", action="store_true", help="accept any batch size")
+    ex.add_argument("--onnx", action="store_true", help="write ONNX files (needs: pip install 'anytimeify[onnx]')")
+    ex.add_argument("--no-forward", action="store_true", help="only the segments")
+    ex.add_argument("--no-segments", action="store_true", help="only forward")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_export)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import anytimeify
 
-    net = build_base(args.model, args.num_classes)
-    if args.checkpoint:
-        from anytimeify.checkpoint import read_state_dict
-
-        state = read_state_dict(args.checkpoint)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {args.checkpoint!r} does not fit {args.model}: {len(missing)} tensors missing "
-                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    net = base_from_args(args)
     if isinstance(net, anytimeify.AnytimeModel):
         model = net
     else:
@@ -543,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="anytimeify", description="Anytime dense prediction (ADP-C) tools.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     from anytimeify import __version__
 
     parser.add_argument("--version", action="version", version=f"anytimeify {__version__}")
@@ -550,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_demo(sub)
     _add_convert(sub)
+    _add_export(sub)
     _add_pictures(sub)
     _add_train(sub)
     _add_eval(sub)
@@ -565,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     stream.set_defaults(func=cmd_stream)
 
     fl = sub.add_parser("flops", help="per-exit cumulative FLOPs (fvcore), GMACs and paper GFLOPs")
-    fl.add_argument("model", choices=list_models())
+    fl.add_argument("model", help="a built-in name, timm:NAME or smp:ARCH:ENCODER")
+    fl.add_argument("--checkpoint", help="weights of the base network (a local .pth/.safetensors file)")
     fl.add_argument("--head", default="redesigned", choices=["redesigned", "original"])
     fl.add_argument("--width", type=int, default=None, help="redesigned exit width (default: 128 W48, 64 others)")
     fl.add_argument("--input", type=parse_size, default=(1024, 2048), help="HxW (default 1024x2048)")
@@ -575,12 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
     fl.set_defaults(func=cmd_flops)
 
     be = sub.add_parser("bench", help="speed of confidence adaptivity (sparse) against the dense model")
-    be.add_argument("model", choices=list_models())
+    be.add_argument("model", help="a built-in name, timm:NAME or smp:ARCH:ENCODER")
+    be.add_argument("--checkpoint", help="weights of the base network (a local .pth/.safetensors file)")
     be.add_argument("--skip", type=parse_skips, default=[0.193, 0.384, 0.630],
                     help="fraction of pixels skipped after each early exit (default: the paper's averages)")
     be.add_argument("--input", type=parse_size, default=(1024, 2048), help="HxW (default 1024x2048)")
     be.add_argument("--reps", type=int, default=5)
     be.add_argument("--threads", type=int, default=2)
+    be.add_argument("--num-classes", type=int, default=None)
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--json", action="store_true")
     be.add_argument("--output", help="also write the JSON to this file")
@@ -588,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tu = sub.add_parser("tune", help="measure the engine's kernel choices for a model's layers on this machine "
                                      "(cached; otherwise done at first use)")
-    tu.add_argument("model", choices=list_models())
+    tu.add_argument("model", help="a built-in name, timm:NAME or smp:ARCH:ENCODER")
+    tu.add_argument("--checkpoint", help="weights of the base network (a local .pth/.safetensors file)")
     tu.add_argument("--input", type=parse_size, default=(1024, 2048), help="HxW (default 1024x2048)")
     tu.add_argument("--head", default="redesigned", choices=["redesigned", "original"])
     tu.add_argument("--num-classes", type=int, default=None)
@@ -602,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.set_defaults(func=cmd_tune)
 
     ins = sub.add_parser("inspect", help="list the stage boundaries exits can attach to")
-    ins.add_argument("model", choices=list_models())
+    ins.add_argument("model", help="a built-in name, timm:NAME or smp:ARCH:ENCODER")
+    ins.add_argument("--checkpoint", help="weights of the base network (a local .pth/.safetensors file)")
     ins.add_argument("--input", type=parse_size, default=(256, 256))
     ins.add_argument("--num-classes", type=int, default=None)
     ins.add_argument("--nodes", action="store_true", help="also list every tensor node")
@@ -616,6 +674,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.debug:
+        return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError,

@@ -235,7 +235,7 @@ class MaskedConv2d(nn.Conv2d):
         if len(x_shape) != 4:
             raise ValueError(f"MaskedConv2d expects a (B, C, H, W) input, got shape {tuple(x_shape)}")
         out_height, out_width = self.geometry.output_size(int(x_shape[2]), int(x_shape[3]))
-        expected = (int(x_shape[0]), 1, out_height, out_width)
+        expected = (x_shape[0], 1, out_height, out_width)  # the batch size stays symbolic under torch.export
         if tuple(mask.shape) != expected:
             raise ValueError(
                 f"mask shape {tuple(mask.shape)} does not match the conv output: expected {expected} "
