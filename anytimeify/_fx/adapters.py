@@ -33,7 +33,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .stages import Boundary, module_boundary, node_boundary, register_stage_adapter
+from .boundary import Boundary, module_boundary, node_boundary
+from .registry import register_stage_adapter
 from .trace import LeafSpec, TraceError, register_leaf_module, trace
 
 _logger = logging.getLogger(__name__)

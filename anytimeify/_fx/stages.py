@@ -5,133 +5,29 @@ ResNet-like stage, one per branch for an HRNet stage. Boundaries are named eithe
 qualified name (all tensors that leave that module) or by a graph node name (that one tensor);
 :func:`anytimeify.inspect` lists both kinds and :func:`anytimeify.convert` accepts both.
 
-Adapters decide what ``exits="stages"`` means for a model family; they live in one registry,
-first match wins.
+Adapters decide what ``exits="stages"`` means for a model family; they live in one registry
+(:mod:`anytimeify._fx.registry`), first match wins. Boundaries themselves are found by
+:mod:`anytimeify._fx.boundary`; this module re-exports both APIs.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+# the built-in adapters (HRNet, timm, segmentation-models-pytorch) register themselves on import
+from . import adapters  # noqa: F401
+from .boundary import Boundary, _is_tensor_node, module_boundary, node_boundary
+from .registry import StageAdapter, register_stage_adapter, stage_adapter_for
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["Boundary", "register_stage_adapter", "module_boundary", "node_boundary",
            "candidate_boundaries", "resolve_exits", "StageAdapter", "spatial_divisor"]
-
-
-@dataclass
-class Boundary:
-    """A stage output where an exit can be attached.
-
-    Attributes:
-        name: the name ``convert(exits=[...])`` accepts (module path or node name).
-        nodes: the tensors leaving the stage, in branch order.
-        shapes: their shapes at the probe input.
-        stride: input size / size of the first (highest-resolution) tensor.
-    """
-
-    name: str
-    nodes: List[fx.Node]
-    shapes: List[Tuple[int, ...]] = field(default_factory=list)
-    stride: float = 1.0
-
-    @property
-    def channels(self) -> List[int]:
-        return [s[1] for s in self.shapes]
-
-    @property
-    def last(self) -> fx.Node:
-        """The boundary node that comes last in execution order."""
-        order = {n: i for i, n in enumerate(self.nodes[0].graph.nodes)}
-        return max(self.nodes, key=order.__getitem__)
-
-
-def _is_tensor_node(node: fx.Node, ranks: Tuple[int, ...] = (4,)) -> bool:
-    """A tensor of one of ``ranks`` dimensions: 4 for feature maps, 3 for a transformer's tokens."""
-    val = node.meta.get("tensor_meta")
-    return val is not None and hasattr(val, "shape") and len(val.shape) in ranks
-
-
-def _inside(node: fx.Node, path: str) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    if node.op == "call_module" and (node.target == path or str(node.target).startswith(path + ".")):
-        return True
-    return path in stack
-
-
-def module_boundary(gm: fx.GraphModule, path: str, ranks: Tuple[int, ...] = (4,)) -> Optional[Boundary]:
-    """The tensors that leave module ``path`` (None if none does, or it is never called)."""
-    outputs = []
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr") or not _inside(node, path):
-            continue
-        if any(not _inside(user, path) for user in node.users) and _is_tensor_node(node, ranks):
-            outputs.append(node)
-    if not outputs:
-        return None
-    return _with_shapes(gm, Boundary(path, outputs))
-
-
-def node_boundary(gm: fx.GraphModule, name: str, ranks: Tuple[int, ...] = (4,)) -> Optional[Boundary]:
-    for node in gm.graph.nodes:
-        if node.name == name:
-            return _with_shapes(gm, Boundary(name, [node])) if _is_tensor_node(node, ranks) else None
-    return None
-
-
-def _with_shapes(gm: fx.GraphModule, b: Boundary) -> Boundary:
-    b.shapes = [tuple(n.meta["tensor_meta"].shape) for n in b.nodes]
-    # branch order: highest resolution first, then graph order (stable)
-    pairs = sorted(zip(b.nodes, b.shapes), key=lambda p: -p[1][-1] * p[1][-2])
-    b.nodes = [p[0] for p in pairs]
-    b.shapes = [p[1] for p in pairs]
-    in_h = gm.meta["input_shape"][-2]
-    if len(b.shapes[0]) == 3:  # tokens (B, N, C): one per patch of a square grid (and a class token)
-        b.stride = in_h / max(1, round(math.sqrt(b.shapes[0][1])))
-    else:
-        b.stride = in_h / b.shapes[0][-2]
-    return b
-
-
-# -- adapters ------------------------------------------------------------------------------------
-
-StageAdapter = Callable[[nn.Module, fx.GraphModule], Optional[List[str]]]
-_ADAPTERS: List[Tuple[str, StageAdapter]] = []
-
-
-def register_stage_adapter(name: str) -> Callable[[StageAdapter], StageAdapter]:
-    """Decorator: register ``fn(model, graph_module) -> list of boundary names or None``.
-
-    Adapters are tried newest first; the first that returns a list decides ``exits="stages"``.
-    """
-
-    def deco(fn: StageAdapter) -> StageAdapter:
-        _ADAPTERS.insert(0, (name, fn))
-        return fn
-
-    return deco
-
-
-def stage_adapter_for(model: nn.Module, gm: fx.GraphModule) -> Tuple[str, List[str]]:
-    """The first registered adapter that recognises ``model``, and the boundary names it picks.
-
-    Raises:
-        ValueError: no adapter recognises the model; the message says how to name exits instead.
-    """
-    for name, fn in _ADAPTERS:
-        picked = fn(model, gm)
-        if picked is not None:
-            return name, picked
-    raise ValueError(
-        f"no stage adapter recognises {type(model).__name__}; pass explicit boundary names, e.g. "
-        f"convert(model, exits=[...]) with names from anytimeify.inspect(model)"
-    )
 
 
 def candidate_boundaries(gm: fx.GraphModule, max_depth: int = 2, include: Sequence[str] = ()) -> List[Boundary]:
@@ -259,7 +155,3 @@ def spatial_divisor(gm: fx.GraphModule) -> int:
             continue  # fixed size, or not a function of the input size alone
         divisor = max(divisor, 2 ** max(0, round(math.log2(in_h / h))))
     return divisor
-
-
-# the built-in adapters (HRNet, timm, segmentation-models-pytorch) register themselves on import
-from . import adapters  # noqa: E402,F401  (import at the end: adapters use this module's API)
