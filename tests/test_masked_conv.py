@@ -799,9 +799,9 @@ def test_executed_macs_hand_computed():
 
 
 def test_gathered_conv_in_several_chunks(monkeypatch):
-    from anytimeify.masking import engine
+    from anytimeify.masking import kernels
 
-    monkeypatch.setattr(engine, "CHUNK_BYTES", 1)  # chunks of 1024 kept positions
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 1)  # chunks of 1024 kept positions
     conv = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2)
     masked = MaskedConv2d.from_conv(conv, execution="sparse")
     masked.strategy = "gather"

@@ -21,7 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..exits import Exit
 from ..masking.conv import EngineConv2d, MaskedConv2d
-from ..masking.engine import FUSE_SUM_MODES, fuse_sum
+from ..masking.fuse import FUSE_SUM_MODES, fuse_sum
 from ..masking.masks import mask_for_conv
 
 __all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals", "mark_reader_radii", "fuse_sums",

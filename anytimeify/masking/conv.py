@@ -21,10 +21,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .engine import (
-    ACTIVATIONS, DEFAULT_COST_MODEL, ConvGeometry, CostModel, LayerWeights, MaskPlan, _version_of, resolve_strategy,
-    dense_conv2d, executed_interp_macs, implicit_available, inference_kernels, sparse_masked_conv2d,
-)
+from .compiled import implicit_available, inference_kernels
+from .cost import DEFAULT_COST_MODEL, CostModel
+from .dispatch import resolve_strategy
+from .geometry import ConvGeometry
+from .kernels import ACTIVATIONS, dense_conv2d, sparse_masked_conv2d
+from .packing import LayerWeights
+from .plans import MaskPlan, _version_of
+from .stencil import executed_interp_macs
 from .criteria import EXECUTIONS
 from .interp import INTERP_RADIUS, interpolate
 

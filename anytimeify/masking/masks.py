@@ -49,7 +49,7 @@ class MaskSet:
 
     def plan_at(self, height: int, width: int, dtype: torch.dtype = torch.float32):
         """The sparse engine's index plan for the mask at that size, built once per call."""
-        from .engine import MaskPlan
+        from .plans import MaskPlan
 
         key = (height, width, dtype)
         plan = self._plans.get(key)
@@ -102,7 +102,7 @@ def mask_for_conv(masks: MaskSet, x: torch.Tensor, geometry: Tuple[int, ...]) ->
     ``x``; None while confidence adaptivity is switched off (the plain conv, no blend: before it
     is switched on in training, the 7x7 blend of an all-ones mask would cost a quarter of a step
     and change nothing)."""
-    from .engine import conv_output_hw
+    from .geometry import conv_output_hw
 
     if masks.all_computed:
         return None

@@ -268,7 +268,7 @@ def _cache_dir_text() -> str:
 def active_table() -> Optional[TuningTable]:
     """The tuning table of this machine and thread count (loaded from the cache, or empty), or
     None when tuning is off or the compiled kernels are not loaded."""
-    from .engine import _extension
+    from .compiled import _extension
 
     if tune_mode() == "off":
         return None
@@ -365,7 +365,11 @@ def measure_layer(geometry, weight: Tensor, bias: Optional[Tensor], in_height: i
     Returns:
         The timings in ns per output position.
     """
-    from .engine import (LayerWeights, MaskPlan, _extension, dense_conv2d, rows_layout, sparse_masked_conv2d)
+    from .compiled import _extension
+    from .kernels import dense_conv2d, sparse_masked_conv2d
+    from .layout import rows_layout
+    from .packing import LayerWeights
+    from .plans import MaskPlan
 
     ext = _extension()
     crop = _crop_rows(geometry, in_height, in_width)
@@ -593,7 +597,7 @@ def tune(model: torch.nn.Module, input_size: Sequence[int], *, force: bool = Fal
     Returns:
         A :class:`TuneReport`.
     """
-    from .engine import _extension
+    from .compiled import _extension
 
     if _extension() is None:
         raise RuntimeError("the compiled kernels are not available (no compiler, or ANYTIMEIFY_NO_EXT=1): "
