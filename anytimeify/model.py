@@ -356,6 +356,13 @@ class AnytimeModel(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"expected a floating-point input, got dtype {x.dtype}; convert it with x.float()")
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"the input's dtype {x.dtype} differs from the model's weights ({weight.dtype}): convert "
+                             f"the input with x.to({weight.dtype}) or the model with model.to({x.dtype})")
+        if weight is not None and x.device != weight.device:
+            raise ValueError(f"the input is on {x.device} but the model's weights are on {weight.device}: move one, "
+                             f"e.g. x.to({str(weight.device)!r})")
         h, w = x.shape[-2:]
         fixed = getattr(self, "fixed_input_size", None)
         if fixed is not None and (h, w) != tuple(fixed):

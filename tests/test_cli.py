@@ -57,3 +57,32 @@ def test_atomic_write_leaves_nothing_half_written(tmp_path):
         write_atomic(str(target), 123)  # not text: fails while writing
     assert target.read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_model_specs_and_checkpoints_for_flops_and_inspect(capsys, tmp_path, monkeypatch):
+    import torch
+
+    from anytimeify.cli import build_base
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["inspect", "smp:Unet:resnet18", "--input", "64x64", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    picked = [c["name"] for c in found if c["picked"]]
+    assert picked and all(name.startswith("encoder.") for name in picked)
+    # --checkpoint: the base network's weights from a local file change nothing in the counts but are read
+    net = build_base("hrnet_w18_small_v2")
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    assert main(["flops", "hrnet_w18_small_v2", "--input", "64x128", "--checkpoint",
+                 str(tmp_path / "w.pth"), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    # W18-Small-v2 RH at 64x128 is 1/256 of 73.23 paper GFLOPs (REFERENCE.md §4); JSON keeps 4 decimals
+    assert abs(256 * payload["exits"][-1]["paper_gflops"] - 73.23) < 0.02
+    # a checkpoint of another network, an unknown spec: one line each
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pth")
+    assert main(["flops", "hrnet_w18_small_v2", "--checkpoint", str(tmp_path / "other.pth")]) == 2
+    assert main(["inspect", "timm:no_such_net"]) == 2
+    assert main(["inspect", "smp:NoArch:resnet18"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "does not fit" in err[0] and "no_such_net" in err[1] and "NoArch" in err[2]
+    with pytest.raises(ValueError, match="unknown model"):
+        main(["--debug", "inspect", "nonsense"])

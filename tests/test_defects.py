@@ -151,3 +151,16 @@ def test_truncated_safetensors_errors_name_the_path(ca, tmp_path):
             read(path)
         message = str(info.value)
         assert str(path) in message and "truncated" in message and "safetensors" in message, read.__name__
+
+
+def test_input_dtype_that_differs_from_the_weights_is_named(ca):
+    x = _image(1, 3, 64, 64)
+    for dtype in (torch.float64, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"input's dtype {dtype} differs from the model's weights "
+                                             r"\(torch.float32\).*x.to\(torch.float32\)"):
+            ca(x.to(dtype))
+        with pytest.raises(ValueError, match="differs from the model's weights"):
+            next(ca.anytime(x.to(dtype)))
+    # autocast is how mixed precision runs: the input stays as it is and no error is raised
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert len(ca(x.to(torch.bfloat16))) == ca.num_exits
