@@ -463,6 +463,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    import time
+
+    from anytimeify._machine import cpu_model
+    from anytimeify.masking import _ext
+
+    if os.environ.get("ANYTIMEIFY_NO_EXT", "") not in ("", "0"):
+        raise ValueError("ANYTIMEIFY_NO_EXT is set: the compiled kernels are disabled; unset it to build them")
+    logging.getLogger("anytimeify.masking._ext").setLevel(logging.WARNING)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    start = time.perf_counter()
+    module = _ext.load()
+    seconds = time.perf_counter() - start
+    if module is None:
+        raise RuntimeError("the compiled kernels could not be built (the warning above says why); anytimeify runs "
+                           "on its PyTorch path, which computes the same results more slowly")
+    isa = dict(module.isa())
+    payload = {"module": module.__file__, "flags": _ext.build_flags(), "cpu": cpu_model(), "seconds": round(seconds, 1),
+               "isa": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in isa.items()}}
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(f"compiled kernels ready ({payload['seconds']} s): {payload['module']}\n"
+              f"  flags {' '.join(payload['flags'])} on {payload['cpu']}")
+    return 0
+
+
 def _add_export(sub) -> None:
     ex = sub.add_parser("export", help="torch.export (or ONNX) programs of forward and of each segment, for serving")
     ex.add_argument("model_dir", help="a model saved by anytimeify.save / anytimeify convert")
@@ -604,6 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_export(sub)
     _add_pictures(sub)
+    kb = sub.add_parser("build-kernels", help="build (or find in the cache) the compiled CPU kernels now, instead of "
+                                              "at first use; the cache: $ANYTIMEIFY_EXT_DIR, else torch's")
+    kb.add_argument("--json", action="store_true")
+    kb.set_defaults(func=cmd_kernels)
     _add_train(sub)
     _add_eval(sub)
 

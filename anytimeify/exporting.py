@@ -305,6 +305,10 @@ def export(model: nn.Module, example: torch.Tensor, *, segments: bool = True, fo
     mask_names = {name for name in program.mask_names if name is not None}
     all_computed = served.confidence is not None and not served.confidence.enabled
     example = example.detach()
+    if dynamic_batch and example.shape[0] < 2:
+        # torch.export specializes dimensions of size 0 and 1: trace a dynamic batch with two images
+        example = example[:1].expand(2, *example.shape[1:]).clone() if example.shape[0] else \
+            torch.zeros(2, *example.shape[1:], dtype=example.dtype, device=example.device)
 
     sources: Dict[int, Tuple[nn.Module, tuple]] = {}
     with torch.no_grad():

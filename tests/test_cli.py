@@ -86,3 +86,15 @@ def test_model_specs_and_checkpoints_for_flops_and_inspect(capsys, tmp_path, mon
     assert len(err) == 3 and "does not fit" in err[0] and "no_such_net" in err[1] and "NoArch" in err[2]
     with pytest.raises(ValueError, match="unknown model"):
         main(["--debug", "inspect", "nonsense"])
+
+
+def test_build_kernels_says_where_they_are(capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.delenv("ANYTIMEIFY_NO_EXT", raising=False)
+    assert main(["build-kernels", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert Path(payload["module"]).is_file() and payload["isa"]["lanes"] in (8, 16)
+    monkeypatch.setenv("ANYTIMEIFY_NO_EXT", "1")
+    assert main(["build-kernels"]) == 2
+    assert "ANYTIMEIFY_NO_EXT" in capsys.readouterr().err

@@ -102,6 +102,8 @@ def test_models_without_confidence_and_frozen_models_export(ca_model):
     _check_against_eager(plain, fixed, x)
     with pytest.raises(ValueError, match=r"exported for inputs of shape \(1, 3, 32, 48\)"):
         next(fixed.run(_inputs(2)))
+    # a dynamic batch from an example of one image (torch.export specializes size-1 dimensions)
+    _check_against_eager(plain, export(plain, x, forward=False, dynamic_batch=True), _inputs(3))
     frozen = ca_model.freeze()
     _check_against_eager(frozen, export(frozen, x, forward=False), x)
 
