@@ -291,16 +291,3 @@ def test_budgets_on_a_dense_model_leave_per_image_and_score_with_the_metric(w18_
     assert result.mean_macs == pytest.approx(float(scores.costs[taken].mean()), rel=1e-9)
     assert result.accuracy is None
 
-
-def test_the_classification_pages_code_runs():
-    """Every python block of docs/classification.md, in order, as a reader would paste them."""
-    import re
-    from pathlib import Path
-
-    page = Path(__file__).resolve().parent.parent / "docs" / "classification.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
-    assert len(blocks) == 3
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(page), "exec"), namespace)
-    assert namespace["pred"].exits.shape == (64,) and namespace["model"].num_exits == 8

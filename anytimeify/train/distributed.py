@@ -41,6 +41,7 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
+        """More than one process: this is one rank of a torchrun job."""
         return self.world_size > 1
 
 
