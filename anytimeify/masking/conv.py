@@ -119,11 +119,11 @@ class MaskedConv2d(nn.Conv2d):
             ``"implicit"``) or ``"gather"`` (PyTorch im2col over the kept positions; the path
             without the compiled kernels and for grouped convs); a test and benchmarking knob,
             ``"auto"`` is right for real use.
+        interp_lambda: the learnable RBF parameter of the interpolation (starts at 3.0).
         cost_model: the estimates ``"auto"`` decides with.
         shift: ``(C_out,)`` buffer added after the blend, or None.
         activation: None or ``"relu"``, applied last.
         reader_radius: set by :meth:`~anytimeify.AnytimeModel.freeze` where the output's only
-        interp_lambda: the learnable RBF parameter of the interpolation (starts at 3.0).
             reader is a conv governed by the same mask that reads it only within this many
             positions of the kept ones (0 for a 1x1 conv): the sparse execution then leaves the
             rows that nobody reads unwritten (their content is undefined). None: every row is
@@ -482,12 +482,12 @@ class EngineConv2d(nn.Conv2d):
         return self._layer_weights().dense_kernel(self._geometry, x_shape, DEFAULT_COST_MODEL)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The conv by :meth:`kernel`'s choice for float32 CPU inference with the compiled kernels;
+        the plain conv in training, with autograd, while tracing and elsewhere."""
         if self.training or inference_kernels([x, self.weight]) is None:
             y = super().forward(x)
             return torch.relu(y) if self.activation == "relu" else y
         weights = self._layer_weights()  # one cache lookup for the layouts and the kernel choice
-        """The conv by :meth:`kernel`'s choice for float32 CPU inference with the compiled kernels;
-        the plain conv in training, with autograd, while tracing and elsewhere."""
         return dense_conv2d(x, self.weight, self.bias, self._geometry, weights=weights,
                             kernel=weights.dense_kernel(self._geometry, x.shape, DEFAULT_COST_MODEL),
                             activation=self.activation)
