@@ -211,6 +211,13 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
 
     Returns:
         An :class:`AnytimeModel` with ``len(exits) + 1`` exits, the last being the model's own head.
+
+    Raises:
+        TypeError: ``model`` is not a module, is already an anytime model, or does not return
+            one tensor.
+        ValueError: an unknown ``head`` or ``task``, a bad ``width``, an exit name that is not a
+            stage boundary, or a probe input the model rejects (the messages list what is valid).
+        TraceError: torch.fx cannot trace a module (the message names it and how to keep it a leaf).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -308,7 +315,17 @@ def from_exits(model: nn.Module, *, input_size: Optional[Sequence[int]] = None,
         model: the multi-exit network.
         input_size: ``(H, W)`` or ``(B, C, H, W)`` of a probe input the model accepts (default: the
             model's ``input_size`` attribute, else 256x256).
-        leaf_modules, autowrap_functions, inplace: as for :func:`convert`.
+        leaf_modules: module classes or qualified names not to trace through, as for :func:`convert`.
+        autowrap_functions: free functions to keep as single graph nodes, as for :func:`convert`.
+        inplace: reuse ``model``'s modules instead of a deep copy.
+
+    Returns:
+        An :class:`AnytimeModel` with one exit per output of the network.
+
+    Raises:
+        TypeError: ``model`` is not a module, is already an anytime model, or returns a single
+            tensor instead of one per exit.
+        ValueError: the exits are not computed in the order they are returned.
 
     The result accepts inputs of the model's ``input_size`` only when the model declares one (a
     network whose classifiers are built for one size), else sizes divisible by its
@@ -363,7 +380,17 @@ def from_exits(model: nn.Module, *, input_size: Optional[Sequence[int]] = None,
 
 @dataclass
 class Candidate:
-    """A place where an exit can go, as :func:`inspect` reports it."""
+    """A place where an exit can go, as :func:`inspect` reports it.
+
+    Attributes:
+        name: the boundary's name, as :func:`convert`'s ``exits`` takes it (a module's qualified
+            name or a graph node's name).
+        kind: ``"module"`` or ``"node"``.
+        shapes: the shape of each tensor the boundary carries (several for multi-branch stages).
+        channels: the channels of each of those tensors.
+        stride: the input size over the boundary's resolution.
+        picked: whether ``exits="stages"`` puts an exit here.
+    """
 
     name: str
     kind: str  # "module" or "node"
@@ -386,6 +413,8 @@ def inspect(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, nod
         model: the base model.
         input_size: probe input size, as for :func:`convert`.
         nodes: also list every 4-D tensor node of the graph (long for big models).
+        leaf_modules: module classes or qualified names not to trace through.
+        autowrap_functions: free functions to keep as single graph nodes.
 
     Returns:
         Candidates in execution order; ``picked`` marks what ``exits="stages"`` chooses.

@@ -204,6 +204,20 @@ class AnytimeModel(nn.Module):
     ``forward(x)`` returns the logits of every exit as a tuple (for training and export);
     ``anytime(x)`` yields one :class:`ExitOutput` per exit and computes nothing beyond the exit
     the consumer last asked for.
+
+    Attributes:
+        exits: the early exits' heads (``nn.ModuleList``; the last exit is the base model's head).
+        exit_info: per exit, its boundary name and shapes, as conversion found them.
+        input_divisor: height and width of an input must be multiples of this.
+        in_channels: channels of an input image.
+        confidence: the model's :class:`~anytimeify.Confidence` (its own copy), or None.
+        frozen: whether this is an inference copy made by :meth:`freeze`.
+        latency_profile: per input shape (``"BxCxHxW"``), each segment's measured seconds and
+            paper GFLOPs (:meth:`profile_latency`), for ``anytime(deadline=...)``; saved by
+            :func:`anytimeify.save`. None until measured.
+        source: how the base network is built again (its factory and arguments), for
+            :func:`anytimeify.save`; set by :func:`~anytimeify.convert`.
+        conversion: the conversion's arguments, for :func:`anytimeify.save`.
     """
 
     def __init__(self, programs: Dict[bool, Program], modules: Dict[str, nn.Module], *,
@@ -253,10 +267,12 @@ class AnytimeModel(nn.Module):
 
     @property
     def num_exits(self) -> int:
+        """Number of exits, the base model's own head included."""
         return len(self.exit_info)
 
     @property
     def program(self) -> Program:
+        """The traced graph and its split for the current mode (train or eval)."""
         return self._programs[self.training]
 
     @property
@@ -266,6 +282,7 @@ class AnytimeModel(nn.Module):
 
     @property
     def segments(self) -> List[Segment]:
+        """The pieces ``anytime()`` runs one after another; segment k ends at exit k + 1."""
         return self.program.segments
 
     def extra_repr(self) -> str:
@@ -280,6 +297,13 @@ class AnytimeModel(nn.Module):
 
         The copy computes what this model computes in eval mode (up to float rounding), faster; it
         cannot be trained, and later changes to this model's weights do not reach it.
+
+        What changes in the copy: a masked conv's batch norm becomes a per-channel ``shift`` added
+        after the blend (so a skipped position still gets it, as before folding); residual additions
+        and HRNet's fuse layers (upsampling, the sum of the branches, ReLU) run inside the convs that
+        feed them; a masked conv whose only reader is the next masked conv of the same mask leaves
+        the rows nobody reads unwritten. Its ``anytime()`` may report fewer executed ``macs`` for
+        that reason; ``paper_macs`` do not change. ``train()`` on it raises RuntimeError.
         """
         from ._fx.fold import fold_batch_norms, fuse_residuals, fuse_sums, mark_reader_radii, use_engine_convs
 
@@ -325,7 +349,11 @@ class AnytimeModel(nn.Module):
         return super().train(mode)
 
     def set_confidence(self, enabled: bool) -> "AnytimeModel":
-        """Turn confidence adaptivity on or off (off: every position computed, nothing copied)."""
+        """Turn confidence adaptivity on or off (off: every position computed, nothing copied).
+
+        Raises:
+            ValueError: the model was converted without confidence adaptivity.
+        """
         if self.confidence is None:
             raise ValueError("this model has no confidence adaptivity; convert it with confidence=Confidence(...)")
         self.confidence.enabled = bool(enabled)
@@ -333,7 +361,11 @@ class AnytimeModel(nn.Module):
 
     def set_execution(self, execution: str) -> "AnytimeModel":
         """Set how every masked conv runs: ``"auto"`` (dense under autograd, sparse under
-        ``torch.no_grad()``; the default), ``"dense"`` (training, export) or ``"sparse"`` (inference)."""
+        ``torch.no_grad()``; the default), ``"dense"`` (training, export) or ``"sparse"`` (inference).
+
+        Raises:
+            ValueError: an unknown ``execution``, or a model without confidence adaptivity.
+        """
         from .masking.criteria import EXECUTIONS
 
         if self.confidence is None:
@@ -347,7 +379,14 @@ class AnytimeModel(nn.Module):
         return self
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError that says what to do when ``x`` is not an input this model takes."""
+        """Raise an error that says what to do when ``x`` is not an input this model takes.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: a wrong number of dimensions or channels, an integer dtype or one that
+                differs from the weights' (outside autocast), another device than the weights', or
+                a height or width the model cannot take (the message gives the nearest that works).
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected an image tensor of shape (B, {self.in_channels}, H, W), got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -20,7 +20,15 @@ _ADAPTERS: List[Tuple[str, StageAdapter]] = []
 def register_stage_adapter(name: str) -> Callable[[StageAdapter], StageAdapter]:
     """Decorator: register ``fn(model, graph_module) -> list of boundary names or None``.
 
-    Adapters are tried newest first; the first that returns a list decides ``exits="stages"``.
+    Adapters are tried newest first, so yours come before the built-in ones (HRNet, timm,
+    segmentation-models-pytorch); the first that returns a list decides ``exits="stages"``. An
+    adapter returns None for a model that is not its own, to let the next one try.
+
+    Args:
+        name: the adapter's name (shown in logs and errors).
+
+    Returns:
+        The decorator, which registers ``fn`` and returns it unchanged.
     """
 
     def deco(fn: StageAdapter) -> StageAdapter:

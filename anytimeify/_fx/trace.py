@@ -23,6 +23,9 @@ def register_leaf_module(cls: Type[nn.Module]) -> Type[nn.Module]:
 
     Use it for modules whose ``forward`` has data-dependent control flow. Convolutions inside a
     leaf are not masked by confidence adaptivity (a warning says so at conversion).
+
+    Raises:
+        TypeError: ``cls`` is not an ``nn.Module`` subclass.
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_leaf_module expects an nn.Module subclass, got {cls!r}")
@@ -31,7 +34,11 @@ def register_leaf_module(cls: Type[nn.Module]) -> Type[nn.Module]:
 
 
 def register_autowrap_function(fn: Callable) -> Callable:
-    """Decorator: calls to this free function become one graph node instead of being traced into."""
+    """Decorator: calls to this free function become one graph node instead of being traced into.
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+    """
     if not callable(fn):
         raise TypeError(f"register_autowrap_function expects a function, got {fn!r}")
     _AUTOWRAP_FUNCTIONS.add(fn)
@@ -39,7 +46,13 @@ def register_autowrap_function(fn: Callable) -> Callable:
 
 
 class TraceError(RuntimeError):
-    """The model could not be traced by torch.fx."""
+    """The model could not be traced by torch.fx (a RuntimeError).
+
+    The message names the module and the source line where tracing stopped, and the remedy: for a
+    submodule, keep it opaque (:func:`register_leaf_module` or ``leaf_modules=``) or keep a free
+    function a single node (:func:`register_autowrap_function` or ``autowrap_functions=``); for
+    the model's own forward, which must be traced to place exits in it, what to change there.
+    """
 
 
 LeafSpec = Union[str, Type[nn.Module]]
