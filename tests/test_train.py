@@ -290,3 +290,19 @@ def test_example_configs_are_valid(name):
     cfg = load_config(path)
     assert cfg.model.name in anytimeify.models.list_models()
     assert cfg.data.val is not None
+
+
+def test_evaluation_uses_confidence_from_the_epoch_it_was_switched_on_in_training(tmp_path):
+    # two steps per epoch; confidence adaptivity trains from epoch 1: the evaluation after epoch 0
+    # sees the model trained without it, and so runs without it; the final one with it
+    raw = tiny_config(tmp_path / "run", **{"schedule.iterations": 4, "confidence.start_epoch": 1,
+                                           "eval.every_epochs": 1, "checkpoint.every": 0})
+    from anytimeify.train import build_metric
+
+    cfg = config_from_dict(raw)
+    train, val = build_datasets(cfg)
+    trainer = Trainer(build_model(cfg), train, val_set=val, metric=build_metric(cfg, 11), config=cfg,
+                      loss=build_loss(cfg))
+    result = trainer.fit()
+    assert [h["epoch"] for h in result.history] == [0, 0, 1, 1]
+    assert [report.confidence for report in result.evaluations] == [False, True]

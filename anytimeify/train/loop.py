@@ -225,8 +225,10 @@ class Trainer:
             return None
         has_confidence = self.model.confidence is not None and self.config.confidence.enabled
         if confidence is None:
+            # the epoch the model was last trained in: at an epoch's end the counter already names the next
+            trained = self.epoch - 1 if self.sample == 0 and self.epoch > 0 else self.epoch
             confidence = has_confidence and self.config.eval.confidence and \
-                self.epoch >= self.config.confidence.start_epoch
+                trained >= self.config.confidence.start_epoch
         return evaluate(self.model, self.val_set, self.metric, confidence=confidence,
                         batch_size=self.config.data.val_batch_size, workers=self.config.data.workers,
                         device=self.device, max_images=self.config.eval.max_images,
