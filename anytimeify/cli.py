@@ -57,8 +57,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     import anytimeify
 
     net = base_from_args(args).eval()
-    model = anytimeify.convert(net, head=args.head, width=args.width, input_size=args.input)
-    model.check_input(torch.zeros(1, 3, *args.input))
+    model = anytimeify.convert(net, head=args.head, width=args.width)
+    model.check_input(torch.zeros(1, 3, *args.input))  # names the nearest size that works
     base = anytimeify.flops(net, args.input)
     report = anytimeify.flops(model, args.input, name=args.model)
     payload = {
@@ -165,7 +165,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     skips = args.skip or PAPER_SKIPS
     # the frozen anytime model (its masked convs) and the dense model the benchmarks compare with:
     # every conv shape the engine decides for at this input size
-    model = anytimeify.convert(net, head=args.head, input_size=args.input, confidence=anytimeify.Confidence(
+    model = anytimeify.convert(net, head=args.head, confidence=anytimeify.Confidence(
         criterion=FixedMasks(skips[:3]))).eval().freeze()
     model.check_input(torch.zeros(1, 3, *args.input))
     reports = [tune.tune(model, args.input, force=args.force), tune.tune(fold_for_inference(net), args.input,

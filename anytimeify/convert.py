@@ -100,8 +100,10 @@ def _propagate_shapes(model: nn.Module, gm: fx.GraphModule, probe: Tuple[int, ..
         with torch.no_grad():
             ShapeProp(gm).propagate(x)
     except Exception as err:
+        # torch.fx appends the graph node and a traceback to the message: the first line says what failed
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(
-            f"{type(model).__name__} failed on a probe input of shape {probe}: {type(err).__name__}: {err}. "
+            f"{type(model).__name__} failed on a probe input of shape {probe}: {type(err).__name__}: {reason}. "
             f"Pass input_size=(H, W) with a size the model accepts."
         ) from err
     finally:

@@ -244,19 +244,3 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"anytimeify {anytimeify.__version__}"
-
-
-def test_the_readmes_first_snippet_runs(tmp_path, monkeypatch):
-    """README's front-door example, with a small model and image so that it runs in seconds."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
-    assert '"w48"' in block and "512, 1024" in block
-    block = block.replace('"w48"', '"w18_small_v2"').replace("512, 1024", "64, 128")
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["prediction"].shape == (1, 16, 32)
-    assert anytimeify.load(tmp_path / "w48-anytime").num_exits == 4
