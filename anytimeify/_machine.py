@@ -53,7 +53,7 @@ def machine_info() -> Dict[str, object]:
     versions: what a benchmark's JSON carries next to its figures."""
     import torch
 
-    from .masking.engine import kernel_isa
+    from .masking.compiled import kernel_isa
 
     info = _cpuinfo()
     isa = kernel_isa()
@@ -82,7 +82,7 @@ def machine_key(threads: int) -> str:
     vector flags, thread count, torch version, the kernels' ISA."""
     import torch
 
-    from .masking.engine import kernel_isa
+    from .masking.compiled import kernel_isa
 
     info = _cpuinfo()
     parts = [cpu_model(), info.get("cpu family", ""), info.get("model", ""), ",".join(cpu_flags()),

@@ -135,7 +135,7 @@ def computed_mask(logits: torch.Tensor, confidence: Confidence, exit_index: int)
 
 def _non_finite(logits: torch.Tensor) -> torch.Tensor:
     """``(B, 1, h, w)``: True where some logit is NaN or infinite (warning once when there are)."""
-    from .engine import _traced
+    from .compiled import _traced
 
     bad = ~torch.isfinite(logits).all(dim=1, keepdim=True)
     if not _traced((logits,)) and bool(bad.any()):  # (no data to look at while tracing)
