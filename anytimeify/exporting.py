@@ -18,8 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .masking.masks import MaskSet
+from .saving import staged_folder
 
 __all__ = ["AnytimeExport", "ExportedSegment", "SegmentOutput", "export", "load_export"]
 
@@ -179,20 +178,12 @@ class AnytimeExport:
         target = Path(directory)
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True (CLI: --overwrite) or choose another folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        try:
+        with staged_folder(target) as tmp:
             if self.forward is not None:
                 torch.export.save(self.forward, str(tmp / "forward.pt2"))
             for seg in self.segments:
                 torch.export.save(seg.program, str(tmp / f"segment_{seg.index}.pt2"))
             (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     def to_onnx(self, directory: Union[str, os.PathLike], *, opset: Optional[int] = None,
@@ -221,10 +212,8 @@ class AnytimeExport:
         target = Path(directory)
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True (CLI: --overwrite) or choose another folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         names = []
-        try:
+        with staged_folder(target) as tmp:
             jobs = []
             if self.forward is not None:
                 jobs.append(("forward.onnx", -1, [self.input_name], [s.exit for s in self.segments] or None))
@@ -250,12 +239,6 @@ class AnytimeExport:
             for entry in manifest["segments"]:
                 entry["file"] = f"segment_{entry['index']}.onnx"
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return [target / name for name in names]
 
 

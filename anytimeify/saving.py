@@ -20,6 +20,7 @@ recipe gives the same tensor names and shapes, so a saved directory always loads
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -28,7 +29,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -167,6 +168,28 @@ def _recipe(model, source: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
             "latency_profile": model.latency_profile}
 
 
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """Write a folder whole or not at all: yields an empty staging folder beside ``target``; when
+    the block ends without an error it replaces ``target`` (an existing one is moved aside first
+    and removed only once the new one is in place), else it is removed and ``target`` is untouched."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / "previous")
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def save(model, directory: PathLike, *, source: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> Path:
     """Save an anytime model as ``directory/model.safetensors`` and ``directory/anytimeify.json``.
 
@@ -206,26 +229,13 @@ def save(model, directory: PathLike, *, source: Optional[Mapping[str, Any]] = No
     except (ValueError, TypeError) as err:
         raise SaveError(f"the recipe {recipe['source']} does not rebuild this model: {err} Pass source=... with the "
                         "factory and arguments that built the base network") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         from safetensors.torch import save_file
 
         save_file(state, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         recipe["files"] = {WEIGHTS_FILE: {"sha256": _sha256(staging / WEIGHTS_FILE),
                                           "bytes": (staging / WEIGHTS_FILE).stat().st_size}}
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "previous")
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
