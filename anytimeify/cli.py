@@ -438,11 +438,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     import anytimeify
     from anytimeify.exporting import export
 
-    model = anytimeify.load(args.model_dir)
     size = args.input
     if size is None:
         raise ValueError("--input HxW is required: the programs are exported for one image size "
                          "(e.g. --input 512x1024)")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if os.path.exists(args.out) and not args.overwrite:  # before the export, which takes a while
+        raise FileExistsError(f"{args.out} exists; pass --overwrite or choose another folder")
+    model = anytimeify.load(args.model_dir)
     example = torch.zeros(args.batch, model.in_channels, *size)
     result = export(model, example, segments=not args.no_segments, forward=not args.no_forward,
                     dynamic_batch=args.dynamic_batch)

@@ -171,7 +171,9 @@ def test_cli_export(ca_model, tmp_path, capsys):
     assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "served"), "--input", "32x48"]) == 2
     assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "other"), "--input", "30x48"]) == 2
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "other"), "--input", "32x48"]) == 2
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "other"), "--input", "32x48",
+                 "--batch", "0"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("anytimeify export: error: ") for line in lines)
-    assert "exists" in lines[0] and "30x48" in lines[1] and "nowhere" in lines[2]
+    assert len(lines) == 4 and all(line.startswith("anytimeify export: error: ") for line in lines)
+    assert "exists" in lines[0] and "30x48" in lines[1] and "nowhere" in lines[2] and "--batch" in lines[3]
     assert not (tmp_path / "other").exists()
