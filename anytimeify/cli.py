@@ -423,12 +423,11 @@ def base_from_args(args: argparse.Namespace):
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint:
         from anytimeify.checkpoint import read_state_dict
+        from anytimeify.train.checkpointing import check_state_dict
 
         state = read_state_dict(checkpoint)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {checkpoint!r} does not fit {args.model}: {len(missing)} tensors missing "
-                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        check_state_dict(net, state, checkpoint)  # names missing, unexpected and wrongly shaped tensors
+        net.load_state_dict(state)
     return net
 
 
