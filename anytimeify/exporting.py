@@ -29,7 +29,7 @@ import torch.nn as nn
 from .masking.masks import MaskSet
 from .saving import staged_folder
 
-__all__ = ["AnytimeExport", "ExportedSegment", "SegmentOutput", "export", "load_export"]
+__all__ = ["AnytimeExport", "ExportedSegment", "SegmentOutput", "export", "load_export", "check_archive"]
 
 FORMAT = "anytimeify-export/1"
 MANIFEST = "export.json"
@@ -321,13 +321,94 @@ def export(model: nn.Module, example: torch.Tensor, *, segments: bool = True, fo
     return result
 
 
-def load_export(directory: Union[str, os.PathLike]) -> AnytimeExport:
+def _field(manifest_path: Path, manifest: dict, name: str, *types: type, optional: bool = False):
+    if name not in manifest:
+        if optional:
+            return None
+        raise ValueError(f"{manifest_path}: field {name!r} is missing; not a complete export description")
+    value = manifest[name]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise ValueError(f"{manifest_path}: field {name!r} has the wrong type ({type(value).__name__}: {value!r})")
+    return value
+
+
+def _names(manifest_path: Path, where: str, value) -> List[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{manifest_path}: {where} must be a list of names, got {value!r}")
+    return list(value)
+
+
+#: zip members of a ``.pt2`` archive whose loading would unpickle (torch's legacy weights and
+#: constants files, pickled tensor subclasses, script and opaque objects)
+_PICKLED_PREFIXES = ("custom_obj_", "opaque_obj_")
+
+
+def check_archive(data: bytes, path: Path) -> None:
+    """Refuse a ``.pt2`` archive whose loading by ``torch.export.load`` would unpickle anything.
+
+    ``torch.export.load`` reads tensors stored raw (what ``torch.export.save`` writes for plain
+    tensors), the program as JSON and the sample inputs with ``torch.load(weights_only=True)``, but
+    falls back to a full unpickle for sample inputs that the restricted loader rejects, and
+    unpickles tensor subclasses, script objects and legacy weight files. Each of those is refused
+    here; what passes loads without a full unpickle.
+    """
+    import io
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        names = archive.namelist()
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{path} is not a torch.export archive ({error})") from None
+    for name in names:
+        parts = name.split("/")
+        if len(parts) < 2:
+            continue
+        inner = "/".join(parts[1:])
+        if inner.startswith(("data/weights/", "data/constants/")) and inner.endswith(".pt"):
+            raise ValueError(f"{path} holds {name}, a pickled (legacy) weights file; anytimeify does not load "
+                             "archives that need an unpickle (pass trust_code=True if you trust its author)")
+        if inner.endswith(("_weights_config.json", "_constants_config.json")):
+            try:
+                config = json.loads(archive.read(name)).get("config", {})
+            except (ValueError, AttributeError):
+                raise ValueError(f"{path}: {name} is not valid JSON") from None
+            for fqn, meta in config.items():
+                if not isinstance(meta, dict) or meta.get("use_pickle") is not False or \
+                        str(meta.get("path_name", "")).startswith(_PICKLED_PREFIXES):
+                    raise ValueError(f"{path}: tensor {fqn!r} ({name}) is stored as a pickle; anytimeify does not "
+                                     "load archives that need an unpickle (pass trust_code=True if you trust its "
+                                     "author)")
+        if inner.startswith("data/sample_inputs/"):
+            try:
+                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+            except Exception as error:
+                raise ValueError(f"{path}: {name} is not plain tensors ({type(error).__name__}); torch would unpickle "
+                                 "it in full, which anytimeify does not do (pass trust_code=True if you trust its "
+                                 "author)") from None
+
+
+def load_export(directory: Union[str, os.PathLike], *, trust_code: bool = False) -> AnytimeExport:
     """Read what :meth:`AnytimeExport.save` wrote (``torch.export.load``; no model code needed).
+
+    An export folder is data: only program files inside the folder are read (no ``..``, absolute
+    paths or links out of it), and an archive whose loading would unpickle is refused (see
+    :func:`check_archive`); what :meth:`AnytimeExport.save` writes never needs one.
+
+    Args:
+        directory: the folder.
+        trust_code: read the archives with plain ``torch.export.load``, unpickling what it
+            unpickles; only for folders whose author you trust.
 
     Raises:
         FileNotFoundError: the folder, its ``export.json`` or a program file is missing (named).
-        ValueError: ``export.json`` is not an anytimeify export description.
+        ValueError: ``export.json`` is not an anytimeify export description (the field is named),
+            names a file outside the folder, or an archive would need an unpickle.
     """
+    import io
+
     folder = Path(directory)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -335,25 +416,61 @@ def load_export(directory: Union[str, os.PathLike]) -> AnytimeExport:
                                 "(anytimeify export MODEL_DIR --out DIR)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{manifest_path} is not valid JSON ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{manifest_path} is not an anytimeify export description (format "
                          f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r})")
+    known = {"format", "input_name", "input_shape", "dynamic_batch", "forward", "segments"}
+    unknown = sorted(set(manifest) - known)
+    if unknown:
+        raise ValueError(f"{manifest_path}: field {unknown[0]!r} is not part of {FORMAT}")
+    root = folder.resolve()
 
-    def read(name: str):
+    def read(name):
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"{manifest_path} names program file {name!r}; only plain file names inside the folder "
+                             "are read")
         path = folder / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (listed in {manifest_path})")
+        if path.is_symlink() or path.resolve().parent != root:
+            raise ValueError(f"{path} is a link out of {folder}; only files inside the folder are read")
         if path.suffix != ".pt2":
             raise ValueError(f"{path} is not a torch.export program (.pt2); ONNX files are loaded with onnxruntime")
+        data = path.read_bytes()  # checked and loaded from the same bytes
+        if not trust_code:
+            check_archive(data, path)
         try:
-            return torch.export.load(str(path))
+            return torch.export.load(io.BytesIO(data))
         except Exception as error:
             raise ValueError(f"cannot read {path}: {error}") from None
 
-    forward = read(manifest["forward"]) if manifest.get("forward") else None
-    segments = [ExportedSegment(int(s["index"]), read(s["file"]), list(s["inputs"]), list(s["outputs"]), s["exit"],
-                                s.get("mask")) for s in manifest["segments"]]
-    return AnytimeExport(forward, segments, manifest["input_name"], manifest["input_shape"],
-                         bool(manifest.get("dynamic_batch")))
+    input_name = _field(manifest_path, manifest, "input_name", str)
+    input_shape = _field(manifest_path, manifest, "input_shape", list)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_shape):
+        raise ValueError(f"{manifest_path}: field 'input_shape' must be positive integers, got {input_shape!r}")
+    dynamic = _field(manifest_path, manifest, "dynamic_batch", bool, optional=True)
+    forward_file = _field(manifest_path, manifest, "forward", str, optional=True)
+    entries = _field(manifest_path, manifest, "segments", list)
+    segments = []
+    for k, entry in enumerate(entries):
+        where = f"segments[{k}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{manifest_path}: {where} must be an object, got {entry!r}")
+        missing = [f for f in ("index", "file", "inputs", "outputs", "exit") if f not in entry]
+        if missing:
+            raise ValueError(f"{manifest_path}: {where} lacks field {missing[0]!r}")
+        index = entry["index"]
+        if not isinstance(index, int) or isinstance(index, bool) or index != k:
+            raise ValueError(f"{manifest_path}: {where}.index must be {k}, got {index!r}")
+        outputs = _names(manifest_path, f"{where}.outputs", entry["outputs"])
+        exit_name, mask = entry["exit"], entry.get("mask")
+        if exit_name not in outputs or (mask is not None and mask not in outputs):
+            raise ValueError(f"{manifest_path}: {where}'s exit {exit_name!r} and mask {mask!r} must be among its "
+                             f"outputs {outputs}")
+        segments.append((index, entry["file"], _names(manifest_path, f"{where}.inputs", entry["inputs"]), outputs,
+                         exit_name, mask))
+    forward = read(forward_file) if forward_file else None
+    return AnytimeExport(forward, [ExportedSegment(i, read(f), ins, outs, e, m) for i, f, ins, outs, e, m in segments],
+                         input_name, input_shape, bool(dynamic))

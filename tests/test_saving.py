@@ -122,7 +122,10 @@ def test_an_unknown_base_network_needs_a_source(tmp_path):
         anytimeify.save(model, tmp_path / "mine", source=wrong)
     right = {"factory": "test_saving:Mine", "args": [], "kwargs": {}}
     anytimeify.save(model, tmp_path / "mine", source=right)
-    _same(model, anytimeify.load(tmp_path / "mine"))
+    # the user's own factory is code the folder names: it loads only with the user's opt-in
+    with pytest.raises(SaveError, match=r"trust_code=\['test_saving:Mine'\]"):
+        anytimeify.load(tmp_path / "mine")
+    _same(model, anytimeify.load(tmp_path / "mine", trust_code=["test_saving:Mine"]))
     recipe = json.loads((tmp_path / "mine" / RECIPE_FILE).read_text())
     assert recipe["conversion"]["exits"] == ["net.layer1", "net.stage2", "net.stage3"]
 

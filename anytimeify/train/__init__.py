@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from .._trust import TrustCode
 
 from .builders import build_datasets, build_loss, build_metric, build_model
 from .checkpointing import (CheckpointMismatch, latest_checkpoint, load_training_state, load_weights,
@@ -114,16 +117,28 @@ def num_outputs(model) -> int:
     return convs[-1].out_channels
 
 
-def model_from_checkpoint(path: str, cfg: Optional[TrainConfig] = None):
+def model_from_checkpoint(path: str, cfg: Optional[TrainConfig] = None, *, trust_code: "TrustCode" = False):
     """Rebuild the anytime model of a checkpoint (``.safetensors`` or training state) and load it.
 
     Args:
         path: the checkpoint.
         cfg: the run's config; default: the config stored in the checkpoint.
+        trust_code: a config stored in the checkpoint is data, so the model it names must be a
+            built-in one (:func:`anytimeify.models.list_models`) unless you trust the file's
+            author: ``["package.module:factory"]`` allows those factories, ``True`` any (as for
+            :func:`anytimeify.load`). A ``cfg`` you pass is yours and needs no opt-in.
 
     Returns:
         (tuple[AnytimeModel, TrainConfig]): ``(model, cfg)`` with the model in eval mode.
+
+    Raises:
+        ValueError: the checkpoint stores no config and none is given, or its config names a model
+            factory that ``trust_code`` does not allow.
     """
+    import dataclasses
+
+    from .._trust import is_trusted, normalise_trust
+    from ..models import list_models
     from .checkpointing import read_weights_config
 
     if cfg is None:
@@ -131,6 +146,13 @@ def model_from_checkpoint(path: str, cfg: Optional[TrainConfig] = None):
         if stored is None:
             raise ValueError(f"checkpoint {path!r} stores no config; pass the run's config file")
         cfg = config_from_dict(stored, source=path)
+        name = cfg.model.name
+        if name not in list_models() and not is_trusted(name, normalise_trust(trust_code)):
+            raise ValueError(f"checkpoint {path!r} stores a config whose model is {name!r}, which anytimeify does not "
+                             f"import from a file unless told to: pass trust_code=[{name!r}] if you trust the "
+                             "file's author, or pass the run's config")
+        # the weights come from the checkpoint: a backbone path stored in it is not read
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=None))
     model = build_model(cfg)
     load_weights(model, path)
     return model.eval(), cfg
