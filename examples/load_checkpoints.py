@@ -60,6 +60,8 @@ def write_reference_checkpoint(folder: Path, layout: Path, with_masks: bool = Tr
             value = torch.randint(0, 100, shape, generator=g)
         elif key.endswith(".Lambda"):
             value = torch.tensor(3.0) + 0.1 * torch.randn(shape, generator=g)
+        elif key.endswith(".running_var"):  # a variance is positive: a negative one gives NaN outputs
+            value = 0.5 + torch.rand(shape, generator=g)
         else:
             value = torch.randn(shape, generator=g)
         state[key] = value

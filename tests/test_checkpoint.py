@@ -115,3 +115,18 @@ def test_backbone_loads_into_a_model_with_confidence(timm_classifier, tmp_path):
     assert torch.equal(model.stage3[0].branches[0][0].conv1.weight,
                        timm_classifier.state_dict()["stage3.0.branches.0.0.conv1.weight"])
     assert model.stage3[0].branches[0][0].conv1.interp_lambda.item() == 3.0
+
+
+def test_the_example_reference_checkpoint_has_valid_batch_norm_statistics(tmp_path):
+    """examples/load_checkpoints.py fills the reference layout with random values; a negative
+    running variance made the converted model's logits NaN (and the example warn about it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "load_checkpoints.py"
+    spec = importlib.util.spec_from_file_location("load_checkpoints_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    _, state = example.write_reference_checkpoint(tmp_path, example.REFERENCE_LAYOUT)
+    variances = [v for k, v in state.items() if k.endswith(".running_var")]
+    assert variances and all(bool((v > 0).all()) for v in variances)
