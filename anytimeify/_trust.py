@@ -41,8 +41,8 @@ SAFE_FACTORIES = frozenset({
 SAFE_PACKAGES = ("anytimeify", "torch", "torchvision", "timm", "segmentation_models_pytorch")
 #: keyword arguments of timm and smp constructors that read files or the network
 _LOADING_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir", "pretrained_strict")
-_HOW = ("pass trust_code=[{name!r}] (or --trust-code {name} on the command line) if you trust the folder's author "
-        "and the code it names")
+_HOW = ("pass trust_code=[{name!r}] (anytimeify export/visualize: --trust-code {name}) if you trust the folder's "
+        "author and the code it names")
 
 
 class UntrustedCodeError(ValueError):

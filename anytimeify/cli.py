@@ -11,6 +11,17 @@ from typing import List, Optional, Sequence, Tuple
 
 __all__ = ["main"]
 
+#: The built-in model names (``anytimeify.models.list_models()``, which imports torch: ``--help`` must not).
+HRNET_NAMES = tuple(f"hrnet_{v}" for v in ("w18_small", "w18_small_v2", "w18", "w32", "w48"))
+BUILTIN_MODELS = tuple(sorted(HRNET_NAMES + tuple(f"{n}_pose" for n in HRNET_NAMES)
+                              + ("ranet_cifar10", "ranet_cifar100", "ranet_imagenet")))
+#: what a built-in model takes, known without building it: HRNet's branches go down to 1/32
+#: (``anytimeify.models.hrnet.HRNET_INPUT_DIVISOR``); RANet's classifiers are built for one size
+HRNET_DIVISOR = 32
+RANET_SIZES = {"ranet_cifar10": 32, "ranet_cifar100": 32, "ranet_imagenet": 224}
+#: the files of a saved model folder (``anytimeify.saving.RECIPE_FILE`` and ``WEIGHTS_FILE``)
+MODEL_FILES = ("anytimeify.json", "model.safetensors")
+
 
 def parse_size(text: str) -> Tuple[int, int]:
     """``"1024x2048"`` -> ``(1024, 2048)``."""
@@ -22,6 +33,143 @@ def parse_size(text: str) -> Tuple[int, int]:
     if h <= 0 or w <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return h, w
+
+
+# -- checks done before anything is built: one line each, naming the value and what to do ----------------------
+
+
+def check_spec(spec: str) -> None:
+    """Refuse a model spec that is neither a built-in name, ``timm:NAME`` nor ``smp:ARCH:ENCODER``."""
+    kind, _, rest = spec.partition(":")
+    if (kind == "timm" and rest) or (kind == "smp" and rest.count(":") == 1) or spec in BUILTIN_MODELS:
+        return
+    raise ValueError(f"unknown model {spec!r}: give a built-in name ({', '.join(BUILTIN_MODELS)}), timm:NAME or "
+                     "smp:ARCH:ENCODER")
+
+
+def known_input(spec: str) -> Tuple[int, Optional[Tuple[int, int]]]:
+    """``(divisor, fixed size)`` of the inputs a built-in model takes, known without building it;
+    ``(1, None)`` (nothing known) for the others."""
+    if spec.removesuffix("_pose") in HRNET_NAMES:
+        return HRNET_DIVISOR, None
+    if spec in RANET_SIZES:
+        return 1, (RANET_SIZES[spec], RANET_SIZES[spec])
+    return 1, None
+
+
+def check_size(size: Sequence[int], divisor: int = 1, fixed: Optional[Sequence[int]] = None, *,
+               option: str = "--input", model: str = "this model") -> None:
+    """Refuse an ``HxW`` a model does not take, in the words of :meth:`AnytimeModel.check_input`,
+    with the nearest size that works."""
+    h, w = (int(v) for v in size)
+    if fixed is not None and (h, w) != tuple(fixed):
+        raise ValueError(f"{option} {h}x{w}: {model} takes {fixed[0]}x{fixed[1]} inputs only (its classifiers are "
+                         f"built for that size); pass {option} {fixed[0]}x{fixed[1]}")
+    d = max(1, int(divisor))
+    if h % d or w % d:
+        fix_h, fix_w = max(d, -(-h // d) * d), max(d, -(-w // d) * d)
+        raise ValueError(f"{option} {h}x{w} is not supported: height and width must be positive multiples of {d} "
+                         f"for {model} (its stages and exits halve the resolution down to 1/{d}); pass e.g. "
+                         f"{option} {fix_h}x{fix_w}")
+
+
+def check_model_size(net, size: Sequence[int], *, option: str = "--input", model: str = "this model") -> None:
+    """:func:`check_size` with what a built network declares (``input_divisor``, ``fixed_input_size``)."""
+    divisor = getattr(net, "input_divisor", None)
+    fixed = getattr(net, "fixed_input_size", None)
+    check_size(size, divisor if isinstance(divisor, int) and divisor > 0 else 1,
+               tuple(fixed) if fixed is not None else None, option=option, model=model)
+
+
+def check_file(path: str, what: str) -> None:
+    """Refuse a file to read that does not exist or is a folder."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path!r} is a folder; give a file")
+
+
+def check_folder(path: str, what: str) -> None:
+    """Refuse a folder to read that does not exist or is a file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path!r} is a file, not a folder")
+
+
+def check_model_dir(path: str) -> None:
+    """Refuse a path that is not a saved model (a folder with ``anytimeify.json`` and ``model.safetensors``)."""
+    saved = f"a saved model is a folder with {' and '.join(MODEL_FILES)} (anytimeify.save, anytimeify convert)"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist; {saved}")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"model folder {path!r} is a file; {saved}")
+    for name in MODEL_FILES:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"model folder {path!r} has no {name}; {saved}")
+
+
+def check_output(path: str, option: str, kind: str = "file", overwrite: Optional[bool] = None) -> None:
+    """Refuse an output path that cannot be written, before any work is done for it.
+
+    Args:
+        path: the path given.
+        option: the option that gave it (named in the message).
+        kind: ``"file"`` (written whole, replacing one there), ``"new folder"`` (written whole:
+            refused when it exists unless ``overwrite``) or ``"folder"`` (written into: an
+            existing one is used).
+        overwrite: for ``"new folder"``: whether an existing one may be replaced.
+    """
+    here = os.path.abspath(path)
+    if os.path.lexists(here):
+        if kind == "file" and os.path.isdir(here):
+            raise IsADirectoryError(f"{option} {path!r} is a folder; give a file name")
+        if kind != "file" and not os.path.isdir(here):
+            raise NotADirectoryError(f"{option} {path!r} is a file, not a folder; choose another path")
+        if kind == "new folder" and not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite or choose another folder")
+    # where the new entries go: the folder itself when it is written into, else the nearest existing parent
+    where = here if kind == "folder" and os.path.isdir(here) else os.path.dirname(here)
+    while not os.path.lexists(where):
+        where = os.path.dirname(where)
+    if not os.path.isdir(where):
+        raise NotADirectoryError(f"{option} {path!r}: {where!r} is a file, so nothing can be written inside it; "
+                                 "choose another path")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path!r}: no permission to write in {where!r}; choose another path")
+
+
+def check_at_least(value, low, option: str) -> None:
+    """Refuse a number below ``low`` (None: not given)."""
+    if value is not None and not value >= low:
+        raise ValueError(f"{option} must be at least {low}, got {value}")
+
+
+def check_positive(value, option: str) -> None:
+    """Refuse a number that is not above 0 (None: not given)."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{option} must be positive, got {value}")
+
+
+def _check_base_args(args: argparse.Namespace) -> None:
+    """The checks of the commands that build a base network from a spec: the spec, ``--checkpoint``,
+    ``--num-classes``, ``--width`` and ``--input`` against what a built-in model takes."""
+    check_spec(args.model)
+    if getattr(args, "checkpoint", None):
+        check_file(args.checkpoint, "--checkpoint")
+    check_at_least(getattr(args, "num_classes", None), 1, "--num-classes")
+    check_at_least(getattr(args, "width", None), 1, "--width")
+    if getattr(args, "input", None) is not None:
+        divisor, fixed = known_input(args.model)
+        check_size(args.input, divisor, fixed, model=args.model)
+
+
+def _need_module(name: str, extra: str) -> None:
+    """Refuse, before any work, a command whose optional dependency is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise ImportError(f"this needs {name}: pip install 'anytimeify[{extra}]'")
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -52,6 +200,9 @@ def _emit(payload: dict, as_json: bool, output: Optional[str], table) -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
+    _check_base_args(args)
+    if args.output:
+        check_output(args.output, "--output")
     import torch
 
     import anytimeify
@@ -85,6 +236,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    _check_base_args(args)
     import anytimeify
 
     net = base_from_args(args).eval()
@@ -100,6 +252,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
+    _check_base_args(args)
+    check_at_least(args.threads, 0, "--threads")
     import torch
 
     import anytimeify
@@ -109,6 +263,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     net = create_model(args.model).eval()
+    check_model_size(net, args.input, model=args.model)
     model = anytimeify.convert(net, head=args.head).eval()
     image = _demo_image(args.input, args.seed)
     from rich.console import Console
@@ -136,6 +291,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _check_base_args(args)
+    check_at_least(args.reps, 1, "--reps")
+    check_at_least(args.threads, 1, "--threads")
+    if args.output:
+        check_output(args.output, "--output")
     from anytimeify.bench import ca_speedup
 
     payload = ca_speedup(args.model, args.input, args.skip, reps=args.reps, threads=args.threads, seed=args.seed,
@@ -153,6 +313,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    _check_base_args(args)
+    check_at_least(args.threads, 0, "--threads")
+    if args.output:
+        check_output(args.output, "--output")
     import torch
 
     import anytimeify
@@ -191,6 +355,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.minutes is not None and not args.minutes > 0:
+        raise ValueError(f"--minutes must be positive, got {args.minutes}")
+    check_at_least(args.threads, 0, "--threads")
+    check_output(args.out, "--out", "folder")
     from anytimeify.demo import run_demo
 
     run_demo(out=args.out, minutes=args.minutes, seed=args.seed, threads=args.threads, retrain=args.retrain,
@@ -212,10 +380,30 @@ def _add_demo(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
+def _check_run_args(args: argparse.Namespace) -> None:
+    """The checks shared by train and eval: the config, --data-root, --set and --pretrained."""
+    check_file(args.config, "config file")
+    if args.data_root is not None:
+        check_folder(args.data_root, "--data-root")
+    for item in args.set or []:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} must look like KEY=VALUE (e.g. --set optim.lr=0.02)")
+    if getattr(args, "pretrained", None):
+        check_file(args.pretrained, "--pretrained")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _check_run_args(args)
+    if args.resume is not None and args.resume != "auto":
+        check_file(args.resume, "--resume")
+    check_positive(args.max_minutes, "--max-minutes")
+    if args.out:
+        check_output(args.out, "--out", "folder")
     from anytimeify.train import load_config, run
 
     cfg = load_config(args.config, _overrides(args), data_root=args.data_root)
+    check_output(cfg.out, "--out" if args.out else "the config's out", "folder")
     result = run(cfg, resume=args.resume, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     if int(os.environ.get("RANK", "0")) == 0:
         last = result.evaluations[-1].to_dict() if result.evaluations else None
@@ -261,21 +449,38 @@ def _add_train(sub) -> None:
     tr.set_defaults(func=cmd_train)
 
 
+#: the metric a results table shows when an evaluation gives many (MPII's PCKh per joint group)
+HEADLINE_METRICS = ("miou", "pckh", "pck", "accuracy")
+
+
 def _eval_table(reports, title: str):
+    """Per exit: the metrics, paper GFLOPs, skipped share and time of each report, side by side
+    (short headers, so that an evaluation with and without CA fits in 80 columns)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     first = reports[0]
     keys = [k for k, v in first.exits[0].metrics.items() if isinstance(v, float)]
-    table.add_column("exit", justify="right")
+    notes = ["GFLOPs: paper GFLOPs (MACs/2^30)", "ms: per image"]
+    if len(keys) > 3:  # too many to show side by side: the headline one, the rest in the JSON
+        headline = next((k for k in HEADLINE_METRICS if k in keys), keys[0])
+        notes.append(f"more metrics with --json ({', '.join(k for k in keys if k != headline)})")
+        keys = [headline]
+    if any(r.confidence for r in reports):
+        notes += ["CA: with confidence adaptivity", "skip: share of positions skipped after the exit"]
+
+    def column(header: str, ca: bool = False) -> None:
+        table.add_column(f"{header}\nCA" if ca else header, justify="right", no_wrap=True)
+
+    column("exit")
     for report in reports:
-        tag = " (CA)" if report.confidence else ""
         for key in keys:
-            table.add_column(f"{key}{tag}", justify="right")
-        table.add_column(f"paper GFLOPs{tag}", justify="right")
+            column(key, report.confidence)
+        column("GFLOPs", report.confidence)
         if report.confidence:
-            table.add_column("skipped", justify="right")
-        table.add_column(f"ms/image{tag}", justify="right")
+            column("skip")
+        column("ms", report.confidence)
     for i in range(len(first.exits)):
         row = [str(i + 1)]
         for report in reports:
@@ -286,10 +491,18 @@ def _eval_table(reports, title: str):
                 row.append(f"{e.skipped:.2f}" if i < len(first.exits) - 1 else "")
             row.append(f"{1000 * e.seconds:.1f}")
         table.add_row(*row)
+    table.caption = "; ".join(notes)
     return table
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    _check_run_args(args)
+    check_file(args.checkpoint, "--checkpoint")
+    check_at_least(args.batch_size, 1, "--batch-size")
+    check_at_least(args.max_images, 1, "--max-images")
+    check_at_least(args.threads, 0, "--threads")
+    if args.output:
+        check_output(args.output, "--output")
     import torch
 
     from anytimeify.train import cleanup, init_distributed, load_config
@@ -310,6 +523,9 @@ def _evaluate_checkpoint(args: argparse.Namespace, cfg, dist) -> int:
     from anytimeify.train.builders import build_model, build_val_dataset, flip_pairs_of
     from anytimeify.train.checkpointing import load_weights
 
+    val_set = build_val_dataset(cfg)  # the data's errors before the model is built
+    if val_set is None:
+        raise ValueError(f"{args.config} has no data.val; add one (or --set data.val.name=...)")
     model = build_model(cfg).to(dist.device)
     if args.reference:
         from anytimeify.checkpoint import load_reference_checkpoint
@@ -322,9 +538,6 @@ def _evaluate_checkpoint(args: argparse.Namespace, cfg, dist) -> int:
             raise ValueError(f"{err} (A checkpoint of the ADP-C reference implementation loads with "
                              "--reference.)") from err
     model.eval()
-    val_set = build_val_dataset(cfg)
-    if val_set is None:
-        raise ValueError(f"{args.config} has no data.val; add one (or --set data.val.name=...)")
     metric = build_metric(cfg, num_outputs(model))
     if metric is None:
         raise ValueError("task 'custom' has no built-in metric; evaluate with anytimeify.train.evaluate and your own")
@@ -420,6 +633,8 @@ def build_base(spec: str, num_classes: Optional[int] = None):
 def base_from_args(args: argparse.Namespace):
     """``args.model`` built by :func:`build_base`, with ``args.checkpoint``'s weights when given."""
     net = build_base(args.model, getattr(args, "num_classes", None))
+    if getattr(args, "input", None) is not None:  # what the built network declares (a timm backbone's stride)
+        check_model_size(net, args.input, model=args.model)
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint:
         from anytimeify.checkpoint import read_state_dict
@@ -432,20 +647,20 @@ def base_from_args(args: argparse.Namespace):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_model_dir(args.model_dir)
+    check_at_least(args.batch, 1, "--batch")
+    check_output(args.out, "--out", "new folder", overwrite=args.overwrite)  # before the export, which takes a while
+    if args.onnx:
+        _need_module("onnx", "onnx")
+        _need_module("onnxscript", "onnx")
     import torch
 
     import anytimeify
     from anytimeify.exporting import export
 
     size = args.input
-    if size is None:
-        raise ValueError("--input HxW is required: the programs are exported for one image size "
-                         "(e.g. --input 512x1024)")
-    if args.batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    if os.path.exists(args.out) and not args.overwrite:  # before the export, which takes a while
-        raise FileExistsError(f"{args.out} exists; pass --overwrite or choose another folder")
-    model = anytimeify.load(args.model_dir)
+    model = anytimeify.load(args.model_dir, trust_code=args.trust_code)
+    check_model_size(model, size, model=f"the model in {args.model_dir}")
     example = torch.zeros(args.batch, model.in_channels, *size)
     result = export(model, example, segments=not args.no_segments, forward=not args.no_forward,
                     dynamic_batch=args.dynamic_batch)
@@ -494,22 +709,37 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trusted_name(text: str) -> str:
+    """``--trust-code``: a ``package.module:callable`` name."""
+    module, sep, attr = text.partition(":")
+    if not sep or not module or not attr:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a 'package.module:callable' name")
+    return text
+
+
 def _add_export(sub) -> None:
     ex = sub.add_parser("export", help="torch.export (or ONNX) programs of forward and of each segment, for serving")
     ex.add_argument("model_dir", help="a model saved by anytimeify.save / anytimeify convert")
     ex.add_argument("--out", required=True, help="directory to write (programs + export.json)")
-    ex.add_argument("--input", type=parse_size, default=None, help="image size HxW to export for (required)")
-    ex.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1)")
+    ex.add_argument("--input", type=parse_size, required=True, help="image size HxW to export for")
+    ex.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1, at least 1)")
     ex.add_argument("--dynamic-batch", action="store_true", help="accept any batch size")
     ex.add_argument("--onnx", action="store_true", help="write ONNX files (needs: pip install 'anytimeify[onnx]')")
     ex.add_argument("--no-forward", action="store_true", help="only the segments")
     ex.add_argument("--no-segments", action="store_true", help="only forward")
     ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ex.add_argument("--trust-code", action="append", default=[], metavar="MODULE:CALLABLE", type=_trusted_name,
+                    help="a 'package.module:callable' the saved model may import and call (its own network's factory); only for folders whose author you trust (repeatable; see anytimeify.load's trust_code)")
     ex.add_argument("--json", action="store_true")
     ex.set_defaults(func=cmd_export)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    if args.input is None:  # the probe size: the one a model takes, if it takes one size only
+        fixed = known_input(args.model)[1]
+        args.input = fixed if fixed is not None else (256, 256)
+    _check_base_args(args)
+    check_output(args.out, "--out", "new folder", overwrite=args.overwrite)
     import anytimeify
 
     net = base_from_args(args)
@@ -547,7 +777,8 @@ def _add_convert(sub) -> None:
     cv.add_argument("--threshold", type=float, default=None,
                     help="add confidence adaptivity with this threshold (e.g. 0.998)")
     cv.add_argument("--criterion", default="max_prob", choices=["max_prob", "entropy", "heatmap"])
-    cv.add_argument("--input", type=parse_size, default=(256, 256), help="probe input HxW (default 256x256)")
+    cv.add_argument("--input", type=parse_size, default=None,
+                    help="probe input HxW (default 256x256, or the one size a model takes)")
     cv.add_argument("--profile", action="store_true", help="also measure the per-segment latency at --input on "
                                                            "this machine (for anytime(deadline=...))")
     cv.add_argument("--freeze", action="store_true", help="save the frozen (inference) model")
@@ -556,14 +787,15 @@ def _add_convert(sub) -> None:
     cv.set_defaults(func=cmd_convert)
 
 
-def _input_image(path: str, size: Optional[Tuple[int, int]], divisor: int):
-    """An image file as the network input (ImageNet-normalised) and as shown ([0, 1])."""
+def _input_image(picture, size: Optional[Tuple[int, int]], divisor: int):
+    """An image (``read_image``'s uint8 tensor) as the network input (ImageNet-normalised) and as
+    shown ([0, 1])."""
     import torch.nn.functional as F
     from torchvision.transforms.v2 import functional as TF
 
-    from anytimeify.data import IMAGENET_MEAN, IMAGENET_STD, read_image
+    from anytimeify.data import IMAGENET_MEAN, IMAGENET_STD
 
-    picture = read_image(path).float()[None] / 255.0
+    picture = picture.float()[None] / 255.0
     h, w = picture.shape[-2:]
     if size is None:  # the largest multiple of the divisor that fits
         size = (max(divisor, h // divisor * divisor), max(divisor, w // divisor * divisor))
@@ -572,15 +804,35 @@ def _input_image(path: str, size: Optional[Tuple[int, int]], divisor: int):
     return TF.normalize(picture, IMAGENET_MEAN, IMAGENET_STD), picture[0].clamp(0, 1)
 
 
+def _check_figure_out(path: str) -> None:
+    """The figure file: writable, in a format matplotlib writes (which needs matplotlib)."""
+    check_output(path, "--out")
+    _need_module("matplotlib", "plot")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise ValueError(f"--out {path!r}: matplotlib writes no .{suffix} files; end the name with one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+
+
 def cmd_visualize(args: argparse.Namespace) -> int:
+    check_model_dir(args.model_dir)
+    check_file(args.image, "image")
+    _check_figure_out(args.out)
     import anytimeify
+    from anytimeify.data import read_image
     from anytimeify.visualize import progression_figure, save_figure
 
-    model = anytimeify.load(args.model_dir)
-    x, shown = _input_image(args.image, args.size, model.input_divisor)
+    picture = read_image(args.image)  # an unreadable image before the model is built
+    model = anytimeify.load(args.model_dir, trust_code=args.trust_code)
+    if args.size is not None:
+        check_model_size(model, args.size, option="--size", model=f"the model in {args.model_dir}")
+    if args.threshold is not None and model.confidence is None:
+        raise ValueError(f"--threshold: the model in {args.model_dir} has no confidence adaptivity")
+    x, shown = _input_image(picture, args.size, model.input_divisor)
     if args.threshold is not None:
-        if model.confidence is None:
-            raise ValueError(f"--threshold: the model in {args.model_dir} has no confidence adaptivity")
         model.confidence.threshold = args.threshold
     fig = progression_figure(model, x, display=shown, title=args.title)
     path = save_figure(fig, args.out)
@@ -589,9 +841,15 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    for path in args.results:
+        check_file(path, "results file")
+    labels = args.labels.split(",") if args.labels else None
+    if labels is not None and len(labels) != len(args.results):
+        raise ValueError(f"--labels gives {len(labels)} labels for {len(args.results)} results files; give one per "
+                         "file, comma-separated")
+    _check_figure_out(args.out)
     from anytimeify.visualize import curves_figure, save_figure
 
-    labels = args.labels.split(",") if args.labels else None
     fig = curves_figure(args.results, labels=labels, metric=args.metric, title=args.title)
     path = save_figure(fig, args.out)
     print(json.dumps({"out": str(path)}) if args.json else f"wrote {path}")
@@ -608,10 +866,13 @@ def _add_pictures(sub) -> None:
                                                                   "multiple of the model's input divisor)")
     vi.add_argument("--threshold", type=float, default=None, help="override the confidence threshold")
     vi.add_argument("--title", default=None)
+    vi.add_argument("--trust-code", action="append", default=[], metavar="MODULE:CALLABLE", type=_trusted_name,
+                    help="a 'package.module:callable' the saved model may import and call (its own network's factory); only for folders whose author you trust (repeatable; see anytimeify.load's trust_code)")
     vi.add_argument("--json", action="store_true")
     vi.set_defaults(func=cmd_visualize)
     pl = sub.add_parser("plot", help="metric against GFLOPs per exit from evaluation JSONs (needs matplotlib)")
-    pl.add_argument("results", nargs="+", help="anytimeify eval --json outputs or runs' metrics.json")
+    pl.add_argument("results", nargs="+", help="anytimeify eval --json (or --output) files, runs' metrics.json or "
+                                               "the demo's result.json (its curves with and without CA)")
     pl.add_argument("--out", required=True, help="figure file (.png, .pdf, .svg)")
     pl.add_argument("--labels", default=None, help="comma-separated legend labels, one per file")
     pl.add_argument("--metric", default=None, help="per-exit key to plot (default: miou, pckh or accuracy)")
@@ -621,8 +882,7 @@ def _add_pictures(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from anytimeify.models import list_models
-
+    """The argument parser (imports no torch: ``--help`` and ``--version`` answer at once)."""
     parser = argparse.ArgumentParser(prog="anytimeify", description="Anytime dense prediction (ADP-C) tools.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -644,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stream = sub.add_parser("stream", help="convert a built-in model (random weights) and stream exit after exit "
                                            "on a generated image")
-    stream.add_argument("--model", default="hrnet_w18_small_v2", choices=list_models())
+    stream.add_argument("--model", default="hrnet_w18_small_v2", choices=BUILTIN_MODELS)
     stream.add_argument("--head", default="redesigned", choices=["redesigned", "original"])
     stream.add_argument("--input", type=parse_size, default=(512, 1024), help="HxW (default 512x1024)")
     stream.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -669,8 +929,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--skip", type=parse_skips, default=[0.193, 0.384, 0.630],
                     help="fraction of pixels skipped after each early exit (default: the paper's averages)")
     be.add_argument("--input", type=parse_size, default=(1024, 2048), help="HxW (default 1024x2048)")
-    be.add_argument("--reps", type=int, default=5)
-    be.add_argument("--threads", type=int, default=2)
+    be.add_argument("--reps", type=int, default=5, help="timed runs per model, the median is reported (default 5)")
+    be.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     be.add_argument("--num-classes", type=int, default=None)
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--json", action="store_true")
@@ -713,8 +973,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError, RuntimeError,
-            ImportError) as err:
+    except (ValueError, TypeError, OSError, FloatingPointError, RuntimeError, ImportError) as err:
         print(f"anytimeify {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -419,7 +419,8 @@ def inspect(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, nod
         autowrap_functions: free functions to keep as single graph nodes.
 
     Returns:
-        Candidates in execution order; ``picked`` marks what ``exits="stages"`` chooses.
+        Candidates in execution order (a module after its children, whose outputs it ends with);
+        ``picked`` marks what ``exits="stages"`` chooses.
     """
     probe = _probe_shape(model, input_size)
     gm = _traced(model, leaf_modules, autowrap_functions, model.training)
@@ -428,8 +429,11 @@ def inspect(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, nod
         _, picked = stage_adapter_for(model, gm)
     except ValueError:
         picked = []
-    found = [Candidate(b.name, "module", b.shapes, b.channels, b.stride, b.name in picked)
-             for b in candidate_boundaries(gm, include=picked)]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # execution order; modules that end at the same node (a stage and its last block) innermost first,
+    # since the outer one's output is complete only when its last child's is
+    boundaries = sorted(candidate_boundaries(gm, include=picked), key=lambda b: (order[b.last], -b.name.count(".")))
+    found = [Candidate(b.name, "module", b.shapes, b.channels, b.stride, b.name in picked) for b in boundaries]
     if nodes:
         from ._fx.stages import node_boundary
 

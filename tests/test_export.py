@@ -162,14 +162,20 @@ def test_cli_export(ca_model, tmp_path, capsys):
     from anytimeify.cli import main
 
     anytimeify.save(ca_model, tmp_path / "model", source={"factory": "test_export:Small"})
+    # the folder names a factory of this test module: code, which runs only with the user's opt-in
     assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "served"), "--input", "32x48",
-                 "--no-forward", "--json"]) == 0
+                 "--no-forward", "--json"]) == 2
+    assert "--trust-code test_export:Small" in capsys.readouterr().err
+    assert not (tmp_path / "served").exists()
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "served"), "--input", "32x48",
+                 "--no-forward", "--json", "--trust-code", "test_export:Small"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["input"] == [1, 3, 32, 48] and len(payload["files"]) == 3
     _check_against_eager(ca_model, load_export(tmp_path / "served"), _inputs(1))
     # errors are one line naming what is wrong
     assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "served"), "--input", "32x48"]) == 2
-    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "other"), "--input", "30x48"]) == 2
+    assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "other"), "--input", "30x48",
+                 "--trust-code", "test_export:Small"]) == 2
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "other"), "--input", "32x48"]) == 2
     assert main(["export", str(tmp_path / "model"), "--out", str(tmp_path / "other"), "--input", "32x48",
                  "--batch", "0"]) == 2
