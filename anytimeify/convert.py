@@ -85,13 +85,37 @@ def _mode_graphs(base: nn.Module, leaf_modules, autowrap_functions) -> Dict[bool
     return graphs
 
 
+def _propagate_on_meta(gm: fx.GraphModule, probe: Tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Shape propagation with every tensor on the meta device (shapes without arithmetic: several
+    times faster than the real probe at HRNet's size); False where some operation cannot run there
+    (data-dependent shapes, tensors made on another device inside ``forward``)."""
+    tensors = dict(gm.named_parameters(remove_duplicate=False))
+    tensors.update(gm.named_buffers(remove_duplicate=False))
+    meta = {name: torch.empty_like(t, device="meta") for name, t in tensors.items()}
+    try:
+        from torch.nn.utils.stateless import _reparametrize_module  # torch's own functional_call uses it
+
+        with torch.no_grad(), warnings.catch_warnings(), _reparametrize_module(gm, meta, tie_weights=True):
+            warnings.simplefilter("ignore")
+            ShapeProp(gm).propagate(torch.empty(probe, device="meta", dtype=dtype))
+        return True
+    except Exception:  # the real probe below decides, and says what failed
+        for node in gm.graph.nodes:
+            node.meta.pop("tensor_meta", None)
+        return False
+
+
 def _propagate_shapes(model: nn.Module, gm: fx.GraphModule, probe: Tuple[int, ...]) -> None:
-    """Record every node's shape at the probe input (``node.meta["tensor_meta"]``)."""
+    """Record every node's shape at the probe input (``node.meta["tensor_meta"]``): on the meta
+    device where every operation runs there, else with a real random input."""
     gm.meta["input_shape"] = probe
     was = gm.training
     gm.eval()  # probe without touching BN statistics
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if _propagate_on_meta(gm, probe, dtype):
+        gm.train(was)
+        return
     x = torch.randn(probe, device=device, dtype=dtype)
     # a train-mode graph has training=True baked into traced-through norms (timm's BatchNormAct2d),
     # so gm.eval() does not stop the probe from moving running statistics: put them back

@@ -239,3 +239,49 @@ def test_pose_network_converts():
         assert torch.equal(outs[-1], net(x))
     assert [o.shape for o in outs] == [(1, 16, 16, 16)] * 4
     assert isinstance(model.exits[0], Exit)
+
+
+def test_shapes_are_propagated_on_the_meta_device_and_equal_a_real_probe(w18):
+    """convert records every node's shape without computing the probe (meta tensors) where the
+    model allows, and the shapes equal those of a real forward."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from anytimeify.convert import _mode_graphs, _propagate_on_meta
+
+    gm = _mode_graphs(w18, [], [])[False]
+    assert _propagate_on_meta(gm, (1, 3, 64, 96), torch.float32)
+    meta = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if "tensor_meta" in n.meta}
+    assert next(gm.parameters()).device.type == "cpu"  # the module keeps its real weights
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.randn(1, 3, 64, 96))
+    real = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if "tensor_meta" in n.meta}
+    assert meta == real and len(real) > 100
+
+
+class _DataDependent(torch.nn.Module):
+    """A network with an operation whose output shape depends on values (``nonzero``): meta
+    tensors have no values, so its shapes come from a real probe."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.layer1 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.layer2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.layer2(self.layer1(self.stem(x)))
+        return self.head(y) + torch.nonzero(y > 1e9).sum()  # adds zero
+
+
+def test_a_model_whose_shapes_depend_on_values_falls_back_to_a_real_probe():
+    from anytimeify.convert import _propagate_on_meta
+
+    model = _DataDependent().eval()
+    traced = torch.fx.symbolic_trace(model)
+    assert not _propagate_on_meta(traced, (1, 3, 32, 32), torch.float32)
+    assert all("tensor_meta" not in n.meta for n in traced.graph.nodes)
+    converted = anytimeify.convert(model, exits=["layer1"], head="original", input_size=(32, 32)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x)[-1], model(x))
