@@ -16,6 +16,7 @@ confidence over positions reaches the threshold (:func:`anytimeify.model.confide
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -174,7 +175,12 @@ def calibrate(model: Optional[AnytimeModel], val_data: Optional[Data], budget: f
         A :class:`Calibration`; its ``expected_macs`` is the achievable cost closest to
             ``budget`` found (within one sample's cost of it when the budget lies inside the exits'
             cost range).
+
+    Raises:
+        TypeError: ``budget`` is not a number.
+        ValueError: ``budget`` is NaN or infinite, or outside the exits' cost range.
     """
+    budget = _check_budget(budget, "budget")
     val = scores if scores is not None else exit_scores(model, val_data, batch_size)
     low_cost, high_cost = float(val.costs[0]), float(val.costs[-1])
     if not low_cost <= budget <= high_cost:
@@ -244,8 +250,16 @@ def evaluate_budgets(model: AnytimeModel, test_data: Data, budgets: Optional[Seq
     Returns:
         One :class:`BudgetResult` per budget, in the order given: the test accuracy (or the
             ``metric``'s result) and the MACs actually spent.
+
+    Raises:
+        ValueError: the test set (or the validation set) is empty; no ``val_data`` nor ``val_scores``.
     """
     _check_model(model)
+    if budgets is not None:
+        budgets = [_check_budget(b, f"budgets[{i}]") for i, b in enumerate(budgets)]
+    test_loader = _loader(test_data, batch_size)
+    if _length(test_loader.dataset) == 0:
+        raise ValueError("the test set is empty: evaluate_budgets needs at least one (image, label)")
     if val_scores is None:
         if val_data is None:
             raise ValueError("evaluate_budgets needs val_data (a held-out split to choose thresholds on); choosing "
@@ -263,7 +277,7 @@ def evaluate_budgets(model: AnytimeModel, test_data: Data, budgets: Optional[Seq
         taken = torch.zeros(model.num_exits, dtype=torch.float64)
         meter = metric() if metric is not None else None
         seconds = 0.0
-        for images, labels in _loader(test_data, batch_size):
+        for images, labels in test_loader:
             pred = model.predict(images, cal.thresholds)
             seconds += pred.seconds
             spent += pred.total_macs
@@ -277,6 +291,22 @@ def evaluate_budgets(model: AnytimeModel, test_data: Data, budgets: Optional[Seq
         results.append(BudgetResult(cal, accuracy, spent / max(1, count), [float(t) for t in taken / max(1, count)],
                                     seconds, meter.compute() if meter is not None else None))
     return results
+
+
+def _check_budget(value: object, name: str) -> float:
+    """A budget as a float: a finite number (MACs per sample), else a one-line error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number of MACs per sample, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number of MACs per sample, got {value!r}")
+    return float(value)
+
+
+def _length(dataset: Dataset) -> Optional[int]:
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _check_model(model: AnytimeModel) -> None:

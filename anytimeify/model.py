@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import math
+import numbers
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -14,7 +17,7 @@ import torch.nn as nn
 from ._fx.split import Segment, split_graph
 from .masking.conv import MaskedConv2d
 
-__all__ = ["AnytimeModel", "ExitOutput", "Prediction", "Program", "confidence_scores"]
+__all__ = ["AnytimeModel", "ExitOutput", "Prediction", "Program", "confidence_scores", "SPARSE_NOT_TRACEABLE"]
 
 
 @dataclass
@@ -85,6 +88,70 @@ class Prediction:
 
 def _shape_key(shape: Sequence[int]) -> str:
     return "x".join(str(int(v)) for v in shape)
+
+
+#: why ``torch.compile`` does not trace the sparse execution of confidence adaptivity
+SPARSE_NOT_TRACEABLE = (
+    "confidence adaptivity's sparse execution (the engine that computes only the positions a mask keeps) is not "
+    "traceable, so torch.compile runs this model eagerly; to compile it, compile it in dense execution "
+    "(model.set_execution('dense'): every position computed, the same outputs up to float rounding) or without "
+    "confidence adaptivity (model.set_confidence(False)); under autograd (training) it compiles as it is")
+
+
+def _eager_graph_call(graph_module: fx.GraphModule, x: torch.Tensor, compiling: bool) -> Tuple[torch.Tensor, ...]:
+    if compiling:
+        import warnings
+
+        warnings.warn(SPARSE_NOT_TRACEABLE, stacklevel=3)
+    return graph_module(x)
+
+
+try:  # torch.compile skips this function and everything it calls: they run eagerly
+    _eager_graph_call = torch.compiler.disable(_eager_graph_call, reason=SPARSE_NOT_TRACEABLE)
+except TypeError:  # torch < 2.7: no reason
+    _eager_graph_call = torch.compiler.disable(_eager_graph_call)
+
+
+def _is_compiling() -> bool:
+    """Whether TorchDynamo (``torch.compile``, strict ``torch.export``) is tracing the caller."""
+    check = getattr(torch.compiler, "is_dynamo_compiling", None)
+    return bool(check()) if check is not None else bool(torch._dynamo.is_compiling())
+
+
+def _check_limit(name: str, value: object) -> Optional[float]:
+    """``value`` as a float when it is a finite number >= 0, None when None; else a one-line error."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number >= 0 or None (no limit), got {value!r} "
+                        f"({type(value).__name__})")
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 or None (no limit), got {value!r}")
+    return number
+
+
+def _check_thresholds(thresholds: object) -> List[float]:
+    """``predict``'s thresholds as floats: numbers, ``inf`` (none leaves) and ``-inf`` (all leave), no NaN."""
+    if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__iter__"):
+        raise TypeError(f"thresholds must be a sequence of numbers (one per exit), got {thresholds!r}")
+    limits = []
+    for k, value in enumerate(thresholds):
+        try:
+            if isinstance(value, (bool, str, bytes)):
+                raise TypeError
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"thresholds[{k}] must be a number (a confidence; inf: no sample leaves there), got "
+                            f"{value!r}") from None
+        if math.isnan(number):
+            raise ValueError(f"thresholds[{k}] is NaN; give a number (a confidence; inf: no sample leaves there)")
+        limits.append(number)
+    return limits
+
+
+#: input shapes whose per-segment FLOPs ``anytime(budget_gflops=...)`` keeps (least recently used dropped)
+FLOP_CACHE_SHAPES = 8
 
 
 def confidence_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -244,7 +311,9 @@ class AnytimeModel(nn.Module):
         #: per input shape ("BxCxHxW"): each segment's measured seconds and paper GFLOPs
         #: (:meth:`profile_latency`), for ``anytime(deadline=...)``
         self.latency_profile: Optional[Dict[str, Dict[str, object]]] = None
-        self._segment_gflops: Dict[str, List[float]] = {}
+        #: per input shape, each segment's paper GFLOPs (``anytime(budget_gflops=...)``); the
+        #: FLOP_CACHE_SHAPES most recently used shapes are kept
+        self._segment_gflops: "OrderedDict[str, List[float]]" = OrderedDict()
         #: how the base network and the conversion are made again (anytimeify.save); set by convert
         self.source: Optional[Dict[str, object]] = None
         self.conversion: Optional[Dict[str, object]] = None
@@ -417,9 +486,27 @@ class AnytimeModel(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """Logits of every exit, in order (the last is the base model's own output)."""
+        """Logits of every exit, in order (the last is the base model's own output).
+
+        Under ``torch.compile`` a model whose confidence adaptivity runs the sparse execution
+        (``"auto"`` without autograd, or ``"sparse"``) is not traced: it runs eagerly, with a
+        warning that says what compiles (:data:`SPARSE_NOT_TRACEABLE`); the dense execution
+        (``set_execution("dense")``, or ``"auto"`` under autograd) and a model without confidence
+        adaptivity compile as one graph. ``torch.compile(..., fullgraph=True)`` raises instead.
+        """
         self.check_input(x)
+        if _is_compiling() and self._runs_sparse(x):
+            return _eager_graph_call(self.program.graph_module, x, True)
         return self.program.graph_module(x)
+
+    def _runs_sparse(self, x: torch.Tensor) -> bool:
+        """Whether a masked conv may run the sparse engine on a call on ``x`` (confidence adaptivity
+        on, and a masked conv in ``"sparse"`` execution, or in ``"auto"`` without autograd)."""
+        if self.confidence is None or not self.confidence.enabled:
+            return False
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return any(m.execution == "sparse" or (m.execution == "auto" and not grad)
+                   for m in self.modules() if isinstance(m, MaskedConv2d))
 
     def anytime(self, x: torch.Tensor, *, deadline: Optional[float] = None, budget_gflops: Optional[float] = None,
                 clock: Callable[[], float] = time.perf_counter) -> Iterator[ExitOutput]:
@@ -444,7 +531,16 @@ class AnytimeModel(nn.Module):
         A segment's expected cost with confidence adaptivity is the profile's (measured with the
         model's confidence setting at profiling time); the first exit is not special: when it
         does not fit, nothing runs.
+
+        Raises:
+            TypeError: ``deadline`` or ``budget_gflops`` is not a number (or None).
+            ValueError: ``deadline`` or ``budget_gflops`` is NaN, infinite or negative; an input the
+                model does not take (:meth:`check_input`); a deadline without a latency profile.
+
+        The arguments are checked when ``anytime`` is called, before the first ``next()``.
         """
+        deadline = _check_limit("deadline", deadline)
+        budget_gflops = _check_limit("budget_gflops", budget_gflops)
         self.check_input(x)
         if deadline is None and budget_gflops is None:
             return self._anytime(x, self.program)
@@ -460,12 +556,19 @@ class AnytimeModel(nn.Module):
                              f"model.profile_latency({tuple(x.shape)}) once (profiled shapes: {known})")
         if profile is not None:
             return profile
-        if key not in self._segment_gflops:
+        cache = self._segment_gflops
+        if not isinstance(cache, OrderedDict):  # a model pickled by an earlier version holds a dict
+            cache = self._segment_gflops = OrderedDict(cache)
+        if key in cache:
+            cache.move_to_end(key)
+        else:
             from .flops import PAPER_UNIT, flops
 
             cumulative = [e.paper_gflops * PAPER_UNIT for e in flops(self, x).exits]
-            self._segment_gflops[key] = [(b - a) / PAPER_UNIT for a, b in zip([0.0] + cumulative, cumulative)]
-        return {"seconds": [], "paper_gflops": self._segment_gflops[key]}
+            cache[key] = [(b - a) / PAPER_UNIT for a, b in zip([0.0] + cumulative, cumulative)]
+            while len(cache) > FLOP_CACHE_SHAPES:
+                cache.popitem(last=False)
+        return {"seconds": [], "paper_gflops": cache[key]}
 
     def _bounded(self, outputs: Iterator[ExitOutput], costs: Dict[str, List[float]], deadline: Optional[float],
                  budget_gflops: Optional[float], clock: Callable[[], float]) -> Iterator[ExitOutput]:
@@ -499,9 +602,12 @@ class AnytimeModel(nn.Module):
         size = tuple(int(v) for v in input_size)
         if len(size) == 2:
             size = (1, self.in_channels) + size
-        if len(size) != 4 or reps < 1:
-            raise ValueError(f"input_size must be (H, W) or (B, C, H, W) and reps >= 1, got {input_size!r}, {reps!r}")
+        if len(size) != 4 or size[0] < 1 or reps < 1 or warmup < 0:
+            raise ValueError(f"input_size must be (H, W) or (B, C, H, W) with B >= 1, reps >= 1 and warmup >= 0, got "
+                             f"{input_size!r}, reps={reps!r}, warmup={warmup!r}")
         p = next(self.parameters())
+        # an input the model does not take fails here, in one line, not deep inside a layer
+        self.check_input(torch.empty(size, device=p.device, dtype=p.dtype))
         was = self.training
         self.eval()
         times: List[List[float]] = [[] for _ in range(self.num_exits)]
@@ -568,15 +674,24 @@ class AnytimeModel(nn.Module):
         Every sample's prediction equals what the full network's exit would give it (each
         sample's computation does not depend on the others in eval mode), up to float rounding
         of kernels that depend on the batch size.
+
+        Raises:
+            TypeError: a threshold that is not a number.
+            ValueError: a NaN threshold, the wrong number of thresholds, an empty batch, an input
+                the model does not take (:meth:`check_input`), or confidence adaptivity on.
+            RuntimeError: the model is in training mode.
         """
         self.check_input(x)
+        if x.shape[0] == 0:
+            raise ValueError(f"the batch is empty (input of shape {tuple(x.shape)}); predict() needs at least one "
+                             "image")
         if self.training:
             raise RuntimeError("predict() runs the model in eval mode; call model.eval() first (batch norms in "
                                "training mode mix the samples of a batch)")
         if self.confidence is not None and self.confidence.enabled:
             raise ValueError("predict() lets whole samples leave early; confidence adaptivity skips positions within "
                              "them and is not combined with it: model.set_confidence(False) first")
-        limits = [float(t) for t in thresholds]
+        limits = _check_thresholds(thresholds)
         if len(limits) not in (self.num_exits - 1, self.num_exits):
             raise ValueError(f"thresholds: give {self.num_exits - 1} values (one per exit before the last), "
                              f"got {len(limits)}")

@@ -31,6 +31,7 @@ _logger = logging.getLogger(__name__)
 __all__ = [
     "save_training_state", "load_training_state", "read_training_state", "save_weights", "load_weights",
     "check_state_dict", "atomic_write", "rng_state", "set_rng_state", "latest_checkpoint", "CheckpointMismatch",
+    "prune_checkpoints", "remove_temporaries", "resume_conflicts", "RESUMABLE_KEYS",
 ]
 
 FORMAT = "anytimeify-train-state"
@@ -227,28 +228,53 @@ def read_training_state(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
 
 def load_training_state(path: Union[str, os.PathLike], *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any = None, scaler: Any = None, rank: int = 0) -> Dict[str, Any]:
+                        scheduler: Any = None, scaler: Any = None, rank: int = 0,
+                        config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Restore a training state into a model, optimiser, scheduler, scaler and this process's RNGs.
 
-    Everything is checked before anything is changed: the model's keys and shapes, and the
-    optimiser's parameter groups.
+    Everything is checked before anything is changed: the run's config against the stored one
+    (when ``config`` is given, :func:`resume_conflicts`), the model's keys and shapes, and the
+    optimiser's kind and parameter groups.
+
+    Args:
+        config: the resuming run's config as a plain dict (``TrainConfig.to_dict()``); None: not compared.
 
     Returns:
         The stored ``position`` and ``config`` (``{"position": ..., "config": ...}``).
 
     Raises:
-        CheckpointMismatch: the checkpoint belongs to another model or optimiser set-up.
+        CheckpointMismatch: the checkpoint belongs to another model or optimiser set-up, or was
+            written with settings (:data:`RESUMABLE_KEYS` aside) that differ from ``config``.
     """
     state = read_training_state(path)
+    source = os.fspath(path)
+    if config is not None and state.get("config") is not None:
+        conflicts = resume_conflicts(state["config"], config)
+        if conflicts:
+            shown = "; ".join(f"{key}: checkpoint {old!r}, this run {new!r}" for key, old, new in conflicts[:6])
+            more = f" (and {len(conflicts) - 6} more)" if len(conflicts) > 6 else ""
+            raise CheckpointMismatch(
+                f"checkpoint {source!r} was written with other training settings ({shown}{more}); a resumed run "
+                f"must train as the run it continues: restore these settings, or train in a new run folder "
+                f"(out) to start afresh. Nothing was loaded.")
     target = _unwrap(model)
-    check_state_dict(target, state["model"], os.fspath(path))
+    check_state_dict(target, state["model"], source)
     saved_groups = state["optimizer"]["param_groups"]
     own_groups = optimizer.state_dict()["param_groups"]
     if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in own_groups]:
         raise CheckpointMismatch(
-            f"checkpoint {os.fspath(path)!r} has optimiser parameter groups of sizes "
+            f"checkpoint {source!r} has optimiser parameter groups of sizes "
             f"{[len(g['params']) for g in saved_groups]}, this run {[len(g['params']) for g in own_groups]}; "
             "was it written with another optimiser config (exit_lr)? Nothing was loaded.")
+    saved_keys = {k for g in saved_groups for k in g if k not in _GROUP_EXTRAS}
+    own_keys = {k for g in own_groups for k in g if k not in _GROUP_EXTRAS}
+    # another torch version adds or drops a setting (filled in by torch on loading); another
+    # optimiser has settings of its own on both sides (SGD's momentum, Adam's betas)
+    if saved_keys - own_keys and own_keys - saved_keys:
+        raise CheckpointMismatch(
+            f"checkpoint {source!r} holds the state of another optimiser (its settings "
+            f"{sorted(saved_keys - own_keys)} are unknown to this run's {type(optimizer).__name__}, which needs "
+            f"{sorted(own_keys - saved_keys)}); resume with the optimiser it was written with. Nothing was loaded.")
     target.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
@@ -264,7 +290,82 @@ def load_training_state(path: Union[str, os.PathLike], *, model: nn.Module, opti
     return {"position": state["position"], "config": state.get("config")}
 
 
+# parameter-group entries torch or this project add that do not tell optimisers apart
+_GROUP_EXTRAS = frozenset({"params", "name", "initial_lr", "lr"})
+
+#: config keys a resumed run may change: where it writes, on which device, how it reports, loads
+#: data, evaluates and checkpoints. Every other key defines what is trained (model, confidence
+#: adaptivity, training data, loss, optimiser and learning rate, schedule, batch, seed, precision)
+#: and must equal the checkpoint's. A key ending in ``.`` covers everything under it.
+RESUMABLE_KEYS = ("out", "device", "progress", "log_every", "threads", "data.workers", "data.pin_memory",
+                  "data.val.", "data.val_batch_size", "data.train.root", "eval.", "checkpoint.")
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) or key + "." == k for k in RESUMABLE_KEYS)
+
+
+def resume_conflicts(saved: Mapping[str, Any], current: Mapping[str, Any]) -> List[tuple]:
+    """The settings a resumed run changed that it may not: ``(key, checkpoint's value, run's value)``.
+
+    Both configs are plain dicts (``TrainConfig.to_dict()``); nested keys are compared one by one
+    (``optim.lr``, ``data.train.transforms.crop_size``). Keys of :data:`RESUMABLE_KEYS` may differ.
+    A setting the checkpoint's config lacks (written before the setting existed) has its default.
+    """
+    from .config import TrainConfig
+
+    full = TrainConfig().to_dict()
+    for key, value in saved.items():  # a section's fields over the defaults, one by one
+        if isinstance(full.get(key), dict) and isinstance(value, Mapping):
+            full[key] = {**full[key], **value}
+        else:
+            full[key] = value
+    old, new = _flatten(full), _flatten(current)
+    missing = object()
+    conflicts = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, missing), new.get(key, missing)
+        if before != after and not _resumable(key):
+            conflicts.append((key, None if before is missing else before, None if after is missing else after))
+    return conflicts
+
+
 _CKPT = re.compile(r"^ckpt-(\d+)\.pt$")
+# atomic_write's temporary files: ".tmp-" + mkstemp's 8 random characters + "-" + the target's name
+_TEMPORARY = re.compile(r"^\.tmp-[a-z0-9_]{8}-(.+)$")
+
+
+def remove_temporaries(folder: Union[str, os.PathLike], names: "re.Pattern[str]" = _CKPT) -> List[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` for targets whose name
+    matches ``names`` (a write killed before its rename); other files are not touched.
+
+    Call it only when no other process writes to ``folder`` (at the start of a run, after a write).
+
+    Returns:
+        The files removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match and names.match(match.group(1)) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        _logger.info("removed %d unfinished temporary file(s) of an interrupted write in %s", len(removed), folder)
+    return removed
 
 
 def latest_checkpoint(folder: Union[str, os.PathLike]) -> Optional[Path]:
@@ -277,7 +378,9 @@ def latest_checkpoint(folder: Union[str, os.PathLike]) -> Optional[Path]:
 
 
 def prune_checkpoints(folder: Union[str, os.PathLike], keep: int) -> None:
-    """Delete all but the ``keep`` newest ``ckpt-*.pt`` files of ``folder``."""
+    """Delete all but the ``keep`` newest ``ckpt-*.pt`` files of ``folder``, and the temporary
+    files of checkpoint writes that were killed before they finished (:func:`remove_temporaries`)."""
+    remove_temporaries(folder, _CKPT)
     found = sorted((int(m.group(1)), p) for p in Path(folder).iterdir() if (m := _CKPT.match(p.name)))
     for _, path in found[:-keep] if keep > 0 else found:
         path.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ YAML (``--set data.train.transforms.crop_size=[256,512]`` works too).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -278,8 +279,97 @@ def _fail(key: str, message: str) -> None:
     raise ConfigError(f"config key {key!r}: {message}")
 
 
+def _text_hint(value: Any) -> str:
+    """What to write instead of a number YAML read as text (``1e-3`` has no dot: YAML 1.1 text)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (YAML reads a number without a dot before its exponent as text: write e.g. 1.0e-3)"
+    return ""
+
+
+def _number(key: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
+            low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """A finite int or float (not a bool) within the bounds; None only when ``optional``."""
+    if value is None and optional:
+        return
+    low_text = f"{'>' if low_open else '>='} {low:g}" if low is not None else ""
+    high_text = f"{'<' if high_open else '<='} {high:g}" if high is not None else ""
+    bounds = " and ".join(text for text in (low_text, high_text) if text)
+    wanted = "a finite number" + (f" {bounds}" if bounds else "") + (" or null" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(key, f"must be {wanted}, got {value!r}{_text_hint(value)}")
+    number = float(value)
+    if (not math.isfinite(number) or (low is not None and (number <= low if low_open else number < low))
+            or (high is not None and (number >= high if high_open else number > high))):
+        _fail(key, f"must be {wanted}, got {value!r}")
+
+
+def _integer(key: str, value: Any, *, low: int, high: Optional[int] = None, optional: bool = False) -> None:
+    """An int (not a bool, not a float) in ``[low, high]``; None only when ``optional``."""
+    if value is None and optional:
+        return
+    wanted = f"an integer >= {low}" + (f" and < {high}" if high is not None else "") + (" or null" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
+        _fail(key, f"must be {wanted}, got {value!r}")
+
+
+def _boolean(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(key, f"must be true or false, got {value!r}")
+
+
+def _string(key: str, value: Any, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value:
+        _fail(key, f"must be a non-empty string{' or null' if optional else ''}, got {value!r}")
+
+
+def _numbers(key: str, value: Any, *, length: Optional[int] = None, optional: bool = False, **bounds: Any) -> None:
+    """A list of numbers, each checked by :func:`_number` (named ``key[i]``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+        count = f"{length} " if length is not None else ""
+        _fail(key, f"must be a list of {count}numbers{' or null' if optional else ''}, got {value!r}")
+    for i, item in enumerate(value):
+        _number(f"{key}[{i}]", item, **bounds)
+
+
+#: device types a run may name (besides ``auto``)
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _device(key: str, value: Any) -> None:
+    """``auto`` or a device string ``torch.device`` takes (``cpu``, ``cuda``, ``cuda:1``...).
+
+    Whether the device exists is checked when the run starts (``init_distributed``), not here: a
+    config stored with a checkpoint trained on a GPU must still load on a machine without one.
+    """
+    import torch
+
+    if value == "auto":
+        return
+    hint = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+    if not isinstance(value, str):
+        _fail(key, f"must be {hint}, got {value!r}")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        _fail(key, f"must be {hint}, got {value!r}")
+    if device.type not in DEVICE_TYPES:
+        _fail(key, f"must be {hint}, got {value!r} (device type {device.type!r})")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Check values that would otherwise fail late, deep inside training."""
+    """Check every value's type and range, so that a wrong one fails here, naming its key, not late
+    and deep inside training (or, worse, trains: a NaN learning rate, a threshold that skips nothing).
+
+    Numbers are ints or floats, never booleans; ``inf`` and NaN are refused everywhere.
+    """
     choices = {
         "task": (cfg.task, TASKS),
         "precision": (cfg.precision, PRECISIONS),
@@ -291,34 +381,87 @@ def validate(cfg: TrainConfig) -> None:
         "confidence.criterion": (cfg.confidence.criterion, ("max_prob", "entropy", "topk", "random", "heatmap")),
     }
     for key, (value, allowed) in choices.items():
-        if value not in allowed:
+        if not isinstance(value, str) or value not in allowed:
             _fail(key, f"must be one of {list(allowed)}, got {value!r}")
-    positive = {"data.batch_size": cfg.data.batch_size, "data.val_batch_size": cfg.data.val_batch_size,
-                "optim.grad_accum": cfg.optim.grad_accum, "log_every": cfg.log_every}
-    for key, value in positive.items():
-        if not isinstance(value, int) or value < 1:
-            _fail(key, f"must be a positive integer, got {value!r}")
-    non_negative = {"data.workers": cfg.data.workers, "checkpoint.every": cfg.checkpoint.every,
-                    "eval.every_epochs": cfg.eval.every_epochs, "eval.every": cfg.eval.every,
-                    "schedule.warmup_iters": cfg.schedule.warmup_iters, "threads": cfg.threads,
-                    "confidence.start_epoch": cfg.confidence.start_epoch, "schedule.epochs": cfg.schedule.epochs}
-    for key, value in non_negative.items():
-        if not isinstance(value, int) or value < 0:
-            _fail(key, f"must be an integer >= 0, got {value!r}")
-    if cfg.schedule.iterations is not None and (not isinstance(cfg.schedule.iterations, int) or cfg.schedule.iterations < 1):
-        _fail("schedule.iterations", f"must be a positive integer or null, got {cfg.schedule.iterations!r}")
-    if cfg.schedule.iterations is None and cfg.schedule.epochs < 1:
-        _fail("schedule.epochs", "must be >= 1 when schedule.iterations is not set")
-    if not cfg.optim.lr > 0:
-        _fail("optim.lr", f"must be > 0, got {cfg.optim.lr!r}")
-    if cfg.optim.clip_grad is not None and not cfg.optim.clip_grad > 0:
-        _fail("optim.clip_grad", f"must be > 0 or null, got {cfg.optim.clip_grad!r}")
-    if cfg.checkpoint.keep < 1:
-        _fail("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep!r}")
+    # top level
+    _integer("seed", cfg.seed, low=0, high=2 ** 63)
+    _string("out", cfg.out)
+    _device("device", cfg.device)
+    for key in ("channels_last", "sync_bn", "norm_eval"):
+        _boolean(key, getattr(cfg, key))
+    _integer("log_every", cfg.log_every, low=1)
+    _integer("threads", cfg.threads, low=0)
+    # model
+    _string("model.name", cfg.model.name)
+    _integer("model.num_classes", cfg.model.num_classes, low=1, optional=True)
+    if not isinstance(cfg.model.kwargs, Mapping):
+        _fail("model.kwargs", f"must be a mapping of keyword arguments, got {cfg.model.kwargs!r}")
+    _string("model.backbone", cfg.model.backbone, optional=True)
+    exits = cfg.model.exits
+    if exits != "stages" and (not isinstance(exits, list) or not exits
+                              or not all(isinstance(e, str) and e for e in exits)):
+        _fail("model.exits", f"must be 'stages' or a non-empty list of boundary names, got {exits!r}")
+    _integer("model.width", cfg.model.width, low=1, optional=True)
+    # confidence: the threshold's meaning depends on the criterion (see anytimeify.Confidence)
+    _boolean("confidence.enabled", cfg.confidence.enabled)
+    if cfg.confidence.criterion == "max_prob":  # a probability; above 1 nothing would ever be skipped
+        _number("confidence.threshold", cfg.confidence.threshold, low=0, high=1, low_open=True)
+    elif cfg.confidence.criterion in ("entropy", "heatmap"):  # nats / a heatmap value
+        _number("confidence.threshold", cfg.confidence.threshold, low=0, low_open=True)
+    else:  # topk and random skip a fraction and do not read the threshold
+        _number("confidence.threshold", cfg.confidence.threshold)
+    _integer("confidence.start_epoch", cfg.confidence.start_epoch, low=0)
+    # data
+    _integer("data.batch_size", cfg.data.batch_size, low=1)
+    _integer("data.val_batch_size", cfg.data.val_batch_size, low=1)
+    _integer("data.workers", cfg.data.workers, low=0)
+    _boolean("data.pin_memory", cfg.data.pin_memory)
     if not isinstance(cfg.data.train, Mapping) or "name" not in cfg.data.train:
         _fail("data.train", "must be a mapping with a 'name' (e.g. {name: digits})")
     if cfg.data.val is not None and (not isinstance(cfg.data.val, Mapping) or "name" not in cfg.data.val):
         _fail("data.val", "must be null or a mapping with a 'name'")
+    # loss
+    _string("loss.name", cfg.loss.name, optional=True)
+    _numbers("loss.exit_weights", cfg.loss.exit_weights, optional=True, low=0)
+    if cfg.loss.exit_weights is not None and not any(w > 0 for w in cfg.loss.exit_weights):
+        _fail("loss.exit_weights", f"must give at least one exit a weight > 0, got {cfg.loss.exit_weights!r}")
+    _integer("loss.ignore_index", cfg.loss.ignore_index, low=-2 ** 63)
+    _numbers("loss.class_weights", cfg.loss.class_weights, optional=True, low=0)
+    _boolean("loss.use_target_weight", cfg.loss.use_target_weight)
+    # optimiser
+    _number("optim.lr", cfg.optim.lr, low=0, low_open=True)
+    _number("optim.exit_lr", cfg.optim.exit_lr, low=0, low_open=True, optional=True)
+    _number("optim.momentum", cfg.optim.momentum, low=0, high=1, high_open=True)
+    _boolean("optim.nesterov", cfg.optim.nesterov)
+    if cfg.optim.nesterov and cfg.optim.name == "sgd" and cfg.optim.momentum == 0:
+        _fail("optim.nesterov", "Nesterov momentum needs optim.momentum > 0")
+    _numbers("optim.betas", cfg.optim.betas, length=2, low=0, high=1, high_open=True)
+    _number("optim.weight_decay", cfg.optim.weight_decay, low=0)
+    _integer("optim.grad_accum", cfg.optim.grad_accum, low=1)
+    _number("optim.clip_grad", cfg.optim.clip_grad, low=0, low_open=True, optional=True)
+    # schedule
+    _integer("schedule.epochs", cfg.schedule.epochs, low=0)
+    _integer("schedule.iterations", cfg.schedule.iterations, low=1, optional=True)
+    if cfg.schedule.iterations is None and cfg.schedule.epochs < 1:
+        _fail("schedule.epochs", "must be >= 1 when schedule.iterations is not set")
+    _number("schedule.power", cfg.schedule.power, low=0)
+    if not isinstance(cfg.schedule.milestones, list):
+        _fail("schedule.milestones", f"must be a list of epochs, got {cfg.schedule.milestones!r}")
+    for i, epoch in enumerate(cfg.schedule.milestones):
+        _integer(f"schedule.milestones[{i}]", epoch, low=0)
+    _number("schedule.gamma", cfg.schedule.gamma, low=0, low_open=True)
+    _integer("schedule.warmup_iters", cfg.schedule.warmup_iters, low=0)
+    _number("schedule.warmup_factor", cfg.schedule.warmup_factor, low=0, high=1)
+    _number("schedule.min_lr", cfg.schedule.min_lr, low=0)
+    # checkpoints and evaluation
+    _integer("checkpoint.every", cfg.checkpoint.every, low=0)
+    _integer("checkpoint.keep", cfg.checkpoint.keep, low=1)
+    _boolean("checkpoint.at_end", cfg.checkpoint.at_end)
+    _integer("eval.every_epochs", cfg.eval.every_epochs, low=0)
+    _integer("eval.every", cfg.eval.every, low=0)
+    _boolean("eval.confidence", cfg.eval.confidence)
+    _integer("eval.max_images", cfg.eval.max_images, low=1, optional=True)
+    _boolean("eval.flip_test", cfg.eval.flip_test)
 
 
 _SECTIONS = {

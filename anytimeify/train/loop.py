@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -24,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.sampling import EpochSampler, SeededSamples
 from .builders import flip_pairs_of
-from .checkpointing import (latest_checkpoint, load_training_state, prune_checkpoints, rng_state, save_training_state,
-                            save_weights)
+from .checkpointing import (latest_checkpoint, load_training_state, prune_checkpoints, remove_temporaries, rng_state,
+                            save_training_state, save_weights)
 from .config import TrainConfig
 from .distributed import DistInfo, all_gather_objects, all_reduce_mean, wrap_model
 from .evaluate import EvalReport, evaluate
@@ -36,6 +37,9 @@ from .progress import RunLog, TrainProgress
 _logger = logging.getLogger(__name__)
 
 __all__ = ["Trainer", "TrainResult", "autocast_dtype"]
+
+# the files a run writes atomically in its folder (their temporaries are removed when a run starts)
+_RUN_FILES = re.compile(r"^(model\.safetensors|config\.yaml|metrics\.json)$")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -154,8 +158,31 @@ class Trainer:
         return {"epoch": self.epoch, "step": self.step, "sample": self.sample,
                 "world_size": self.dist.world_size}
 
+    def check_finite(self) -> None:
+        """Raise FloatingPointError when a weight or buffer of the model is NaN or infinite.
+
+        Runs after every optimiser step and before anything is saved, so that a diverged run stops
+        at the step it diverged and never writes non-finite tensors to a checkpoint or the weights.
+        """
+        tensors = [(k, v) for k, v in self.model.state_dict().items() if v.is_floating_point()]
+        if not tensors:
+            return
+        finite = torch.stack([torch.isfinite(v).all() for _, v in tensors]).cpu()
+        if bool(finite.all()):
+            return
+        bad = [k for (k, _), ok in zip(tensors, finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"the model's weights are not finite after step {self.step} ({len(bad)} tensors hold NaN or inf, e.g. "
+            f"{', '.join(bad[:3])}); the training diverged and nothing was saved for this step: lower optim.lr, add "
+            "optim.clip_grad or use precision fp32, and resume from an earlier checkpoint or start again")
+
     def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
-        """Write the training state (rank 0; every rank must call it, RNG states are gathered)."""
+        """Write the training state (rank 0; every rank must call it, RNG states are gathered).
+
+        Raises:
+            FloatingPointError: the model holds NaN or infinite values (nothing is written).
+        """
+        self.check_finite()
         rngs = all_gather_objects(rng_state(), self.dist)
         if not self.dist.is_main:
             return None
@@ -168,7 +195,19 @@ class Trainer:
         return path
 
     def resume(self, path: str) -> None:
-        """Continue from a training state (``"auto"``: the newest in ``<out>/checkpoints``)."""
+        """Continue from a training state (``"auto"``: the newest in ``<out>/checkpoints``).
+
+        The run's config must define the same training as the checkpoint's: the model, confidence
+        adaptivity, training data, loss, optimiser (its learning rate included), schedule, batch,
+        seed and precision. Where it writes, the device, logging, data loading, evaluation and
+        checkpointing may change (:data:`~anytimeify.train.checkpointing.RESUMABLE_KEYS`). A changed
+        learning rate is refused rather than applied: the optimiser and schedule states continue
+        the checkpoint's; train with another rate in a new run folder (``out``).
+
+        Raises:
+            CheckpointMismatch: the checkpoint's config differs in a key that may not change (the
+                message lists them), or its tensors or optimiser do not fit; nothing is loaded.
+        """
         if path == "auto":
             found = latest_checkpoint(self.checkpoint_dir)
             if found is None:
@@ -176,7 +215,9 @@ class Trainer:
                 return
             path = str(found)
         loaded = load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     scaler=self.scaler, rank=self.dist.rank)
+                                     scaler=self.scaler, rank=self.dist.rank, config=self.config.to_dict())
+        if loaded["config"] is None:
+            _logger.warning("checkpoint %s stores no config: the run's settings could not be compared with it", path)
         position = loaded["position"]
         if position.get("world_size", self.dist.world_size) != self.dist.world_size:
             _logger.warning("checkpoint %s was written by %d processes, this run has %d: the data order of the "
@@ -204,8 +245,8 @@ class Trainer:
                 total, per_exit = self.loss(outputs, target)
             if not torch.isfinite(total):
                 raise FloatingPointError(
-                    f"the loss is {total.item()} at step {self.step} (per exit {[float(l) for l in per_exit]}); "
-                    "lower optim.lr, add optim.clip_grad or use precision fp32")
+                    f"the loss is {total.item()} at step {self.step + 1} (per exit {[float(l) for l in per_exit]}); "
+                    "lower optim.lr, add optim.clip_grad or use precision fp32 (nothing was saved for this step)")
             self.scaler.scale(total / self.config.optim.grad_accum).backward()
         return per_exit
 
@@ -260,9 +301,12 @@ class Trainer:
             A :class:`TrainResult`.
         """
         cfg = self.config
+        main = self.dist.is_main
+        if main:  # writes killed before their rename (a run stopped while checkpointing) left these
+            remove_temporaries(self.checkpoint_dir)
+            remove_temporaries(self.out, _RUN_FILES)
         if resume:
             self.resume(resume)
-        main = self.dist.is_main
         log = RunLog(os.path.join(self.out, "log.jsonl"), enabled=main)
         bar = TrainProgress(self.total_steps, self.step, cfg.progress, enabled=main)
         result = TrainResult(self.step, self.epoch, 0.0)
@@ -303,6 +347,7 @@ class Trainer:
                         continue
                     lr = self.optimizer.param_groups[0]["lr"]
                     self._optimizer_step()
+                    self.check_finite()
                     losses = all_reduce_mean(per_exit_sum / micro, self.dist).cpu()
                     micro, per_exit_sum = 0, None
                     result.history.append({"step": self.step, "epoch": self.epoch, "lr": lr,
@@ -352,6 +397,7 @@ class Trainer:
             if cfg.checkpoint.at_end:
                 self.save_checkpoint()
             if main:
+                self.check_finite()
                 save_weights(self.model, os.path.join(self.out, "model.safetensors"), cfg.to_dict())
             if self.step >= self.total_steps:
                 report = self.evaluate()
