@@ -113,10 +113,12 @@ def _propagate_shapes(model: nn.Module, gm: fx.GraphModule, probe: Tuple[int, ..
     gm.eval()  # probe without touching BN statistics
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    # drawn whichever way the shapes are found: the global random stream (and so the exits' initial
+    # weights after a torch.manual_seed) stays what it was when the probe always ran for real
+    x = torch.randn(probe, device=device, dtype=dtype)
     if _propagate_on_meta(gm, probe, dtype):
         gm.train(was)
         return
-    x = torch.randn(probe, device=device, dtype=dtype)
     # a train-mode graph has training=True baked into traced-through norms (timm's BatchNormAct2d),
     # so gm.eval() does not stop the probe from moving running statistics: put them back
     buffers = {name: b.clone() for name, b in gm.named_buffers()}

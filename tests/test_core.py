@@ -285,3 +285,17 @@ def test_a_model_whose_shapes_depend_on_values_falls_back_to_a_real_probe():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(converted(x)[-1], model(x))
+
+
+def test_shape_propagation_draws_the_probe_from_the_global_generator(w18):
+    """The exits' initial weights after torch.manual_seed stay what they were when the probe always
+    ran for real: the probe is still drawn, whichever way the shapes are found."""
+    from anytimeify.convert import _mode_graphs, _propagate_shapes
+
+    gm = _mode_graphs(w18, [], [])[False]
+    torch.manual_seed(5)
+    _propagate_shapes(w18, gm, (1, 3, 64, 96))
+    after = torch.rand(4)
+    torch.manual_seed(5)
+    torch.randn(1, 3, 64, 96)
+    assert torch.equal(after, torch.rand(4))
