@@ -111,10 +111,19 @@ def fold_for_inference(model: nn.Module, engine_convs: bool = True) -> nn.Module
     return folded.to(memory_format=torch.channels_last)
 
 
-def _median_time(fn, reps_out: List[float]) -> None:
+def _seconds_without_measuring(fn) -> float:
+    """Seconds ``fn()`` takes, less any first-use kernel measuring inside it
+    (:func:`anytimeify.masking.tune.measuring_seconds`; the benchmarks tune ahead, this is the guard)."""
+    from .masking.tune import measuring_seconds
+
+    measured = measuring_seconds()
     start = time.perf_counter()
     fn()
-    reps_out.append(time.perf_counter() - start)
+    return time.perf_counter() - start - (measuring_seconds() - measured)
+
+
+def _median_time(fn, reps_out: List[float]) -> None:
+    reps_out.append(_seconds_without_measuring(fn))
 
 
 def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[float] = PAPER_SKIPS,
@@ -248,6 +257,7 @@ def layer_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequen
     is reported as ``other_s``.
     """
     from anytimeify.masking.conv import MaskedConv2d
+    from anytimeify.masking.tune import measuring_seconds
 
     _, dense, model, x = _frozen_pair(name, size, skips, threads, seed)
     tune_for(size, model, dense)
@@ -263,10 +273,12 @@ def layer_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequen
             group = _group_of(path)
 
             def pre(m, args, key=id(sub)):
-                starts[key] = time.perf_counter()
+                starts[key] = (time.perf_counter(), measuring_seconds())
 
             def post(m, args, out, key=id(sub), group=group):
-                current[group] = current.get(group, 0.0) + time.perf_counter() - starts[key]
+                start, measured = starts[key]
+                spent = time.perf_counter() - start - (measuring_seconds() - measured)  # first-use measuring left out
+                current[group] = current.get(group, 0.0) + spent
                 if isinstance(m, MaskedConv2d) and len(args) > 1 and args[1] is not None:
                     entry = info.setdefault(group, {"keep": [], "strategies": set()})
                     plan = args[2] if len(args) > 2 else None
@@ -279,9 +291,7 @@ def layer_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequen
             info.clear()
             for _ in range(reps):
                 current.clear()
-                start = time.perf_counter()
-                run()
-                totals.append(time.perf_counter() - start)
+                totals.append(_seconds_without_measuring(run))
                 runs.append(dict(current))
         finally:
             for h in handles:

@@ -216,7 +216,8 @@ CASES = [
     ("eval {}/cfg.yaml --checkpoint {}/ck.pt --output {}/afile/e.json", "is a file, so nothing can be written"),
     ("demo --out {}/afile", "is a file, not a folder"),
     ("demo --out {}/afile/demo", "is a file, so nothing can be written"),
-    ("demo --minutes 0 --out {}/d", "--minutes must be positive"),
+    ("demo --minutes 0 --out {}/d", "--minutes 0: the demo no longer trains for a time"),
+    ("demo --steps 1 --out {}/d", "--steps"),
     ("demo --threads -2 --out {}/d", "--threads must be at least 0"),
 ]
 

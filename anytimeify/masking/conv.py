@@ -5,7 +5,10 @@ included, before any BN), ``m`` the mask at the conv's output size (1 = computed
 interpolation of :mod:`anytimeify.masking.interp`. Two executions give the same result:
 
 * ``"dense"``: the full conv, then the blend; differentiable (weight, bias, ``interp_lambda``,
-  input; never the mask). Training, export, and the oracle of the tests.
+  input; never the mask). Training, export, and the oracle of the tests. Where a mask keeps every
+  position the blend is the identity (``y*1 + I(y)*0 = y``), so on the CPU the plain conv's output
+  is returned without it (while tracing, compiling or exporting, and on other devices, where asking
+  the mask would be a data-dependent branch or wait for the device, the blend runs).
 * ``"sparse"``: inference only; the engine (:mod:`anytimeify.masking.engine`) computes the conv
   where ``m = 1`` (or densely, where its cost model says that is faster) and the interpolation
   only on the halo of the kept set.
@@ -21,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .compiled import implicit_available, inference_kernels
+from .compiled import _traced, implicit_available, inference_kernels
 from .cost import DEFAULT_COST_MODEL, CostModel
 from .dispatch import resolve_strategy
 from .geometry import ConvGeometry
@@ -278,8 +281,24 @@ class MaskedConv2d(nn.Conv2d):
             y = torch.relu(y)
         return y
 
+    @staticmethod
+    def _keeps_everything(mask: Tensor) -> bool:
+        """Whether ``mask`` keeps every position, asked only where that is cheap and allowed: a
+        CPU mask with data (never while tracing, compiling or exporting, where it would be a
+        data-dependent branch, nor on another device, where it would wait for the device)."""
+        if mask.device.type != "cpu" or _traced((mask,)):
+            return False
+        return bool(mask.all())
+
     def _dense_forward(self, x: Tensor, mask: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         y = self._conv_forward(x, self.weight, self.bias)
+        if self._keeps_everything(mask):
+            # m = 1: y*m + I(y*m)*(1 - m) = y exactly, so the blend is skipped; under autograd
+            # lambda stays in the graph with the zero gradient the blend would give it (an
+            # optimiser's weight decay and momentum, and DDP, see the same parameter either way)
+            if torch.is_grad_enabled() and self.interp_lambda.requires_grad:
+                y = y + self.interp_lambda.to(y.dtype) * 0
+            return self._epilogue(y, residual)
         m = mask.detach().to(dtype=y.dtype)
         y_masked = y * m
         blended = y_masked + interpolate(y_masked, self.interp_lambda, radius=INTERP_RADIUS) * (1 - m)
@@ -342,7 +361,8 @@ class MaskedConv2d(nn.Conv2d):
           them where the cost model chose the dense kernel), plus the halo stencil's MACs
           (halo positions x non-centre taps of the support in use x ``C_out``).
         * ``execution="dense"``: the full conv plus the full 7x7 depthwise interpolation
-          (``B * C_out * 49 * H_out * W_out``), or the plain conv when ``mask`` is None.
+          (``B * C_out * 49 * H_out * W_out``), or the plain conv when ``mask`` is None or (on
+          the CPU, not traced) keeps every position, where the dense execution skips the blend.
 
         Args:
             x_shape: input shape ``(B, C_in, H, W)``.
@@ -359,6 +379,8 @@ class MaskedConv2d(nn.Conv2d):
             return dense
         self.check_mask(x_shape, mask)
         if (execution or self.resolved_execution()) == "dense":
+            if self._keeps_everything(mask):  # the blend is skipped (see _dense_forward)
+                return dense
             size = 2 * INTERP_RADIUS + 1
             out_height, out_width = self.geometry.output_size(int(x_shape[2]), int(x_shape[3]))
             return dense + int(x_shape[0]) * self.out_channels * size * size * out_height * out_width

@@ -24,7 +24,9 @@ version and the compiled kernels' build; a file whose key is not this machine's 
 ``ANYTIMEIFY_TUNE`` says when: ``auto`` (default: a layer shape met for the first time on this
 machine is measured then, about 0.2-2 s each), ``cache`` (use what is cached, measure nothing),
 ``off`` (the analytical :class:`~anytimeify.masking.engine.CostModel` only). ``anytimeify tune
-MODEL`` and :func:`tune` measure a whole model ahead, with a progress bar.
+MODEL`` and :func:`tune` measure a whole model ahead, with a progress bar. Measuring at first use
+happens inside a model's call; :func:`measuring_seconds` counts it, so that the library's timings
+(evaluation, the demo, the benchmarks) leave it out.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ from torch import Tensor
 _logger = logging.getLogger(__name__)
 
 __all__ = ["TUNE_KEEPS", "MASKED_CANDIDATES", "DENSE_CANDIDATES", "LayerTiming", "TuningTable", "tune_mode",
-           "active_table", "shape_key", "measure_layer", "tune", "TuneReport", "cache_dir"]
+           "active_table", "shape_key", "measure_layer", "tune", "TuneReport", "cache_dir", "measuring_seconds"]
 
 #: keep fractions at which masked convs are timed
 TUNE_KEEPS = (0.2, 0.45, 0.7, 0.9)
@@ -480,9 +482,33 @@ def lookup(geometry, in_height: int, in_width: int, masked: bool) -> Optional[La
     return _measure_into(table, key, geometry, in_height, in_width, masked=masked)
 
 
+_measuring = threading.local()
+
+
+def measuring_seconds() -> float:
+    """Seconds this thread has spent measuring layer shapes so far (the first-use measuring of
+    :func:`lookup` and the measuring of :func:`tune`).
+
+    A timer that must not include first-use measuring reads this before and after its timed region
+    and subtracts the difference: :func:`anytimeify.train.evaluate`, the demo and the benchmarks do.
+    Per thread, so that measuring in one thread is never taken out of a timer in another.
+    """
+    return getattr(_measuring, "seconds", 0.0)
+
+
 def _measure_into(table: TuningTable, key: ShapeKey, geometry, in_height: int, in_width: int,
                   module: Optional[torch.nn.Module] = None, masked: Optional[bool] = None) -> LayerTiming:
-    """Measure one shape (with ``module``'s epilogue and lambda, where given) into ``table``."""
+    """Measure one shape (with ``module``'s epilogue and lambda, where given) into ``table``; the
+    time it takes is added to :func:`measuring_seconds`."""
+    start = time.perf_counter()
+    try:
+        return _measure_shape(table, key, geometry, in_height, in_width, module, masked)
+    finally:
+        _measuring.seconds = measuring_seconds() + (time.perf_counter() - start)
+
+
+def _measure_shape(table: TuningTable, key: ShapeKey, geometry, in_height: int, in_width: int,
+                   module: Optional[torch.nn.Module], masked: Optional[bool]) -> LayerTiming:
     from .conv import MaskedConv2d
 
     if table.fresh_ns is None:
