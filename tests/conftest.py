@@ -104,6 +104,14 @@ THOROUGH = {
     "tests/test_zoo.py::test_smp_model_converts[Linknet-tu-": "the resnet18 encoders run by default",
     "tests/test_zoo.py::test_smp_model_converts[UPerNet-tu-": "the resnet18 encoders run by default",
     "tests/test_zoo.py::test_smp_model_converts[Segformer-tu-": "the resnet18 encoders run by default",
+    "tests/test_zoo.py::test_timm_backbone_converts[densenet]": "convnext, hrnet and resnet run by default",
+    "tests/test_zoo.py::test_timm_backbone_converts[dla]": "convnext, hrnet and resnet run by default",
+    "tests/test_zoo.py::test_timm_backbone_converts[efficientnet]": "convnext, hrnet and resnet run by default",
+    "tests/test_zoo.py::test_timm_backbone_converts[mobilenetv3]": "convnext, hrnet and resnet run by default",
+    "tests/test_zoo.py::test_timm_backbone_converts[regnet]": "convnext, hrnet and resnet run by default",
+    "tests/test_zoo.py::test_timm_backbone_converts[resnext]": "convnext, hrnet and resnet run by default",
+    "tests/test_tune.py::test_tune_a_model_ahead": "measures a model's kernels",
+    "tests/test_flops.py::test_flops_cli_json": "the flops command end to end",
 }
 
 
