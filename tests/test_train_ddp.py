@@ -72,11 +72,13 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
             assert ddp_step.abs().max() == 0, key
             continue
         moved += 1
-        # the two steps of the two runs agree to float rounding (a rank that skipped the all-reduce would step
-        # on its own image's gradient: off by the order of the step). The two runs sum the gradients in
-        # different orders, and where the two images' gradients nearly cancel that rounding is a larger share
-        # of the step: 1.3e-3 was measured on an AVX-512 Xeon (the kernels oneDNN picks differ by CPU)
-        assert (ddp_step - single_step).norm() <= 5e-3 * single_step.norm(), key
+        # the two steps of the two runs agree up to float rounding (a rank that skipped the all-reduce would
+        # step on its own image's gradient: off by the order of the step). The runs sum the gradients in
+        # different orders with different thread counts (oneDNN picks kernels by CPU and threads), and the
+        # gradients of this untrained network's early layers are sums with heavy cancellation, so that
+        # rounding is a visible share of the step: up to 5e-3 was seen on an AVX-512 Xeon (1e-3 on AVX2)
+        ratio = ((ddp_step - single_step).norm() / single_step.norm()).item()
+        assert ratio <= 2e-2, (key, ratio)
     assert moved > 100
     # each rank evaluated one of the two images; the reduced confusion matrices give the single run's figures
     assert [e["metrics"]["miou"] for e in ddp_eval] == pytest.approx([e["metrics"]["miou"] for e in single_eval],
