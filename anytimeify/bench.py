@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._machine import machine_info
+from .peers import PEERS, prepare_peers
 
 __all__ = ["clustered_field", "FixedMasks", "fold_for_inference", "ca_speedup", "profile_ops", "layer_profile",
            "PAPER_SKIPS", "tune_for", "machine_info"]
@@ -122,14 +123,21 @@ def _seconds_without_measuring(fn) -> float:
     return time.perf_counter() - start - (measuring_seconds() - measured)
 
 
-def _median_time(fn, reps_out: List[float]) -> None:
-    reps_out.append(_seconds_without_measuring(fn))
-
-
 def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[float] = PAPER_SKIPS,
-               reps: int = 5, threads: int = 2, seed: int = 0, base: Optional[nn.Module] = None) -> dict:
-    """Measure eager, folded-dense and anytime-with-CA latency of a built-in model (see module doc),
-    or of ``base`` (any network ``convert`` takes; ``name`` then only labels it)."""
+               reps: int = 5, threads: int = 2, seed: int = 0, base: Optional[nn.Module] = None,
+               peers: Sequence[str] = PEERS) -> dict:
+    """Measure eager, folded-dense, the dense runtimes users deploy (``peers``, see
+    :mod:`anytimeify.peers`) and anytime-with-CA latency of a built-in model (see module doc), or of
+    ``base`` (any network ``convert`` takes; ``name`` then only labels it).
+
+    Every execution runs once per repetition, in turn, so that load affects them alike; medians are
+    reported. ``best_dense_s`` is the fastest dense execution measured (the engine's, PyTorch's
+    folded one or a peer's), ``best_dense_runtime`` names it, and ``speedup_vs_best_dense`` /
+    ``realisation_vs_best_dense`` compare the anytime model (every exit) with it. Per exit,
+    ``fraction_of_best_dense`` is the time to reach the exit over ``best_dense_s``, next to the
+    exit's share of the base model's FLOPs. A peer that is not installed or fails is listed under
+    ``peers`` with its ``error``.
+    """
     import anytimeify
 
     base, dense, model, x_cl = _frozen_pair(name, size, skips, threads, seed, base)
@@ -138,29 +146,41 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
     tuned = tune_for(size, model, dense)
     dense_pytorch = fold_for_inference(base, engine_convs=False)
     x = x_cl.contiguous()  # the eager model as users run it: NCHW
-    eager_t: List[float] = []
-    dense_t: List[float] = []
-    dense_pytorch_t: List[float] = []
-    anytime_t: List[float] = []
     with torch.no_grad():
         ref = base(x)
         for folded in (dense, dense_pytorch):
             err = (folded(x_cl) - ref).abs().max().item() / max(1.0, ref.abs().max().item())
             if err > 1e-3:
                 raise RuntimeError(f"BN folding changed {name}'s output by {err:.2e} (relative); not comparable")
+    prepared = prepare_peers(base, x, threads, peers, reference=ref) if peers else []
+    runs = {"eager": lambda: base(x), "dense": lambda: dense(x_cl), "dense_pytorch": lambda: dense_pytorch(x_cl)}
+    for peer in prepared:
+        if peer.ok:
+            runs[peer.name] = (lambda run: lambda: run(x))(peer.run)
+    exit_times: List[List[float]] = []
+
+    def anytime() -> None:
+        exit_times.append([o.elapsed for o in model.anytime(x_cl)])
+
+    runs["anytime"] = anytime
+    with torch.no_grad():
         outs = list(model.anytime(x_cl))  # warm-up, and the counts
+        for run in runs.values():
+            run()  # warm-up of every execution (oneDNN primitives, ORT/OpenVINO first-run allocations)
+        exit_times.clear()
         base_paper = anytimeify.flops(base, x).exits[-1].paper_gflops
-        for _ in range(reps):
-            _median_time(lambda: base(x), eager_t)
-            _median_time(lambda: dense(x_cl), dense_t)
-            _median_time(lambda: dense_pytorch(x_cl), dense_pytorch_t)
-            _median_time(lambda: list(model.anytime(x_cl)), anytime_t)
-    eager_s, dense_s, dense_pytorch_s, anytime_s = (statistics.median(t) for t in
-                                                    (eager_t, dense_t, dense_pytorch_t, anytime_t))
+        times = _interleaved(runs, reps)
+    med = {key: statistics.median(t) for key, t in times.items()}
+    eager_s, dense_s, dense_pytorch_s, anytime_s = med["eager"], med["dense"], med["dense_pytorch"], med["anytime"]
     anytime_paper = outs[-1].paper_macs / 2 ** 30
     flops_speedup = base_paper / anytime_paper
     speedup = dense_s / anytime_s
-    return {
+    candidates = {"anytimeify_dense": dense_s, "pytorch_dense": dense_pytorch_s,
+                  **{p.name: med[p.name] for p in prepared if p.ok}}
+    best_runtime = min(candidates, key=candidates.get)
+    best_s = candidates[best_runtime]
+    per_exit = [statistics.median(t[i] for t in exit_times) for i in range(len(outs))]
+    result = {
         "model": name,
         "machine": machine_info(),
         "tuned_layer_shapes": tuned,
@@ -171,7 +191,14 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
         "eager_s": round(eager_s, 4),
         "dense_s": round(dense_s, 4),
         "dense_pytorch_s": round(dense_pytorch_s, 4),
+    }
+    for peer in prepared:
+        result[f"{peer.name}_s"] = round(med[peer.name], 4) if peer.ok else None
+    result.update({
+        "peers": {peer.name: peer.summary() for peer in prepared},
         "anytime_s": round(anytime_s, 4),
+        "best_dense_s": round(best_s, 4),
+        "best_dense_runtime": best_runtime,
         "base_paper_gflops": round(base_paper, 2),
         "anytime_paper_gflops": [round(o.paper_macs / 2 ** 30, 2) for o in outs],
         "flops_speedup": round(flops_speedup, 4),
@@ -179,7 +206,24 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
         "speedup_vs_eager": round(eager_s / anytime_s, 4),
         "speedup_vs_pytorch_dense": round(dense_pytorch_s / anytime_s, 4),
         "realisation": round(speedup / flops_speedup, 4),
-    }
+        "speedup_vs_best_dense": round(best_s / anytime_s, 4),
+        "realisation_vs_best_dense": round(best_s / anytime_s / flops_speedup, 4),
+        "dense_vs_best_dense": round(dense_s / best_s, 4),
+        "exits": [{"exit": o.index, "elapsed_s": round(t, 4), "fraction_of_best_dense": round(t / best_s, 4),
+                   "flop_share": round(o.paper_macs / 2 ** 30 / base_paper, 4)}
+                  for o, t in zip(outs, per_exit)],
+    })
+    return result
+
+
+def _interleaved(runs: Dict[str, "callable"], reps: int) -> Dict[str, List[float]]:
+    """``reps`` rounds, each running every entry of ``runs`` once in turn: seconds per entry, first-use
+    kernel measuring left out."""
+    times: Dict[str, List[float]] = {key: [] for key in runs}
+    for _ in range(reps):
+        for key, run in runs.items():
+            times[key].append(_seconds_without_measuring(run))
+    return times
 
 
 def tune_for(size: Tuple[int, int], *models: nn.Module) -> int:

@@ -299,17 +299,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from anytimeify.bench import ca_speedup
 
     payload = ca_speedup(args.model, args.input, args.skip, reps=args.reps, threads=args.threads, seed=args.seed,
-                         base=base_from_args(args))
+                         base=base_from_args(args), peers=args.peers)
+    from rich.console import Group
     from rich.table import Table
 
     table = Table(title=f"{args.model} at {args.input[0]}x{args.input[1]}, skips {payload['skips']}, "
                         f"{args.threads} threads, median of {args.reps}")
-    for col in ("eager s", "dense s (BN folded)", "anytime s (CA, all exits)", "speedup", "FLOP speedup", "realisation"):
-        table.add_column(col, justify="right")
-    table.add_row(f"{payload['eager_s']:.3f}", f"{payload['dense_s']:.3f}", f"{payload['anytime_s']:.3f}",
-                  f"{payload['speedup']:.2f}x", f"{payload['flops_speedup']:.2f}x", f"{payload['realisation']:.2f}")
-    _emit(payload, args.json, args.output, table)
+    table.add_column("execution")
+    table.add_column("seconds", justify="right")
+    table.add_column("anytime speed-up", justify="right")
+    rows = [("eager PyTorch", payload["eager_s"]), ("anytimeify dense", payload["dense_s"]),
+            ("PyTorch dense (BN folded)", payload["dense_pytorch_s"])]
+    rows += [(name, payload.get(f"{name}_s")) for name in payload["peers"]]
+    for label, seconds in rows:
+        error = payload["peers"].get(label, {}).get("error")
+        if seconds is None:
+            table.add_row(label, "-", error or "-")
+        else:
+            best = " (best dense)" if _runtime_label(payload["best_dense_runtime"]) == label else ""
+            table.add_row(label + best, f"{seconds:.3f}", f"{seconds / payload['anytime_s']:.2f}x")
+    table.add_row("anytime, CA, every exit", f"{payload['anytime_s']:.3f}", "")
+    from rich.text import Text
+
+    verdict = Text(f"{payload['machine']['cpu']}: the anytime model (every exit) against the best dense execution "
+                   f"({_runtime_label(payload['best_dense_runtime'])}): speed-up {payload['speedup_vs_best_dense']:.2f}x "
+                   f"for a FLOP speed-up of {payload['flops_speedup']:.2f}x, realisation "
+                   f"{payload['realisation_vs_best_dense']:.2f}")
+    summary = Table()
+    summary.add_column("exit", justify="right")
+    summary.add_column("time to reach it / best dense", justify="right")
+    summary.add_column("its FLOP share", justify="right")
+    for e in payload["exits"]:
+        summary.add_row(str(e["exit"]), f"{e['fraction_of_best_dense']:.2f}", f"{e['flop_share']:.2f}")
+    _emit(payload, args.json, args.output, Group(table, verdict, summary))
     return 0
+
+
+def _runtime_label(runtime: str) -> str:
+    return {"anytimeify_dense": "anytimeify dense", "pytorch_dense": "PyTorch dense (BN folded)"}.get(runtime, runtime)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -589,6 +616,22 @@ def parse_skips(text: str) -> List[float]:
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"skip fractions must lie in [0, 1], got {text!r}")
     return values
+
+
+#: the dense runtimes ``bench`` can time (:data:`anytimeify.peers.PEERS`; kept here so that ``--help`` imports no torch)
+PEER_NAMES = ("onnxruntime", "openvino", "torch_compile")
+
+
+def parse_peers(text: str) -> List[str]:
+    """``"onnxruntime,openvino"`` -> ``["onnxruntime", "openvino"]``; ``"none"`` -> ``[]``."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [n for n in names if n not in PEER_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown dense runtime(s) {unknown or [text]}: give a comma-separated "
+                                         f"list of {', '.join(PEER_NAMES)}, or 'none'")
+    return list(dict.fromkeys(names))
 
 
 def _demo_image(size: Tuple[int, int], seed: int):
@@ -938,6 +981,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     be.add_argument("--num-classes", type=int, default=None)
     be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--peers", type=parse_peers, default=list(PEER_NAMES),
+                    help="dense runtimes timed beside the anytime model, comma-separated, or 'none' "
+                         "(default: onnxruntime,openvino,torch_compile; those not installed are reported as such)")
     be.add_argument("--json", action="store_true")
     be.add_argument("--output", help="also write the JSON to this file")
     be.set_defaults(func=cmd_bench)

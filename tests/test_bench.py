@@ -9,7 +9,7 @@ SIZE = (64, 128)
 
 
 def test_ca_speedup_reports_the_paper_counts():
-    result = ca_speedup("hrnet_w18_small_v2", SIZE, reps=1)
+    result = ca_speedup("hrnet_w18_small_v2", SIZE, reps=1, peers=["onnxruntime"])
     assert result["skips"] == pytest.approx(list(PAPER_SKIPS), abs=2e-3)
     # W18-Small-v2 RH at 64x128 is 1/256 of the 1024x2048 figures (the JSON rounds to 0.01 GFLOPs);
     # exit 1 is never masked
@@ -22,6 +22,36 @@ def test_ca_speedup_reports_the_paper_counts():
     assert result["speedup_vs_pytorch_dense"] == pytest.approx(result["dense_pytorch_s"] / result["anytime_s"],
                                                                rel=1e-2)
     assert result["realisation"] == pytest.approx(result["speedup"] / result["flops_speedup"], rel=1e-2)
+    # the dense runtime users deploy ran beside it, and the best dense execution is the fastest one timed
+    assert result["peers"]["onnxruntime"]["max_rel_diff"] < 1e-3 and "error" not in result["peers"]["onnxruntime"]
+    timed = {"anytimeify_dense": result["dense_s"], "pytorch_dense": result["dense_pytorch_s"],
+             "onnxruntime": result["onnxruntime_s"]}
+    assert result["best_dense_runtime"] == min(timed, key=timed.get)
+    assert result["best_dense_s"] == min(timed.values())
+    assert result["speedup_vs_best_dense"] == pytest.approx(result["best_dense_s"] / result["anytime_s"], rel=1e-2)
+    assert result["realisation_vs_best_dense"] == pytest.approx(
+        result["speedup_vs_best_dense"] / result["flops_speedup"], rel=1e-2)
+    exits = result["exits"]
+    assert [e["exit"] for e in exits] == [1, 2, 3, 4]
+    assert [e["flop_share"] for e in exits] == pytest.approx(
+        [g / result["base_paper_gflops"] for g in result["anytime_paper_gflops"]], abs=2e-3)
+    assert all(e["fraction_of_best_dense"] == pytest.approx(e["elapsed_s"] / result["best_dense_s"], rel=2e-2, abs=1e-3)
+               for e in exits)
+    assert [e["elapsed_s"] for e in exits] == sorted(e["elapsed_s"] for e in exits)
+
+
+def test_ca_speedup_reports_a_runtime_that_fails(monkeypatch):
+    from anytimeify import peers
+
+    def broken(*args):
+        raise RuntimeError("no exporter for this op")
+
+    monkeypatch.setattr(peers, "_export_onnx", broken)
+    result = ca_speedup("hrnet_w18_small_v2", SIZE, reps=1, peers=["onnxruntime", "openvino"])
+    for name in ("onnxruntime", "openvino"):
+        assert result[f"{name}_s"] is None
+        assert result["peers"][name]["error"] == "ONNX export failed: RuntimeError: no exporter for this op"
+    assert result["best_dense_runtime"] in ("anytimeify_dense", "pytorch_dense")
 
 
 def test_layer_profile_covers_every_stage():

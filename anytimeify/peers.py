@@ -1,0 +1,239 @@
+"""The dense model as users deploy it: ONNX Runtime, OpenVINO and ``torch.compile``, timed side by side.
+
+A speed claim about the anytime model is only worth something against the fastest way to run the
+dense model on the same CPU. :func:`prepare_peers` builds the base model in each dense runtime that
+is installed (``pip install "anytimeify[bench]"``) with the thread count the anytime model gets:
+
+* ``onnxruntime``: the model exported with ``torch.onnx.export(..., dynamo=True)``, run by ONNX
+  Runtime's CPU execution provider (all graph optimisations, ``intra_op_num_threads=threads``, one
+  inter-op thread);
+* ``openvino``: the same ONNX file compiled by OpenVINO for the CPU with fp32 inference precision,
+  the latency hint, one stream and ``threads`` inference threads;
+* ``torch_compile``: ``torch.compile`` (inductor) with weight freezing, the setting PyTorch
+  recommends for CPU inference, on a channels-last model and input.
+
+Each peer's output is checked against the eager model before it is timed; a peer that is not
+installed, fails to export, compile or run, or gives a different answer is kept with the reason
+(:attr:`Peer.error`) so a benchmark reports it instead of silently leaving it out.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["PEERS", "Peer", "prepare_peers", "peer_versions"]
+
+#: the dense runtimes a benchmark compares with, in the order they are prepared
+PEERS = ("onnxruntime", "openvino", "torch_compile")
+
+#: the largest relative difference (max abs difference over max abs output) a peer may show against eager
+TOLERANCE = 1e-3
+
+
+@dataclass
+class Peer:
+    """One dense runtime running the base model.
+
+    Attributes:
+        name: ``"onnxruntime"``, ``"openvino"`` or ``"torch_compile"``.
+        run: ``run(x)`` runs the model once on an NCHW float tensor (``None`` when :attr:`error` is set).
+        error: why the peer cannot be timed (not installed, export/compile/run failure, wrong output).
+        version: the runtime's version.
+        prepare_s: seconds spent exporting/compiling it.
+        max_rel_diff: its output's largest difference from eager, over the eager output's largest magnitude.
+    """
+
+    name: str
+    run: Optional[Callable[[torch.Tensor], object]] = None
+    error: Optional[str] = None
+    version: Optional[str] = None
+    prepare_s: float = 0.0
+    max_rel_diff: Optional[float] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.run is not None and self.error is None
+
+    def summary(self) -> dict:
+        out = {"version": self.version, "prepare_s": round(self.prepare_s, 2)}
+        if self.max_rel_diff is not None:
+            out["max_rel_diff"] = float(f"{self.max_rel_diff:.3g}")
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def peer_versions() -> Dict[str, Optional[str]]:
+    """The installed version of each peer runtime (``None`` where it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: Dict[str, Optional[str]] = {}
+    for name, dist in (("onnxruntime", "onnxruntime"), ("openvino", "openvino"), ("torch_compile", "torch")):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _first_tensor(out) -> torch.Tensor:
+    while isinstance(out, (list, tuple)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    return torch.as_tensor(out)
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def _export_onnx(base: nn.Module, x: torch.Tensor, path: str) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(base, (x,), dynamo=True, verbose=False, input_names=["image"])
+    program.save(path)
+
+
+def _onnxruntime(path: str, threads: int) -> Callable[[torch.Tensor], object]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor):
+        return session.run(None, {name: x.contiguous().numpy()})
+
+    return run
+
+
+def _openvino(path: str, threads: int) -> Callable[[torch.Tensor], object]:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+    })
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor):
+        request.infer({0: x.contiguous().numpy()})
+        return request.get_output_tensor(0).data
+
+    return run
+
+
+def _torch_compile(base: nn.Module) -> Callable[[torch.Tensor], object]:
+    import copy
+
+    from torch._inductor import config as inductor_config
+
+    model = copy.deepcopy(base).eval().to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, backend="inductor")
+    first = [True]
+
+    def run(x: torch.Tensor):
+        x = x.contiguous(memory_format=torch.channels_last)
+        if first[0]:  # freezing applies when the graph is compiled, at the first call
+            first[0] = False
+            with inductor_config.patch(freezing=True):
+                return compiled(x)
+        return compiled(x)
+
+    return run
+
+
+def prepare_peers(base: nn.Module, x: torch.Tensor, threads: int,
+                  names: Sequence[str] = PEERS, reference: Optional[torch.Tensor] = None) -> List[Peer]:
+    """Build ``base`` in each dense runtime of ``names`` and check its output on ``x`` (NCHW).
+
+    Args:
+        base: the dense network in eval mode.
+        x: an example input at the size the peers will be timed at (their programs are static).
+        threads: the number of threads each runtime may use.
+        names: which of :data:`PEERS` to prepare.
+        reference: the eager output on ``x`` (computed when not given).
+
+    Returns:
+        One :class:`Peer` per name, in order; a peer that cannot run has ``error`` set and ``run``
+        ``None``.
+    """
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown dense runtime(s) {unknown}; choose from {list(PEERS)}")
+    base = base.eval()
+    x = x.contiguous()
+    versions = peer_versions()
+    with torch.no_grad():
+        ref = _first_tensor(base(x) if reference is None else reference).float()
+    scale = max(1.0, ref.abs().max().item())
+    peers: List[Peer] = []
+    needs_onnx = [n for n in names if n in ("onnxruntime", "openvino") and versions[n] is not None]
+    workdir = tempfile.TemporaryDirectory(prefix="anytimeify-peers-")
+    onnx_path = os.path.join(workdir.name, "model.onnx")
+    onnx_error: Optional[str] = None
+    onnx_s = 0.0
+    if needs_onnx:
+        start = time.perf_counter()
+        try:
+            if importlib.util.find_spec("onnxscript") is None:
+                raise ImportError("onnxscript is not installed (pip install 'anytimeify[bench]')")
+            _export_onnx(base, x, onnx_path)
+        except Exception as exc:  # noqa: BLE001 -- reported in the benchmark's JSON
+            onnx_error = "ONNX export failed: " + _short(exc)
+        onnx_s = time.perf_counter() - start
+    for name in names:
+        peer = Peer(name, version=versions[name])
+        peers.append(peer)
+        if versions[name] is None:
+            peer.error = f"not installed (pip install 'anytimeify[bench]' adds {name.replace('torch_compile', 'torch')})"
+            continue
+        if name in ("onnxruntime", "openvino") and onnx_error:
+            peer.error, peer.prepare_s = onnx_error, onnx_s
+            continue
+        start = time.perf_counter()
+        try:
+            if name == "onnxruntime":
+                run = _onnxruntime(onnx_path, threads)
+            elif name == "openvino":
+                run = _openvino(onnx_path, threads)
+            else:
+                run = _torch_compile(base)
+            with torch.no_grad():
+                out = _first_tensor(run(x)).float()
+        except Exception as exc:  # noqa: BLE001 -- reported in the benchmark's JSON
+            peer.error = "failed: " + _short(exc)
+            peer.extra["traceback"] = traceback.format_exc(limit=3)
+            peer.prepare_s = time.perf_counter() - start + (onnx_s if name != "torch_compile" else 0.0)
+            continue
+        peer.prepare_s = time.perf_counter() - start + (onnx_s if name != "torch_compile" else 0.0)
+        if tuple(out.shape) != tuple(ref.shape):
+            peer.error = f"wrong output shape {tuple(out.shape)}, eager gives {tuple(ref.shape)}"
+            continue
+        peer.max_rel_diff = (out - ref).abs().max().item() / scale
+        if not peer.max_rel_diff <= TOLERANCE:
+            peer.error = f"output differs from eager by {peer.max_rel_diff:.2e} of its largest value (> {TOLERANCE})"
+            continue
+        peer.run = run
+    workdir.cleanup()  # the sessions and compiled models hold the model in memory
+    return peers
