@@ -32,6 +32,7 @@ from ._machine import machine_info
 from .peers import PEERS, prepare_peers
 
 __all__ = ["clustered_field", "FixedMasks", "fold_for_inference", "ca_speedup", "profile_ops", "layer_profile",
+           "stage_profile",
            "PAPER_SKIPS", "tune_for", "machine_info"]
 
 #: average fraction of pixels skipped after exits 1, 2, 3 on Cityscapes (REFERENCE.md §5)
@@ -281,12 +282,17 @@ def profile_ops(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence
     return {"model": name, "machine": machine_info(), "input": [1, 3, *size], "threads": threads, **result}
 
 
+#: the top-level modules of HRNet's stem, reported as one stage
+STEM = ("conv1", "bn1", "act1", "conv2", "bn2", "act2")
+
+
 def _group_of(name: str) -> str:
-    """The stage a conv belongs to, from its module path (``stage4.2.branches.0...`` -> ``stage4``)."""
+    """The stage a module belongs to, from its path (``stage4.2.branches.0...`` -> ``stage4``,
+    ``exits.0...`` -> ``exit1``, HRNet's ``conv1`` ... ``act2`` -> ``stem``)."""
     head = name.split(".")[0]
     if head == "exits":
         return "exit" + str(int(name.split(".")[1]) + 1)
-    return head
+    return "stem" if head in STEM else head
 
 
 def layer_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[float] = PAPER_SKIPS,
@@ -361,6 +367,90 @@ def layer_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequen
         "convs": rows,
         "dense_other_s": round(dense_total - sum(r["dense_s"] for r in rows), 4),
         "anytime_other_s": round(any_total - sum(r["anytime_s"] for r in rows), 4),
+    }
+
+
+def stage_profile(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[float] = PAPER_SKIPS,
+                  threads: int = 2, seed: int = 0, reps: int = 3, peers: Sequence[str] = ("onnxruntime", "openvino"),
+                  base: Optional[nn.Module] = None) -> dict:
+    """Where realisation is lost, per stage: the anytime model with CA against the same stage of the
+    dense model in each dense runtime of ``peers`` (their own profilers, see
+    :func:`anytimeify.peers.profile_stages`).
+
+    The anytime model's stages are timed whole: forward pre-hooks on its leaf modules mark a
+    timeline, and the time from one leaf module to the next goes to the first one's stage (so a
+    stage's fuse layers, residuals and interpolations count with it); exits and mask decisions are
+    stages of their own, the time before the first module is ``other``. Each row gives the stage's mean kept fraction (1.0 where unmasked),
+    seconds in the anytime model and in each runtime, and ``anytime_over_best``: the anytime
+    stage's time over the fastest runtime's time for it (a masked stage should come in near its
+    kept fraction, an unmasked one at 1.0 or below). Medians over ``reps`` runs.
+    """
+    from anytimeify.masking.conv import MaskedConv2d
+    from anytimeify.masking.tune import measuring_seconds
+
+    base, dense, model, x = _frozen_pair(name, size, skips, threads, seed, base)
+    tune_for(size, model, dense)
+    # a timeline of the run: every leaf module marks the start of its stage's time (the frozen
+    # model's segments call leaf modules and functions, such as the fuse layers, in order, so time
+    # up to the next leaf module belongs to the stage of the last one)
+    keeps: Dict[str, List[float]] = {}
+    events: List[Tuple[float, float, str]] = []
+    handles = []
+    for path, sub in model.named_modules():
+        if next(sub.children(), None) is not None:
+            continue
+        group = "masks" if path.startswith("mask_deciders") else _group_of(path)
+        handles.append(sub.register_forward_pre_hook(
+            lambda m, args, group=group: events.append((time.perf_counter(), measuring_seconds(), group))))
+        if isinstance(sub, MaskedConv2d):
+            handles.append(sub.register_forward_hook(lambda m, args, out, group=group: keeps.setdefault(group, []).append(
+                args[2].density if len(args) > 2 and args[2] is not None else
+                (float(args[1].float().mean()) if len(args) > 1 and args[1] is not None else 1.0))))
+
+    def run_once() -> None:
+        events.append((time.perf_counter(), measuring_seconds(), "other"))
+        list(model.anytime(x))
+        events.append((time.perf_counter(), measuring_seconds(), "other"))
+
+    runs, totals = [], []
+    try:
+        with torch.no_grad():
+            run_once()  # warm-up
+            for _ in range(reps):
+                events.clear()
+                keeps.clear()
+                run_once()
+                current: Dict[str, float] = {}
+                for (t0, m0, group), (t1, m1, _) in zip(events, events[1:]):
+                    current[group] = current.get(group, 0.0) + (t1 - t0) - (m1 - m0)
+                totals.append(sum(current.values()))
+                runs.append(current)
+    finally:
+        for h in handles:
+            h.remove()
+    from .peers import profile_stages
+
+    peer_profiles = profile_stages(base, x.contiguous(), threads, _group_of, peers, reps) if peers else {}
+    groups = list(dict.fromkeys([g for r in runs for g in r]
+                                + [g for p in peer_profiles.values() for g in p.get("stages", {})]))
+    rows = []
+    for group in groups:
+        row = {"stage": group, "keep": round(statistics.mean(keeps[group]), 3) if group in keeps else 1.0,
+               "anytime_s": round(statistics.median(r.get(group, 0.0) for r in runs), 4)}
+        times = {}
+        for peer, prof in peer_profiles.items():
+            if "stages" in prof:
+                row[f"{peer}_s"] = times[peer] = round(prof["stages"].get(group, 0.0), 4)
+        best = min(times.values()) if times else 0.0
+        row["anytime_over_best"] = round(row["anytime_s"] / best, 3) if best > 0 else None
+        rows.append(row)
+    any_total = statistics.median(totals)
+    return {
+        "model": name, "machine": machine_info(), "input": [1, 3, *size], "threads": threads, "reps": reps,
+        "skips": list(skips), "anytime_total_s": round(any_total, 4),
+        "peers": {peer: ({"profiled_s": round(p["profiled_s"], 4)} if "stages" in p else {"error": p["error"]})
+                  for peer, p in peer_profiles.items()},
+        "stages": rows,
     }
 
 

@@ -296,6 +296,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_at_least(args.threads, 1, "--threads")
     if args.output:
         check_output(args.output, "--output")
+    if args.layers:
+        return _bench_layers(args)
     from anytimeify.bench import ca_speedup
 
     payload = ca_speedup(args.model, args.input, args.skip, reps=args.reps, threads=args.threads, seed=args.seed,
@@ -332,6 +334,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for e in payload["exits"]:
         summary.add_row(str(e["exit"]), f"{e['fraction_of_best_dense']:.2f}", f"{e['flop_share']:.2f}")
     _emit(payload, args.json, args.output, Group(table, verdict, summary))
+    return 0
+
+
+def _bench_layers(args: argparse.Namespace) -> int:
+    """``bench --layers``: per stage, the anytime model against the same stage in each dense runtime."""
+    from anytimeify.bench import stage_profile
+    from rich.table import Table
+
+    peers = [p for p in args.peers if p != "torch_compile"]  # inductor has no per-node profile to map
+    payload = stage_profile(args.model, args.input, args.skip, threads=args.threads, seed=args.seed,
+                            reps=args.reps, peers=peers, base=base_from_args(args))
+    table = Table(title=f"{args.model} at {args.input[0]}x{args.input[1]}, {payload['machine']['cpu']}, "
+                        f"{args.threads} threads: seconds per stage (median of {args.reps})",
+                  caption="anytime / best: the anytime stage's time over the fastest runtime's; a masked stage "
+                          "should come in near its kept fraction. Runtimes' times are from their profilers.")
+    table.add_column("stage")
+    table.add_column("keep", justify="right")
+    table.add_column("anytime (CA)", justify="right")
+    ok = [p for p, info in payload["peers"].items() if "error" not in info]
+    for peer in ok:
+        table.add_column(peer, justify="right")
+    table.add_column("anytime / best", justify="right")
+    for row in payload["stages"]:
+        ratio = row["anytime_over_best"]
+        table.add_row(row["stage"], f"{row['keep']:.2f}", f"{row['anytime_s']:.4f}",
+                      *[f"{row[f'{p}_s']:.4f}" for p in ok], "-" if ratio is None else f"{ratio:.2f}")
+    table.add_row("total", "", f"{payload['anytime_total_s']:.4f}",
+                  *[f"{payload['peers'][p]['profiled_s']:.4f}" for p in ok], "")
+    failed = [f"{peer}: {info['error']}" for peer, info in payload["peers"].items() if "error" in info]
+    if failed:
+        table.caption += " Not profiled: " + "; ".join(failed)
+    _emit(payload, args.json, args.output, table)
     return 0
 
 
@@ -981,6 +1015,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     be.add_argument("--num-classes", type=int, default=None)
     be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--layers", action="store_true",
+                    help="per stage: the anytime model's time against the same stage in ONNX Runtime and OpenVINO "
+                         "(their profilers), to see where the speed-up is lost")
     be.add_argument("--peers", type=parse_peers, default=list(PEER_NAMES),
                     help="dense runtimes timed beside the anytime model, comma-separated, or 'none' "
                          "(default: onnxruntime,openvino,torch_compile; those not installed are reported as such)")

@@ -237,3 +237,146 @@ def prepare_peers(base: nn.Module, x: torch.Tensor, threads: int,
         peer.run = run
     workdir.cleanup()  # the sessions and compiled models hold the model in memory
     return peers
+
+
+# ------------------------------------------------------------------------------- per-stage profiles
+def onnx_node_modules(path: str) -> Dict[str, str]:
+    """The module path each node of an ONNX file exported by ``torch.onnx.export(..., dynamo=True)``
+    came from (its ``pkg.torch.onnx.name_scopes`` metadata; ``""`` for ops of the top-level forward).
+
+    The metadata is parsed as a Python literal (``ast.literal_eval``): nothing in the file is run.
+    """
+    import ast
+
+    import onnx
+
+    out: Dict[str, str] = {}
+    for node in onnx.load(path, load_external_data=False).graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        module = ""
+        if scopes:
+            try:
+                names = ast.literal_eval(scopes)
+            except (ValueError, SyntaxError):
+                names = []
+            if isinstance(names, list) and len(names) >= 3 and isinstance(names[-2], str):
+                module = names[-2]  # the innermost module; the last entry is the op itself
+        out[node.name] = module
+        for value in node.output:  # runtimes name fused nodes after the value they produce
+            out.setdefault(value, module)
+    return out
+
+
+def _group(name: str, node_module: Dict[str, str], group_of: Callable[[str], str]) -> str:
+    """The stage of a runtime's node: its own name, the name before a ``/`` part (OpenVINO's split
+    nodes) or before ``_nchwc`` (ONNX Runtime's blocked-layout nodes, named after their output),
+    else the exported node whose name it ends with (layout reorders)."""
+    module = None
+    for candidate in (name, name.split("/")[0], name[: -len("_nchwc")] if name.endswith("_nchwc") else None):
+        if candidate is not None and candidate in node_module:
+            module = node_module[candidate]
+            break
+    if module is None:
+        module = next((m for n, m in node_module.items() if n and name.split("/")[0].endswith(n)), "")
+    return group_of(module) if module else "other"
+
+
+def _median_groups(runs: List[Dict[str, float]]) -> Dict[str, float]:
+    import statistics
+
+    keys = list(dict.fromkeys(k for r in runs for k in r))
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+
+
+def profile_stages(base: nn.Module, x: torch.Tensor, threads: int, group_of: Callable[[str], str],
+                   names: Sequence[str] = ("onnxruntime", "openvino"), reps: int = 3) -> Dict[str, dict]:
+    """Seconds per stage of the dense model in each runtime of ``names``, from the runtime's own
+    profiler (ONNX Runtime's node events, OpenVINO's performance counters), its nodes mapped to the
+    module they were exported from and ``group_of(module path)``.
+
+    Returns ``{runtime: {"stages": {stage: seconds}, "profiled_s": sum}}`` (medians over ``reps``
+    runs after a warm-up), or ``{runtime: {"error": reason}}``. Profiled sums are a little above
+    the runtime's unprofiled time (the counters' own cost).
+    """
+    import json
+
+    versions = peer_versions()
+    result: Dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="anytimeify-profile-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        try:
+            _export_onnx(base.eval(), x.contiguous(), path)
+            node_module = onnx_node_modules(path)
+        except Exception as exc:  # noqa: BLE001 -- reported
+            return {name: {"error": "ONNX export failed: " + _short(exc)} for name in names}
+        feed = x.contiguous().numpy()
+        for name in names:
+            if versions.get(name) is None:
+                result[name] = {"error": "not installed (pip install 'anytimeify[bench]')"}
+                continue
+            try:
+                if name == "onnxruntime":
+                    runs = _profile_onnxruntime(path, feed, threads, reps, tmp, json)
+                elif name == "openvino":
+                    runs = _profile_openvino(path, feed, threads, reps)
+                else:
+                    raise ValueError(f"no per-stage profile for {name}")
+            except Exception as exc:  # noqa: BLE001 -- reported
+                result[name] = {"error": "profiling failed: " + _short(exc)}
+                continue
+            grouped = []
+            for run in runs:
+                stages: Dict[str, float] = {}
+                for node, seconds in run:
+                    key = _group(node, node_module, group_of)
+                    stages[key] = stages.get(key, 0.0) + seconds
+                grouped.append(stages)
+            stages = _median_groups(grouped)
+            result[name] = {"stages": stages, "profiled_s": sum(stages.values())}
+    return result
+
+
+def _profile_onnxruntime(path, feed, threads, reps, tmp, json) -> List[List[tuple]]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(tmp, "ort")
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for _ in range(reps + 1):  # the first run warms up and is dropped
+        session.run(None, {name: feed})
+    with open(session.end_profiling(), encoding="utf-8") as f:
+        events = json.load(f)
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
+    runs: List[List[tuple]] = [[] for _ in windows]
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        for i, (start, end) in enumerate(windows):
+            if start <= e["ts"] <= end:
+                runs[i].append((e["name"][: -len("_kernel_time")], e["dur"] / 1e6))
+                break
+    return runs[1:]
+
+
+def _profile_openvino(path, feed, threads, reps) -> List[List[tuple]]:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {
+        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "PERF_COUNT": True,
+    })
+    request = compiled.create_infer_request()
+    request.infer({0: feed})  # warm-up
+    runs = []
+    for _ in range(reps):
+        request.infer({0: feed})
+        runs.append([(p.node_name, p.real_time.total_seconds()) for p in request.get_profiling_info()])
+    return runs

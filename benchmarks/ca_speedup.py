@@ -11,14 +11,15 @@ it over best_dense_s next to its FLOP share.
     python benchmarks/ca_speedup.py --models hrnet_w18_small_v2 --reps 3
     python benchmarks/ca_speedup.py --models hrnet_w18_small_v2 --input 512x1024 --peers onnxruntime
     python benchmarks/ca_speedup.py --models hrnet_w48 --profile     # self CPU time per operator
-    python benchmarks/ca_speedup.py --models hrnet_w48 --layers      # conv time per stage, dense vs CA
+    python benchmarks/ca_speedup.py --models hrnet_w48 --layers      # time per stage: CA vs ONNX Runtime, OpenVINO
+    python benchmarks/ca_speedup.py --models hrnet_w48 --convs       # conv time per stage, engine dense vs CA
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from anytimeify.bench import PAPER_SKIPS, ca_speedup, layer_profile, profile_ops
+from anytimeify.bench import PAPER_SKIPS, ca_speedup, layer_profile, profile_ops, stage_profile
 from anytimeify.cli import PEER_NAMES, parse_peers, parse_size, parse_skips
 
 
@@ -32,9 +33,16 @@ def main() -> None:
     parser.add_argument("--peers", type=parse_peers, default=list(PEER_NAMES),
                         help="dense runtimes timed beside the anytime model, comma-separated, or 'none'")
     parser.add_argument("--profile", action="store_true", help="per-operator profile instead of timings")
-    parser.add_argument("--layers", action="store_true", help="conv time per stage, dense vs anytime with CA")
+    parser.add_argument("--layers", action="store_true",
+                        help="time per stage, anytime with CA against the same stage in ONNX Runtime and OpenVINO")
+    parser.add_argument("--convs", action="store_true", help="conv time per stage, engine dense vs anytime with CA")
     args = parser.parse_args()
     if args.layers:
+        peers = [p for p in args.peers if p != "torch_compile"]
+        print(json.dumps([stage_profile(name, args.input, args.skip, args.threads, reps=args.reps or 3, peers=peers)
+                          for name in args.models], indent=2))
+        return
+    if args.convs:
         print(json.dumps([layer_profile(name, args.input, args.skip, args.threads, reps=args.reps or 3)
                           for name in args.models], indent=2))
         return

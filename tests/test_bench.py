@@ -57,7 +57,7 @@ def test_ca_speedup_reports_a_runtime_that_fails(monkeypatch):
 def test_layer_profile_covers_every_stage():
     result = layer_profile("hrnet_w18_small_v2", SIZE, reps=1)
     stages = {row["stage"]: row for row in result["convs"]}
-    for name in ("conv1", "layer1", "stage2", "stage3", "stage4", "last_layer", "exit1", "exit2", "exit3"):
+    for name in ("stem", "layer1", "stage2", "stage3", "stage4", "last_layer", "exit1", "exit2", "exit3"):
         assert name in stages
     assert stages["layer1"]["keep"] == 1.0 and stages["layer1"]["strategies"] == ["plain"]
     # masks nest: each stage keeps what the exit before it left
@@ -103,3 +103,46 @@ def test_dense_baseline_gets_the_frozen_models_rewrites():
     with torch.no_grad():
         ref, got = base(x), dense(x.contiguous(memory_format=torch.channels_last))
     assert (got - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+def test_stage_profile_sets_every_stage_beside_the_dense_runtimes():
+    from anytimeify.bench import stage_profile
+
+    result = stage_profile("hrnet_w18_small_v2", SIZE, reps=1, peers=("onnxruntime", "openvino"))
+    rows = {row["stage"]: row for row in result["stages"]}
+    for name in ("stem", "layer1", "transition1", "stage2", "stage3", "stage4", "last_layer",
+                 "exit1", "exit2", "exit3", "masks"):
+        assert name in rows, name
+    # the stages' times add up to the whole run: every second is somewhere
+    assert sum(row["anytime_s"] for row in rows.values()) == pytest.approx(result["anytime_total_s"], abs=2e-3)
+    for peer in ("onnxruntime", "openvino"):
+        assert "error" not in result["peers"][peer]
+        assert sum(row[f"{peer}_s"] for row in rows.values()) == pytest.approx(result["peers"][peer]["profiled_s"],
+                                                                            abs=2e-3)
+        # the runtimes' nodes were found in the model's own stages, not left in "other"
+        for name in ("stem", "layer1", "stage3", "stage4", "last_layer"):
+            assert rows[name][f"{peer}_s"] > 0, (peer, name)
+        assert rows["exit1"][f"{peer}_s"] == 0.0  # the dense model has no exits
+    assert rows["layer1"]["keep"] == 1.0
+    assert rows["stage4"]["keep"] == pytest.approx(1 - PAPER_SKIPS[2], abs=0.05)
+    best = min(rows["stage3"]["onnxruntime_s"], rows["stage3"]["openvino_s"])
+    assert rows["stage3"]["anytime_over_best"] == pytest.approx(rows["stage3"]["anytime_s"] / best, rel=0.02, abs=1e-3)
+    assert rows["exit1"]["anytime_over_best"] is None
+
+
+def test_onnx_nodes_map_to_the_modules_they_came_from(tmp_path):
+    from anytimeify.peers import _export_onnx, _group, onnx_node_modules
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1))).eval()
+    path = str(tmp_path / "m.onnx")
+    _export_onnx(net, torch.randn(1, 3, 8, 8), path)
+    modules = onnx_node_modules(path)
+    head = lambda module: module.split(".")[0]  # noqa: E731
+    groups = {_group(node, modules, head) for node in modules}
+    assert {"2", "3"} <= groups and groups & {"0", "1"}  # the conv carries the BN it absorbed: "0" or "1"
+    conv = next(node for node, module in modules.items() if module == "3.0")
+    assert _group(conv + "/WithoutBiases", modules, head) == "3"  # a runtime's split node
+    assert _group("reorder_in_" + conv, modules, head) == "3"  # a runtime's reorder named after its node
+    assert _group("not_in_the_model", modules, head) == "other"

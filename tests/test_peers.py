@@ -108,3 +108,27 @@ def test_bench_prints_the_runtimes_their_failures_and_every_exit(monkeypatch, ca
     assert "not installed (pip install x)" in out
     assert "Test CPU 9000" in out and "realisation 0.83" in out
     assert "0.31" in out and "0.67" in out
+
+
+def test_bench_layers_prints_each_stage_beside_the_runtimes(monkeypatch, capsys):
+    import anytimeify.bench
+    from anytimeify import cli
+
+    seen = {}
+
+    def fake(name, size, skips, threads, seed, reps, peers, base):
+        seen["peers"] = peers
+        return {"machine": {"cpu": "Test CPU 9000"}, "anytime_total_s": 0.5,
+                "peers": {"onnxruntime": {"profiled_s": 0.7}, "openvino": {"error": "profiling failed: X"}},
+                "stages": [{"stage": "stage4", "keep": 0.37, "anytime_s": 0.123, "onnxruntime_s": 0.2,
+                            "anytime_over_best": 0.6},
+                           {"stage": "exit1", "keep": 1.0, "anytime_s": 0.01, "onnxruntime_s": 0.0,
+                            "anytime_over_best": None}]}
+
+    monkeypatch.setattr(anytimeify.bench, "stage_profile", fake)
+    monkeypatch.setattr(cli, "base_from_args", lambda args: None)
+    assert cli.main(["bench", "hrnet_w18_small_v2", "--input", "64x128", "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert seen["peers"] == ["onnxruntime", "openvino"]  # torch.compile has no per-node profile
+    assert "stage4" in out and "0.1230" in out and "0.60" in out
+    assert "openvino: profiling failed: X" in " ".join(out.split())
