@@ -217,12 +217,18 @@ def ca_speedup(name: str, size: Tuple[int, int] = (1024, 2048), skips: Sequence[
     return result
 
 
+#: seconds between two timed runs, so that the worker threads of the run before (OpenMP's, ONNX
+#: Runtime's and OpenVINO's thread pools spin for a while after their work) are asleep again
+SETTLE_S = 0.02
+
+
 def _interleaved(runs: Dict[str, "callable"], reps: int) -> Dict[str, List[float]]:
     """``reps`` rounds, each running every entry of ``runs`` once in turn: seconds per entry, first-use
-    kernel measuring left out."""
+    kernel measuring left out, :data:`SETTLE_S` between runs (not timed)."""
     times: Dict[str, List[float]] = {key: [] for key in runs}
     for _ in range(reps):
         for key, run in runs.items():
+            time.sleep(SETTLE_S)
             times[key].append(_seconds_without_measuring(run))
     return times
 
