@@ -228,3 +228,36 @@ def test_the_user_is_told_once_when_pytorch_wins_most_masked_layers(table, monke
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
     assert f"slower than PyTorch's on {tune.CHECK_AFTER} of {tune.CHECK_AFTER} masked layer shapes" in warnings[0]
+
+
+def test_convs_sharing_a_mask_look_their_choice_up_once_per_geometry(table, monkeypatch):
+    """The choice of a segment's convs is looked up once per geometry and plan, not once per conv
+    (the lookup costs more than a small conv's kernel), and the outputs are those of fresh lookups."""
+    from anytimeify.masking.plans import MaskPlan
+
+    torch.manual_seed(0)
+    convs = [MaskedConv2d.from_conv(nn.Conv2d(18, 18, 3, padding=1), execution="sparse").eval() for _ in range(5)]
+    convs.append(MaskedConv2d.from_conv(nn.Conv2d(18, 36, 1), execution="sparse").eval())
+    x = torch.randn(1, 18, 24, 32).contiguous(memory_format=torch.channels_last)
+    mask = torch.rand(1, 1, 24, 32) < 0.4
+    calls = []
+    real = tune.lookup
+    monkeypatch.setattr(tune, "lookup", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+
+    def run(shared: bool):
+        plan = MaskPlan(mask)
+        y, outs = x, []
+        with torch.no_grad():
+            for conv in convs[:-1]:
+                y = conv(y, mask, MaskPlan(mask) if not shared else plan)
+                outs.append(y)
+            outs.append(convs[-1](y, mask, plan))
+        return outs
+
+    fresh = run(shared=False)
+    assert len(calls) >= len(convs)  # strategy and variant per conv
+    calls.clear()
+    shared = run(shared=True)
+    assert len(set(calls)) == 2 and len(calls) <= 4  # two geometries: a strategy and a variant each at most
+    for a, b in zip(fresh, shared):
+        torch.testing.assert_close(a, b)

@@ -97,9 +97,13 @@ def resolve_strategy(strategy: str, geometry: ConvGeometry, plan: MaskPlan, impl
     ``"implicit"`` -> ``"gather"`` without the compiled kernels). ``implicit``: whether the
     compiled implicit GEMM can run."""
     if strategy == "auto":
-        return choose_strategy(geometry, plan.positions, plan.kept, cost_model, implicit=implicit,
-                               device_type=device_type, runs=plan.row_runs, in_positions=in_positions,
-                               out_rows=plan.batch * plan.height, in_hw=in_hw)
+        key = ("strategy", geometry, implicit, id(cost_model), device_type, in_positions, in_hw)
+        chosen = plan.decisions.get(key)
+        if chosen is None:  # once per geometry and plan: the lookup costs more than a small conv's kernel
+            chosen = plan.decisions[key] = choose_strategy(
+                geometry, plan.positions, plan.kept, cost_model, implicit=implicit, device_type=device_type,
+                runs=plan.row_runs, in_positions=in_positions, out_rows=plan.batch * plan.height, in_hw=in_hw)
+        return chosen
     if strategy == "implicit_rows" and (not implicit or rows_layout(geometry) is None):
         strategy = "implicit"
     if strategy == "implicit" and not implicit:

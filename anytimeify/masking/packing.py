@@ -116,6 +116,19 @@ class LayerWeights:
             kernel = self._dense_kernels[key] = dense_kernel(geometry, key[1], key[2], key[3], cost_model)
         return kernel
 
+    def implicit_variant(self, geometry: ConvGeometry, in_height: int, in_width: int) -> int:
+        """The implicit GEMM's measured variant for this input size (see ``dispatch._implicit_variant``),
+        cached per size and state of the tuning table like :meth:`dense_kernel`."""
+        from . import tune
+        from .dispatch import _implicit_variant
+
+        table = tune.active_table()
+        key = ("variant", geometry, in_height, in_width, id(table), table.generation if table is not None else 0)
+        variant = self._dense_kernels.get(key)
+        if variant is None:
+            variant = self._dense_kernels[key] = _implicit_variant(geometry, in_height, in_width)
+        return variant
+
     def rows(self, chunk: int, chunks: int) -> Tuple[Tensor, Tensor, int]:
         """Packed weights, padded ``bias + shift`` and chunk width of the row-vectorised implicit GEMM."""
         if self._rows is None or self._rows[2] != chunk:

@@ -56,6 +56,10 @@ class MaskPlan:
         self._gather: Dict[Tuple, object] = {}
         self._halo: Dict[object, Tuple[Tensor, Tensor]] = {}
         self._scratch: Dict[Tuple, Tensor] = {}
+        #: per-layer decisions taken under this mask (strategy, implicit GEMM variant), keyed by
+        #: everything they depend on: the many convs of a segment that share a geometry look them
+        #: up in the tuning table once per forward instead of once each (see ``dispatch``)
+        self.decisions: Dict[Tuple, object] = {}
 
     # ----------------------------------------------------------------------------------- queries
     def matches(self, mask: Tensor) -> bool:
