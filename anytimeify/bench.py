@@ -95,7 +95,8 @@ def fold_for_inference(model: nn.Module, engine_convs: bool = True) -> nn.Module
     """The base model as the engine runs it densely: every BN folded into its conv (torch.fx), the
     sums of upsampled branches (HRNet's fuse layers) in one pass each, every conv run by the
     engine's fastest dense kernel for its shape (:class:`~anytimeify.masking.conv.EngineConv2d`)
-    with a ReLU that only reads it applied as its output is written, channels-last memory format.
+    with a residual addition and a ReLU that only read it applied as its output is written,
+    channels-last memory format.
 
     These are the rewrites :meth:`~anytimeify.AnytimeModel.freeze` applies to the unmasked parts of
     an anytime model, so the dense baseline gets them too. With ``engine_convs=False`` the convs
@@ -103,13 +104,16 @@ def fold_for_inference(model: nn.Module, engine_convs: bool = True) -> nn.Module
     """
     from torch.fx.experimental.optimization import fuse
 
-    from ._fx.fold import fuse_sums, use_engine_convs
+    from ._fx.fold import fuse_residuals, fuse_sums, use_engine_convs
 
     folded = fuse(model.eval())
-    if fuse_sums(folded, folded.graph):
-        folded.recompile()
+    rewritten = 0
     if engine_convs:
         use_engine_convs(folded, graph=folded.graph)  # ReLUs that only read a conv become its activation
+        rewritten += fuse_residuals(folded, folded.graph)  # and residual additions move into the convs
+    rewritten += fuse_sums(folded, folded.graph)
+    if rewritten:
+        folded.recompile()
     return folded.to(memory_format=torch.channels_last)
 
 

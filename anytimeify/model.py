@@ -383,15 +383,15 @@ class AnytimeModel(nn.Module):
         holders = [program.graph_module] + [seg.module for seg in program.segments]
         graph = program.graph_module.graph
         fold_batch_norms(frozen, graph, holders)
-        # residual additions (and the ReLU after them) move into the masked convs that feed them;
-        # that rewrites the graph, so it is split into segments again
+        # the unmasked convs run the engine's fastest dense kernel (a ReLU that only reads one is
+        # applied as it writes), as the dense baseline's do
+        use_engine_convs(frozen, holders, graph=graph)
+        # residual additions (and the ReLU after them) move into the masked and engine convs that
+        # feed them; that rewrites the graph, so it is split into segments again
         ends = [name for name in program.mask_names if name is not None] + list(program.exit_names)
         rewritten = fuse_residuals(program.graph_module, graph, barriers=ends)
         # HRNet's fuse layers (upsampling, the sum of the branches, ReLU): one pass each
         rewritten += fuse_sums(program.graph_module, graph)
-        # the unmasked convs run the engine's fastest dense kernel (a ReLU that only reads one is
-        # applied as it writes), as the dense baseline's do
-        use_engine_convs(frozen, [program.graph_module] + [seg.module for seg in program.segments], graph=graph)
         if rewritten:
             program = _rebuild_program(program)
         # a masked conv read only by the next masked conv of the same mask leaves unread rows unwritten

@@ -95,6 +95,8 @@ def test_dense_baseline_gets_the_frozen_models_rewrites():
     assert convs and all(isinstance(m, EngineConv2d) for m in convs)
     # ReLUs that only read a conv are its activation now: none is left in the graph
     assert any(m.activation == "relu" for m in convs)
+    # residual additions (and the ReLU after them) run inside the convs that feed them
+    assert sum("residual" in n.kwargs for n in dense.graph.nodes if n.op == "call_module") >= 40
     assert not any(n.op == "call_module" and isinstance(dense.get_submodule(n.target), torch.nn.ReLU)
                    for n in dense.graph.nodes)
     plain = fold_for_inference(base, engine_convs=False)

@@ -709,6 +709,35 @@ def test_dense_conv2d_matches_conv2d(kernel, in_channels, out_channels, k, strid
         dense_conv2d(x, conv.weight, conv.bias, conv_geometry(conv), kernel="fast")
 
 
+@pytest.mark.parametrize("kernel", ["onednn", "implicit", "implicit_rows"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_dense_conv2d_adds_a_residual_before_the_activation(kernel, layout, relu):
+    """act(conv(x) + residual) from every kernel: the implicit GEMMs add a channels-last residual as
+    they write each row, the rest (and a residual in another layout) in one more pass."""
+    from anytimeify.masking.conv import conv_geometry
+    from anytimeify.masking.engine import dense_conv2d
+
+    g = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(18, 36, 3, padding=1)
+    x = torch.randn(2, 18, 21, 30, generator=g).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 36, 21, 30, generator=g)
+    if layout == "channels_last":
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    before = residual.clone()
+    with torch.no_grad():
+        expected = conv(x) + residual
+        expected = expected.relu() if relu else expected
+        for use_ext in (True, False):
+            with extension(use_ext):
+                got = dense_conv2d(x, conv.weight, conv.bias, conv_geometry(conv), kernel=kernel,
+                                   activation="relu" if relu else None, residual=residual)
+            assert (got - expected).abs().max() <= tolerance(expected), (kernel, use_ext)
+            assert torch.equal(residual, before)  # the residual is read, never written
+        with pytest.raises(ValueError, match="residual shape"):
+            dense_conv2d(x, conv.weight, conv.bias, conv_geometry(conv), kernel=kernel, residual=residual[:, :5])
+
+
 def test_engine_conv_module():
     """EngineConv2d shares the conv's parameters, picks its kernel by the cost model and falls back
     to the plain conv for training, autograd and tensors the kernels do not take."""
@@ -728,6 +757,15 @@ def test_engine_conv_module():
     x.requires_grad_(True)
     engine_conv(x).sum().backward()
     assert x.grad is not None and conv.weight.grad is not None
+    # a residual folded into it: act(conv(x) + residual), with and without the compiled kernels
+    engine_conv.activation = "relu"
+    residual = torch.randn(1, 18, 40, 64)
+    with torch.no_grad():
+        expected = (conv(x) + residual).relu()
+        assert (engine_conv(x, residual=residual) - expected).abs().max() <= tolerance(expected)
+        with extension(False):
+            assert torch.equal(engine_conv(x, residual=residual), expected)
+    engine_conv.activation = None
     # the module runs dense_kernel's choice; the analytical cost model's (tuning off) for the
     # AVX-512 kernels it was calibrated on: thin outputs -> the row kernel; outputs above 32 MB
     # (fresh pages for PyTorch's conv) -> the implicit GEMM with a pooled output; a small 48-channel

@@ -261,3 +261,22 @@ def test_convs_sharing_a_mask_look_their_choice_up_once_per_geometry(table, monk
     assert len(set(calls)) == 2 and len(calls) <= 4  # two geometries: a strategy and a variant each at most
     for a, b in zip(fresh, shared):
         torch.testing.assert_close(a, b)
+
+
+def test_the_hot_path_reads_the_environment_as_os_environ_does(monkeypatch):
+    """The engine's fast environment reads see every change at once, as ``os.environ.get`` does."""
+    import os
+
+    from anytimeify._env import getenv
+
+    monkeypatch.delenv("ANYTIMEIFY_TEST_VAR", raising=False)
+    assert getenv("ANYTIMEIFY_TEST_VAR") is None and getenv("ANYTIMEIFY_TEST_VAR", "d") == "d"
+    for value in ("1", "", "café ünïcode", "0"):
+        monkeypatch.setenv("ANYTIMEIFY_TEST_VAR", value)
+        assert getenv("ANYTIMEIFY_TEST_VAR") == os.environ.get("ANYTIMEIFY_TEST_VAR") == value
+    monkeypatch.setenv("ANYTIMEIFY_TUNE", "off")
+    assert tune.tune_mode() == "off" and tune.active_table() is None
+    monkeypatch.setenv("ANYTIMEIFY_TUNE", "cache")
+    assert tune.tune_mode() == "cache" and tune.active_table() is not None
+    monkeypatch.setenv("ANYTIMEIFY_NO_EXT", "1")
+    assert tune.active_table() is None

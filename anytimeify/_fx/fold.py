@@ -224,9 +224,10 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 
 
 def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] = ()) -> int:
-    """Move residual connections into the masked convs that feed them; returns how many.
+    """Move residual connections into the masked and engine convs that feed them; returns how many.
 
-    Pattern (after BN folding): a masked conv, called once, whose output (through identity
+    Pattern (after BN folding): a masked conv or an engine conv
+    (:class:`~anytimeify.masking.conv.EngineConv2d`, so after :func:`use_engine_convs`), called once, whose output (through identity
     modules only) is the sole input of an addition ``conv_out + other`` (``+``, ``+=`` or
     ``torch.add`` without ``alpha``), optionally followed by a ReLU module that is the addition's
     only reader. The conv node then takes ``other`` as its ``residual`` keyword,
@@ -240,7 +241,7 @@ def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] =
         if node.op != "call_module" or calls.get(node.target) != 1 or "residual" in node.kwargs:
             continue
         conv = root.get_submodule(str(node.target))
-        if not isinstance(conv, MaskedConv2d) or conv.activation is not None:
+        if not isinstance(conv, (MaskedConv2d, EngineConv2d)) or conv.activation is not None:
             continue
         chain, user = _through_identities(root, node)
         end = chain[-1] if chain else node

@@ -142,7 +142,9 @@ def _pool_limit_from_env() -> Optional[int]:
 
 def load() -> Optional[ModuleType]:
     """The compiled kernels, or None when disabled or unavailable (logged once)."""
-    if os.environ.get("ANYTIMEIFY_NO_EXT", "") not in ("", "0"):
+    from .._env import getenv
+
+    if getenv("ANYTIMEIFY_NO_EXT", "") not in ("", "0"):
         return None
     if _state["tried"]:
         return _state["module"]

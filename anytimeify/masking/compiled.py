@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .._env import getenv
+from . import _ext
 from .geometry import ConvGeometry
 
 __all__ = ["DEFAULT_ISA", "kernel_isa", "inference_kernels", "implicit_available"]
@@ -43,10 +45,8 @@ def kernel_isa(ext=None) -> dict:
 
 def _extension():
     """The compiled kernels, or None (not built, disabled with ``ANYTIMEIFY_NO_EXT=1``)."""
-    if os.environ.get("ANYTIMEIFY_NO_EXT", "") not in ("", "0"):
+    if getenv("ANYTIMEIFY_NO_EXT", "") not in ("", "0"):
         return None
-    from . import _ext
-
     return _ext.load()
 
 

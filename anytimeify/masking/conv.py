@@ -503,16 +503,23 @@ class EngineConv2d(nn.Conv2d):
         """
         return self._layer_weights().dense_kernel(self._geometry, x_shape, DEFAULT_COST_MODEL)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """The conv by :meth:`kernel`'s choice for float32 CPU inference with the compiled kernels;
-        the plain conv in training, with autograd, while tracing and elsewhere."""
+        the plain conv in training, with autograd, while tracing and elsewhere.
+
+        ``residual``: a tensor of the output's shape added before the activation (a residual
+        connection the inference rewrites moved into the conv: ``act(conv(x) + residual)``); the
+        implicit GEMMs add it as they write their output, else one pass adds it.
+        """
         if self.training or inference_kernels([x, self.weight]) is None:
             y = super().forward(x)
+            if residual is not None:
+                y = y + residual
             return torch.relu(y) if self.activation == "relu" else y
         weights = self._layer_weights()  # one cache lookup for the layouts and the kernel choice
         return dense_conv2d(x, self.weight, self.bias, self._geometry, weights=weights,
                             kernel=weights.dense_kernel(self._geometry, x.shape, DEFAULT_COST_MODEL),
-                            activation=self.activation)
+                            activation=self.activation, residual=residual)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")

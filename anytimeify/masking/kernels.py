@@ -248,9 +248,13 @@ def _every_row(positions: int) -> Tensor:
 
 def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
                  weights: Optional[LayerWeights] = None, kernel: Optional[str] = None,
-                 cost_model: CostModel = DEFAULT_COST_MODEL, activation: Optional[str] = None) -> Tensor:
-    """An unmasked conv (then ``activation``: None or ``"relu"``) by the kernel :func:`dense_kernel`
-    picks (or ``kernel``), for inference.
+                 cost_model: CostModel = DEFAULT_COST_MODEL, activation: Optional[str] = None,
+                 residual: Optional[Tensor] = None) -> Tensor:
+    """An unmasked conv (plus ``residual`` where given, then ``activation``: None or ``"relu"``)
+    by the kernel :func:`dense_kernel` picks (or ``kernel``), for inference.
+
+    A channels-last float32 ``residual`` of the output's shape is added by the implicit GEMMs as
+    they write each output row; otherwise one more pass adds it (:func:`add_residual`).
 
     Without the compiled kernels, for other dtypes or devices and for grouped convs it is
     ``F.conv2d`` (the ReLU then in place on its output). The implicit GEMMs compute every output
@@ -268,29 +272,39 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: Co
     if kernel == "implicit_rows" and rows_layout(geometry) is None:
         kernel = "implicit"
     relu = activation == "relu"
-    if ext is None or geometry.groups != 1 or kernel == "onednn":
-        y = F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
-        return y.relu_() if relu else y
-    if weights is None:
-        weights = LayerWeights(weight, bias, None, geometry.groups)
     out_height, out_width = geometry.output_size(in_height, in_width)
     positions = batch * out_height * out_width
     out_channels = geometry.out_channels
+    if residual is not None and tuple(residual.shape) != (batch, out_channels, out_height, out_width):
+        raise ValueError(f"residual shape {tuple(residual.shape)} does not match the conv output "
+                         f"{(batch, out_channels, out_height, out_width)}")
+    res_rows = _rows_of(residual, positions, out_channels) if ext is not None else None
+    if ext is None or geometry.groups != 1 or kernel == "onednn" or (residual is not None and res_rows is None):
+        if ext is not None and geometry.groups == 1 and kernel != "onednn":  # a residual the pass cannot read
+            y = dense_conv2d(x, weight, bias, geometry, weights, kernel, cost_model)
+        else:
+            y = F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+        if residual is not None:
+            return add_residual(y, residual, activation)
+        return y.relu_() if relu else y
+    if weights is None:
+        weights = LayerWeights(weight, bias, None, geometry.groups)
     rows = _every_row(positions)
     none_i32, none_f32 = torch.empty(0, dtype=torch.int32), torch.empty(0)
+    res_arg = res_rows if res_rows is not None else none_f32
     out_flat = ext.masked_output(positions, out_channels, rows, none_f32, none_f32, False, False)  # no fill
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     if kernel == "implicit_rows":
         packed, padded_bias, chunk = weights.rows(*rows_layout(geometry))
         with _kernel("implicit_rows"):
             ext.implicit_rows(x_nhwc, packed, padded_bias, rows, out_flat, out_height, out_width, geometry.stride[0],
-                              *geometry.padding, chunk, relu, none_i32, none_f32, none_f32)
+                              *geometry.padding, chunk, relu, none_i32, none_f32, res_arg)
     else:
         packed, padded_bias = weights.implicit
         with _kernel("implicit_conv"):
             ext.implicit_conv(x_nhwc, packed, padded_bias, rows, out_flat, out_height, out_width, *geometry.kernel_size,
                               *geometry.stride, *geometry.padding, *geometry.dilation, relu, none_i32, none_f32,
-                              none_f32, weights.implicit_variant(geometry, in_height, in_width))
+                              res_arg, weights.implicit_variant(geometry, in_height, in_width))
     return out_flat.view(batch, out_height, out_width, out_channels).permute(0, 3, 1, 2)
 
 

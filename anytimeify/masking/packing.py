@@ -7,9 +7,10 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import tune
 from .compiled import kernel_isa
 from .cost import CostModel
-from .dispatch import dense_kernel
+from .dispatch import _implicit_variant, dense_kernel
 from .geometry import ConvGeometry
 from .layout import implicit_block
 
@@ -106,8 +107,6 @@ class LayerWeights:
     def dense_kernel(self, geometry: ConvGeometry, x_shape: Sequence[int], cost_model: "CostModel") -> str:
         """:func:`dense_kernel` for an input of ``x_shape``, cached per shape, cost model and state
         of the tuning table."""
-        from . import tune
-
         table = tune.active_table()
         key = (geometry, int(x_shape[0]), int(x_shape[2]), int(x_shape[3]), id(cost_model),
                id(table), table.generation if table is not None else 0)
@@ -119,9 +118,6 @@ class LayerWeights:
     def implicit_variant(self, geometry: ConvGeometry, in_height: int, in_width: int) -> int:
         """The implicit GEMM's measured variant for this input size (see ``dispatch._implicit_variant``),
         cached per size and state of the tuning table like :meth:`dense_kernel`."""
-        from . import tune
-        from .dispatch import _implicit_variant
-
         table = tune.active_table()
         key = ("variant", geometry, in_height, in_width, id(table), table.generation if table is not None else 0)
         variant = self._dense_kernels.get(key)

@@ -45,6 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._env import getenv
+from .compiled import _extension
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["TUNE_KEEPS", "MASKED_CANDIDATES", "DENSE_CANDIDATES", "LayerTiming", "TuningTable", "tune_mode",
@@ -71,7 +74,7 @@ ShapeKey = Tuple[int, ...]
 
 def tune_mode() -> str:
     """``ANYTIMEIFY_TUNE``: ``"auto"`` (default), ``"cache"`` or ``"off"``."""
-    mode = os.environ.get("ANYTIMEIFY_TUNE", "auto").strip().lower() or "auto"
+    mode = getenv("ANYTIMEIFY_TUNE", "auto").strip().lower() or "auto"
     if mode in ("0", "false", "no"):
         return "off"
     if mode not in TUNE_MODES:
@@ -259,8 +262,7 @@ _dirs: Dict[Tuple[Optional[str], ...], str] = {}
 def _cache_dir_text() -> str:
     """:func:`cache_dir` as text, memoised on the variables it reads (the engine asks on every
     masked conv; resolving a path each time costs more than a small conv)."""
-    env = os.environ
-    memo = (env.get("ANYTIMEIFY_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+    memo = (getenv("ANYTIMEIFY_CACHE_DIR"), getenv("XDG_CACHE_HOME"), getenv("HOME"))
     text = _dirs.get(memo)
     if text is None:
         text = _dirs[memo] = str(cache_dir())
@@ -270,8 +272,6 @@ def _cache_dir_text() -> str:
 def active_table() -> Optional[TuningTable]:
     """The tuning table of this machine and thread count (loaded from the cache, or empty), or
     None when tuning is off or the compiled kernels are not loaded."""
-    from .compiled import _extension
-
     if tune_mode() == "off":
         return None
     ext = _extension()
