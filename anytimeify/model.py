@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ._fx.split import Segment, split_graph
+from .masking.compiled import _traced
 from .masking.conv import MaskedConv2d
 
 __all__ = ["AnytimeModel", "ExitOutput", "Prediction", "Program", "confidence_scores", "SPARSE_NOT_TRACEABLE"]
@@ -201,8 +202,22 @@ def _masked_conv_hook(module: MaskedConv2d, args, output) -> None:
         ledger.executed += macs
         ledger.paper += macs
     else:
-        ledger.executed += module.executed_macs(x.shape, mask, plan, execution=module.resolved_execution(x))
-        ledger.paper += module.paper_macs(x.shape, mask, plan)
+        execution = module.resolved_execution(x)
+        if plan is not None and plan.matches(mask) and not _traced((x,)):
+            # the counts of the convs under one plan that share everything they depend on are
+            # computed once (counting cost as much as a small conv's kernel)
+            weight = module.weight
+            key = ("macs", module.geometry, tuple(x.shape), execution, module.strategy, module.reader_radius,
+                   float(module.interp_lambda), id(module.cost_model), weight.dtype, weight.device)
+            counts = plan.decisions.get(key)
+            if counts is None:
+                counts = plan.decisions[key] = (module.executed_macs(x.shape, mask, plan, execution=execution),
+                                                module.paper_macs(x.shape, mask, plan))
+        else:
+            counts = (module.executed_macs(x.shape, mask, plan, execution=execution),
+                      module.paper_macs(x.shape, mask, plan))
+        ledger.executed += counts[0]
+        ledger.paper += counts[1]
 
 
 def run_segment(segment: Segment, args) -> Tuple[tuple, Ledger]:
