@@ -1085,3 +1085,24 @@ def test_fuse_sums_rewrites_upsample_chains():
         got = gm(a, b, c)
     for g, e in zip(got, expected):
         assert (g - e).abs().max() <= 1e-6 * e.abs().max()
+
+
+@pytest.mark.skipif(not _ext.available(), reason="compares the compiled plan builder with the PyTorch reference")
+@pytest.mark.parametrize("radius", [0, 1, 3])
+@pytest.mark.parametrize("shape,keep", [((2, 1, 13, 17), 0.4), ((1, 1, 1, 9), 0.5), ((1, 1, 8, 1), 0.5),
+                                        ((3, 1, 6, 7), 0.0), ((1, 1, 6, 7), 1.0), ((1, 1, 32, 48), 0.9)])
+def test_compiled_plan_lists_equal_the_pytorch_reference(radius, shape, keep):
+    """The interpolation halo, its taps and the boundary slots from the compiled one-pass builder
+    equal the PyTorch reference exactly, borders, empty and full masks, batches and one-row maps included."""
+    from anytimeify.masking.engine import MaskPlan
+
+    g = torch.Generator().manual_seed(radius * 100 + shape[2])
+    mask = torch.rand(shape, generator=g) < keep
+    mask = mask.expand(shape)  # an expanded mask (as imposed masks come) is not contiguous in memory
+    compiled, reference = MaskPlan(mask), MaskPlan(mask)
+    reference.use_extension = False
+    for a, b in zip(compiled.halo_index(radius), reference.halo_index(radius)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    slots_a, count_a = compiled.boundary_slots(radius)
+    slots_b, count_b = reference.boundary_slots(radius)
+    assert count_a == count_b and slots_a.dtype == slots_b.dtype and torch.equal(slots_a, slots_b)

@@ -11,6 +11,8 @@
 //                  row, with the layer's per-channel shift and ReLU fused in;
 //   fuse_branches  HRNet's branch fusion (bilinear resize + concatenation) in one channels-last pass;
 //   resize_bilinear, avg_pool2x2  the exits' up and down steps, channels-last, into pooled outputs;
+//   halo_lists, boundary_slots  the index lists of a mask plan (the interpolation halo and its taps,
+//                  the kept rows the stencil reads) in one pass over the keep map;
 //   fuse_sum       HRNet's fuse layers (nearest or bilinear upsampling, the sum of the branches, ReLU) in one pass;
 //   (outputs of 4 MiB and more come from a pool of reused buffers: see "buffer pool" below)
 //   add_residual   a residual connection (and the ReLU after it) folded into the masked conv's output
@@ -28,6 +30,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <tuple>
 #include <vector>
 
 #include <sys/mman.h>
@@ -1340,6 +1343,85 @@ torch::Tensor fuse_sum(const std::vector<torch::Tensor>& terms, const std::vecto
   return out;
 }
 
+// ------------------------------------------------------------------------------- mask plans
+// The index lists of a mask plan (anytimeify/masking/plans.py, whose PyTorch code is the reference):
+// one pass over the (B, H, W) keep map instead of a max-pool, a nonzero and index arithmetic over
+// the whole map per list. `near(b, y, x, want)`: whether a position within `radius` (Chebyshev
+// distance, inside the map) has keep == want.
+namespace {
+
+inline bool near_value(const bool* keep, int64_t H, int64_t W, int64_t y, int64_t x, int64_t radius, bool want) {
+  const int64_t y0 = std::max<int64_t>(0, y - radius), y1 = std::min<int64_t>(H - 1, y + radius);
+  const int64_t x0 = std::max<int64_t>(0, x - radius), x1 = std::min<int64_t>(W - 1, x + radius);
+  for (int64_t yy = y0; yy <= y1; ++yy) {
+    const bool* row = keep + yy * W;
+    for (int64_t xx = x0; xx <= x1; ++xx)
+      if (row[xx] == want) return true;
+  }
+  return false;
+}
+
+void check_keep(const torch::Tensor& keep, int64_t radius) {
+  TORCH_CHECK(keep.device().is_cpu() && keep.scalar_type() == torch::kBool && keep.dim() == 3 && keep.is_contiguous(),
+              "keep must be a contiguous (B, H, W) bool CPU tensor");
+  TORCH_CHECK(radius >= 0, "radius must be at least 0, got ", radius);
+}
+
+}  // namespace
+
+// The interpolation halo: skipped positions with a kept one within `radius`, in index order, and
+// the flat indices of their non-centre taps (row-major offsets; a tap outside the map points at
+// the halo position itself).
+std::vector<torch::Tensor> halo_lists(const torch::Tensor& keep, int64_t radius) {
+  check_keep(keep, radius);
+  const int64_t B = keep.size(0), H = keep.size(1), W = keep.size(2), plane = H * W;
+  const bool* k = keep.data_ptr<bool>();
+  std::vector<int64_t> halo;
+  for (int64_t b = 0; b < B; ++b) {
+    const bool* map = k + b * plane;
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t x = 0; x < W; ++x)
+        if (!map[y * W + x] && near_value(map, H, W, y, x, radius, true)) halo.push_back(b * plane + y * W + x);
+  }
+  const int64_t M = static_cast<int64_t>(halo.size()), side = 2 * radius + 1, T = side * side - 1;
+  auto halo_t = torch::empty({M}, torch::kInt64);
+  auto neighbours = torch::empty({M, T}, torch::kInt64);
+  int64_t* h = halo_t.data_ptr<int64_t>();
+  int64_t* n = neighbours.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t p = halo[i], b = p / plane, y = p % plane / W, x = p % W;
+    h[i] = p;
+    int64_t t = 0;
+    for (int64_t dy = -radius; dy <= radius; ++dy)
+      for (int64_t dx = -radius; dx <= radius; ++dx) {
+        if (dy == 0 && dx == 0) continue;
+        const int64_t yy = y + dy, xx = x + dx;
+        n[i * T + t++] = (yy >= 0 && yy < H && xx >= 0 && xx < W) ? b * plane + yy * W + xx : p;
+      }
+  }
+  return {halo_t, neighbours};
+}
+
+// The kept positions the halo stencil reads (a skipped position within `radius`): a (B*H*W,) int32
+// map holding 0..count-1 at them in index order and -1 elsewhere, and count.
+std::tuple<torch::Tensor, int64_t> boundary_slots(const torch::Tensor& keep, int64_t radius) {
+  check_keep(keep, radius);
+  const int64_t B = keep.size(0), H = keep.size(1), W = keep.size(2), plane = H * W;
+  const bool* k = keep.data_ptr<bool>();
+  auto slots = torch::empty({B * plane}, torch::kInt32);
+  int32_t* s = slots.data_ptr<int32_t>();
+  int64_t count = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const bool* map = k + b * plane;
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t x = 0; x < W; ++x) {
+        const bool boundary = map[y * W + x] && near_value(map, H, W, y, x, radius, false);
+        s[b * plane + y * W + x] = boundary ? static_cast<int32_t>(count++) : -1;
+      }
+  }
+  return {slots, count};
+}
+
 // What this build targets: the ISA, vector lanes and registers, and the block widths its kernels
 // take (the engine packs weights for them).
 pybind11::dict isa() {
@@ -1369,6 +1451,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fuse_branches", &fuse_branches, "Bilinear resize of every branch to the first's size, concatenated (NHWC)");
   m.def("resize_bilinear", &resize_bilinear, "Bilinear resize of one map to a given size (NHWC)");
   m.def("avg_pool2x2", &avg_pool2x2, "2x2 average pooling, stride 2 (NHWC)");
+  m.def("halo_lists", &halo_lists, "A mask plan's interpolation halo and its taps' flat indices");
+  m.def("boundary_slots", &boundary_slots, "A mask plan's kept positions next to a skipped one, numbered");
   m.def("fuse_sum", &fuse_sum, "act(sum of nearest- or bilinear-resized terms), HRNet's fuse layers, in one pass (NHWC)");
   m.def("pooled_empty", &pooled_empty, "Uninitialised float32 CPU tensor, from the buffer pool when large");
   m.def("set_pool_limit", &set_pool_limit, "Bytes of unused buffers the pool keeps (0: off); returns the previous");

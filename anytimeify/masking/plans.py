@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compiled import _extension, _traced
 from .geometry import ConvGeometry
 from .interp import kernel_offsets
 
@@ -113,6 +114,19 @@ class MaskPlan:
         return self._skipped_index
 
     # ------------------------------------------------------------------------------ index lists
+    #: build the halo lists with the compiled kernels where they are loaded (False: PyTorch's ops,
+    #: the reference the tests compare them with)
+    use_extension = True
+
+    def _ext(self):
+        """The compiled kernels where they may build this plan's lists (a CPU mask with data)."""
+        if not self.use_extension or self.keep.device.type != "cpu" or _traced((self.keep,)):
+            return None
+        return _extension()
+
+    def _keep_contiguous(self) -> Tensor:
+        return self.keep.contiguous()
+
     def gather_index(self, geometry: ConvGeometry, in_height: int, in_width: int) -> Tuple[Tensor, Optional[Tensor]]:
         """im2col gather lists of the kept output positions for a conv geometry.
 
@@ -195,6 +209,11 @@ class MaskPlan:
         cached = self._halo.get(radius)
         if cached is not None:
             return cached
+        ext = self._ext()
+        if ext is not None:  # one pass over the keep map (the code below is the reference)
+            halo, neighbours = ext.halo_lists(self._keep_contiguous(), radius)
+            self._halo[radius] = (halo, neighbours)
+            return halo, neighbours
         size = 2 * radius + 1
         keep = self.keep[:, None].to(torch.float32)
         near = F.max_pool2d(keep, size, stride=1, padding=radius)[:, 0] > 0
@@ -223,6 +242,11 @@ class MaskPlan:
         cached = self._halo.get(key)  # type: ignore[call-overload]
         if cached is not None:
             return cached  # type: ignore[return-value]
+        ext = self._ext()
+        if ext is not None:
+            result = tuple(ext.boundary_slots(self._keep_contiguous(), radius))
+            self._halo[key] = result  # type: ignore[assignment]
+            return result  # type: ignore[return-value]
         size = 2 * radius + 1
         skipped = (~self.keep)[:, None].to(torch.float32)
         near = F.max_pool2d(skipped, size, stride=1, padding=radius)[:, 0] > 0
