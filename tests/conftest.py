@@ -42,6 +42,8 @@ def image():
 # slowest tests of each, which is how this list is kept up to date). Tests marked in their own file
 # with @pytest.mark.slow belong to it too. Each entry is a node id or the start of one.
 THOROUGH = {
+    "tests/test_bench.py::test_stage_profile_sets_every_stage_beside_the_dense_runtimes":
+        "exports HRNet to ONNX and profiles it in two runtimes (~15 s)",
     "tests/test_kernel_isas.py": "compiles the kernels once per instruction set",
     "tests/test_train_ddp.py": "torchrun with two processes",
     "tests/test_docs.py::test_the_pages_code_runs[docs/": "every documentation page's code (README's runs by default)",
