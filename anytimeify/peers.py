@@ -190,52 +190,54 @@ def prepare_peers(base: nn.Module, x: torch.Tensor, threads: int,
     peers: List[Peer] = []
     needs_onnx = [n for n in names if n in ("onnxruntime", "openvino") and versions[n] is not None]
     workdir = tempfile.TemporaryDirectory(prefix="anytimeify-peers-")
-    onnx_path = os.path.join(workdir.name, "model.onnx")
-    onnx_error: Optional[str] = None
-    onnx_s = 0.0
-    if needs_onnx:
-        start = time.perf_counter()
-        try:
-            if importlib.util.find_spec("onnxscript") is None:
-                raise ImportError("onnxscript is not installed (pip install 'anytimeify[bench]')")
-            _export_onnx(base, x, onnx_path)
-        except Exception as exc:  # noqa: BLE001 -- reported in the benchmark's JSON
-            onnx_error = "ONNX export failed: " + _short(exc)
-        onnx_s = time.perf_counter() - start
-    for name in names:
-        peer = Peer(name, version=versions[name])
-        peers.append(peer)
-        if versions[name] is None:
-            peer.error = f"not installed (pip install 'anytimeify[bench]' adds {name.replace('torch_compile', 'torch')})"
-            continue
-        if name in ("onnxruntime", "openvino") and onnx_error:
-            peer.error, peer.prepare_s = onnx_error, onnx_s
-            continue
-        start = time.perf_counter()
-        try:
-            if name == "onnxruntime":
-                run = _onnxruntime(onnx_path, threads)
-            elif name == "openvino":
-                run = _openvino(onnx_path, threads)
-            else:
-                run = _torch_compile(base)
-            with torch.no_grad():
-                out = _first_tensor(run(x)).float()
-        except Exception as exc:  # noqa: BLE001 -- reported in the benchmark's JSON
-            peer.error = "failed: " + _short(exc)
-            peer.extra["traceback"] = traceback.format_exc(limit=3)
+    try:  # the sessions and compiled models hold the model in memory: the file goes at the end
+        onnx_path = os.path.join(workdir.name, "model.onnx")
+        onnx_error: Optional[str] = None
+        onnx_s = 0.0
+        if needs_onnx:
+            start = time.perf_counter()
+            try:
+                if importlib.util.find_spec("onnxscript") is None:
+                    raise ImportError("onnxscript is not installed (pip install 'anytimeify[bench]')")
+                _export_onnx(base, x, onnx_path)
+            except Exception as exc:  # noqa: BLE001 -- reported in the benchmark's JSON
+                onnx_error = "ONNX export failed: " + _short(exc)
+            onnx_s = time.perf_counter() - start
+        for name in names:
+            peer = Peer(name, version=versions[name])
+            peers.append(peer)
+            if versions[name] is None:
+                peer.error = f"not installed (pip install 'anytimeify[bench]' adds {name.replace('torch_compile', 'torch')})"
+                continue
+            if name in ("onnxruntime", "openvino") and onnx_error:
+                peer.error, peer.prepare_s = onnx_error, onnx_s
+                continue
+            start = time.perf_counter()
+            try:
+                if name == "onnxruntime":
+                    run = _onnxruntime(onnx_path, threads)
+                elif name == "openvino":
+                    run = _openvino(onnx_path, threads)
+                else:
+                    run = _torch_compile(base)
+                with torch.no_grad():
+                    out = _first_tensor(run(x)).float()
+            except Exception as exc:  # noqa: BLE001 -- reported in the benchmark's JSON
+                peer.error = "failed: " + _short(exc)
+                peer.extra["traceback"] = traceback.format_exc(limit=3)
+                peer.prepare_s = time.perf_counter() - start + (onnx_s if name != "torch_compile" else 0.0)
+                continue
             peer.prepare_s = time.perf_counter() - start + (onnx_s if name != "torch_compile" else 0.0)
-            continue
-        peer.prepare_s = time.perf_counter() - start + (onnx_s if name != "torch_compile" else 0.0)
-        if tuple(out.shape) != tuple(ref.shape):
-            peer.error = f"wrong output shape {tuple(out.shape)}, eager gives {tuple(ref.shape)}"
-            continue
-        peer.max_rel_diff = (out - ref).abs().max().item() / scale
-        if not peer.max_rel_diff <= TOLERANCE:
-            peer.error = f"output differs from eager by {peer.max_rel_diff:.2e} of its largest value (> {TOLERANCE})"
-            continue
-        peer.run = run
-    workdir.cleanup()  # the sessions and compiled models hold the model in memory
+            if tuple(out.shape) != tuple(ref.shape):
+                peer.error = f"wrong output shape {tuple(out.shape)}, eager gives {tuple(ref.shape)}"
+                continue
+            peer.max_rel_diff = (out - ref).abs().max().item() / scale
+            if not peer.max_rel_diff <= TOLERANCE:
+                peer.error = f"output differs from eager by {peer.max_rel_diff:.2e} of its largest value (> {TOLERANCE})"
+                continue
+            peer.run = run
+    finally:
+        workdir.cleanup()
     return peers
 
 
