@@ -45,6 +45,9 @@ THOROUGH = {
     "tests/test_bench.py::test_stage_profile_sets_every_stage_beside_the_dense_runtimes":
         "exports HRNet to ONNX and profiles it in two runtimes (~15 s)",
     "tests/test_bench.py::test_ca_speedup_reports_a_runtime_that_fails": "a benchmark run (~7 s)",
+    "tests/test_bench.py::test_onnx_nodes_map_to_the_modules_they_came_from": "an ONNX export (~4 s)",
+    "tests/test_demo.py::test_a_loaded_machine_trains_the_same_steps_and_says_so": "trains the demo twice (~7 s)",
+    "tests/test_recipes.py::test_eval_json_lists_each_exits_metric_and_gflops": "trains and evaluates a recipe (~5 s)",
     "tests/test_kernel_isas.py": "compiles the kernels once per instruction set",
     "tests/test_train_ddp.py": "torchrun with two processes",
     "tests/test_docs.py::test_the_pages_code_runs[docs/": "every documentation page's code (README's runs by default)",
