@@ -22,8 +22,7 @@ import importlib.util
 import os
 import tempfile
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -57,7 +56,6 @@ class Peer:
     version: Optional[str] = None
     prepare_s: float = 0.0
     max_rel_diff: Optional[float] = None
-    extra: Dict[str, object] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -108,7 +106,9 @@ def _export_onnx(base: nn.Module, x: torch.Tensor, path: str) -> None:
     program.save(path)
 
 
-def _onnxruntime(path: str, threads: int) -> Callable[[torch.Tensor], object]:
+def _ort_session(path: str, threads: int, profile_prefix: Optional[str] = None):
+    """An ONNX Runtime CPU session as the benchmarks run it (all graph optimisations, ``threads``
+    intra-op threads, one inter-op thread); with ``profile_prefix``, profiling into files named so."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -117,7 +117,14 @@ def _onnxruntime(path: str, threads: int) -> Callable[[torch.Tensor], object]:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _onnxruntime(path: str, threads: int) -> Callable[[torch.Tensor], object]:
+    session = _ort_session(path, threads)
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor):
@@ -126,15 +133,21 @@ def _onnxruntime(path: str, threads: int) -> Callable[[torch.Tensor], object]:
     return run
 
 
-def _openvino(path: str, threads: int) -> Callable[[torch.Tensor], object]:
+def _ov_compiled(path: str, threads: int, perf_count: bool = False):
+    """The ONNX file compiled by OpenVINO for the CPU as the benchmarks run it (fp32 inference
+    precision, latency hint, one stream, ``threads`` threads; ``perf_count``: per-node counters)."""
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(path), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
-    })
-    request = compiled.create_infer_request()
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
+              "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if perf_count:
+        config["PERF_COUNT"] = True
+    return core.compile_model(core.read_model(path), "CPU", config)
+
+
+def _openvino(path: str, threads: int) -> Callable[[torch.Tensor], object]:
+    request = _ov_compiled(path, threads).create_infer_request()
 
     def run(x: torch.Tensor):
         request.infer({0: x.contiguous().numpy()})
@@ -224,7 +237,6 @@ def prepare_peers(base: nn.Module, x: torch.Tensor, threads: int,
                     out = _first_tensor(run(x)).float()
             except Exception as exc:  # noqa: BLE001 -- reported in the benchmark's JSON
                 peer.error = "failed: " + _short(exc)
-                peer.extra["traceback"] = traceback.format_exc(limit=3)
                 peer.prepare_s = time.perf_counter() - start + (onnx_s if name != "torch_compile" else 0.0)
                 continue
             peer.prepare_s = time.perf_counter() - start + (onnx_s if name != "torch_compile" else 0.0)
@@ -300,8 +312,6 @@ def profile_stages(base: nn.Module, x: torch.Tensor, threads: int, group_of: Cal
     runs after a warm-up), or ``{runtime: {"error": reason}}``. Profiled sums are a little above
     the runtime's unprofiled time (the counters' own cost).
     """
-    import json
-
     versions = peer_versions()
     result: Dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="anytimeify-profile-") as tmp:
@@ -318,7 +328,7 @@ def profile_stages(base: nn.Module, x: torch.Tensor, threads: int, group_of: Cal
                 continue
             try:
                 if name == "onnxruntime":
-                    runs = _profile_onnxruntime(path, feed, threads, reps, tmp, json)
+                    runs = _profile_onnxruntime(path, feed, threads, reps, tmp)
                 elif name == "openvino":
                     runs = _profile_openvino(path, feed, threads, reps)
                 else:
@@ -338,18 +348,10 @@ def profile_stages(base: nn.Module, x: torch.Tensor, threads: int, group_of: Cal
     return result
 
 
-def _profile_onnxruntime(path, feed, threads, reps, tmp, json) -> List[List[tuple]]:
-    import onnxruntime as ort
+def _profile_onnxruntime(path, feed, threads, reps, tmp) -> List[List[tuple]]:
+    import json
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    opts.enable_profiling = True
-    opts.profile_file_prefix = os.path.join(tmp, "ort")
-    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    session = _ort_session(path, threads, profile_prefix=os.path.join(tmp, "ort"))
     name = session.get_inputs()[0].name
     for _ in range(reps + 1):  # the first run warms up and is dropped
         session.run(None, {name: feed})
@@ -368,14 +370,7 @@ def _profile_onnxruntime(path, feed, threads, reps, tmp, json) -> List[List[tupl
 
 
 def _profile_openvino(path, feed, threads, reps) -> List[List[tuple]]:
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(path), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
-        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "PERF_COUNT": True,
-    })
-    request = compiled.create_infer_request()
+    request = _ov_compiled(path, threads, perf_count=True).create_infer_request()
     request.infer({0: feed})  # warm-up
     runs = []
     for _ in range(reps):

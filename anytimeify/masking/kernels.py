@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .compiled import _ext_for, _kernel
 from .cost import DEFAULT_COST_MODEL, CostModel
-from .dispatch import DENSE_KERNELS, STRATEGIES, _implicit_variant, dense_kernel, resolve_strategy
+from .dispatch import DENSE_KERNELS, STRATEGIES, dense_kernel, resolve_strategy
 from .geometry import ConvGeometry
 from .layout import rows_layout
 from .packing import LayerWeights
@@ -67,15 +67,6 @@ def _gathered_conv_into(out_flat: Tensor, x_flat: Tensor, bias: Optional[Tensor]
         view = cols.view(1, count, 1, width).permute(0, 3, 1, 2)
         y = F.conv2d(view, gemm_weight, bias, groups=groups)
         out_flat.index_copy_(0, plan.kept_index[start:end], y.permute(0, 2, 3, 1).reshape(count, geometry.out_channels))
-
-
-def _plan_variant(plan: MaskPlan, geometry: ConvGeometry, in_height: int, in_width: int) -> int:
-    """:func:`_implicit_variant`, looked up once per geometry and plan (see :attr:`MaskPlan.decisions`)."""
-    key = ("variant", geometry, in_height, in_width)
-    variant = plan.decisions.get(key)
-    if variant is None:
-        variant = plan.decisions[key] = _implicit_variant(geometry, in_height, in_width)
-    return variant
 
 
 def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
@@ -202,7 +193,7 @@ def sparse_masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geom
                     with _kernel("implicit_conv"):
                         ext.implicit_conv(x_nhwc, packed, padded_bias, plan.kept_index, out_flat, out_height, out_width,
                                           *geometry.kernel_size, *geometry.stride, *geometry.padding, *geometry.dilation,
-                                          relu, slots, side, res_arg, _plan_variant(plan, geometry, in_height, in_width))
+                                          relu, slots, side, res_arg, weights.implicit_variant(geometry, in_height, in_width))
             else:
                 x_flat = x.permute(0, 2, 3, 1).contiguous().view(batch * in_height * in_width, geometry.in_channels)
                 _gathered_conv_into(out_flat, x_flat, weights.full_bias, geometry, plan, in_height, in_width,

@@ -57,7 +57,7 @@ class MaskPlan:
         self._gather: Dict[Tuple, object] = {}
         self._halo: Dict[object, Tuple[Tensor, Tensor]] = {}
         self._scratch: Dict[Tuple, Tensor] = {}
-        #: per-layer decisions taken under this mask (strategy, implicit GEMM variant), keyed by
+        #: per-layer decisions taken under this mask (strategy, MAC counts), keyed by
         #: everything they depend on: the many convs of a segment that share a geometry look them
         #: up in the tuning table once per forward instead of once each (see ``dispatch``)
         self.decisions: Dict[Tuple, object] = {}
