@@ -36,9 +36,21 @@ DEFAULT_PROBE = (1, 3, 256, 256)
 TASKS = ("dense", "classification")
 
 
+def native_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The input size the model (or the first timm model inside it) was made for: timm's
+    ``pretrained_cfg["input_size"]``; None where no module declares one."""
+    for module in model.modules():
+        cfg = getattr(module, "pretrained_cfg", None)
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        if isinstance(size, (tuple, list)) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size):
+            return int(size[1]), int(size[2])
+    return None
+
+
 def _probe_shape(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[int, ...]:
     if input_size is None:
-        return DEFAULT_PROBE
+        native = native_size(model)  # a fixed-size transformer takes only that
+        return DEFAULT_PROBE if native is None else DEFAULT_PROBE[:2] + native
     size = tuple(int(s) for s in input_size)
     if len(size) == 2:
         size = (1, 3) + size
@@ -61,6 +73,22 @@ def _module_tree(base: nn.Module) -> Tuple[nn.Module, Dict[str, torch.Tensor]]:
         root.register_buffer(name, buffer)
         tensors[name] = buffer
     return root, tensors
+
+
+def _keep_traced_constants(base: nn.Module, root: nn.Module, tensors: Dict[str, torch.Tensor],
+                           graphs: Dict[bool, fx.GraphModule]) -> None:
+    """Tensors that ``forward`` makes from constants (``torch.tensor([...])``) become attributes
+    ``_tensor_constant<k>`` of the traced model; they go into the converted model's tree too, as
+    buffers outside the state dict (the graphs read them by those names)."""
+    for gm in graphs.values():
+        for node in gm.graph.nodes:
+            target = node.target
+            if node.op != "get_attr" or "." in target or target in tensors or hasattr(root, target):
+                continue
+            value = getattr(base, target, None)
+            if isinstance(value, torch.Tensor):
+                root.register_buffer(target, value, persistent=False)
+                tensors[target] = value
 
 
 def _traced(model: nn.Module, leaf_modules, autowrap_functions, training: bool) -> fx.GraphModule:
@@ -158,8 +186,35 @@ def _input_divisor(model: nn.Module, gm: fx.GraphModule, boundaries: List[Bounda
     else:
         divisor = spatial_divisor(gm)  # fixed-size tensors (global pooling) do not count
     for b, depth in zip(boundaries, depths):
-        divisor = max(divisor, int(round(b.stride)) * 2 ** depth)
+        if depth:  # a redesigned head halves its input depth times; an original head takes any size
+            divisor = max(divisor, int(round(b.stride)) * 2 ** depth)
     return divisor
+
+
+def _halvings(n: int) -> int:
+    """How many times ``n`` halves exactly (its power of two)."""
+    count = 0
+    while n > 0 and n % 2 == 0:
+        n //= 2
+        count += 1
+    return count
+
+
+def _depth_cap(b: Boundary, sizes: Sequence[Tuple[int, int]]) -> int:
+    """The most 2x pool steps a redesigned head at ``b`` can take so that its maps halve exactly at
+    the probe size (``b``'s own map) and at each input size of ``sizes`` (where ``b``'s stride is a
+    whole number); 0 where the stride is not (valid-padding networks such as Inception, whose maps
+    are odd at some sizes)."""
+    stride = b.stride
+    if abs(stride - round(stride)) > 1e-6:
+        return 0
+    stride = int(round(stride))
+    h, w = b.shapes[0][-2:]
+    cap = min(_halvings(h), _halvings(w))
+    for height, width in sizes:
+        if height % stride == 0 and width % stride == 0:
+            cap = min(cap, _halvings(height // stride), _halvings(width // stride))
+    return cap
 
 
 def _default_width(model: nn.Module) -> int:
@@ -167,20 +222,25 @@ def _default_width(model: nn.Module) -> int:
 
 
 def _make_exits(boundaries: List[Boundary], num_classes: int, head: str, width: int,
-                out_hw: Tuple[int, int], align_corners: bool) -> Tuple[nn.ModuleList, List[dict]]:
+                out_hw: Tuple[int, int], align_corners: bool,
+                sizes: Sequence[Tuple[int, int]] = ()) -> Tuple[nn.ModuleList, List[dict]]:
+    """The exits; a redesigned head takes D = N - i down steps, fewer where its map would not halve
+    exactly at the probe size or at ``sizes`` (a transformer's 14x14 tokens at 224x224 halve once),
+    and is an original head where it cannot halve at all."""
     n_exits = len(boundaries) + 1
     exits = nn.ModuleList()
     info = []
     for i, b in enumerate(boundaries):
         channels = sum(b.channels)
-        depth = n_exits - (i + 1) if head == "redesigned" else 0
+        depth = min(n_exits - (i + 1), _depth_cap(b, sizes)) if head == "redesigned" else 0
+        kind = head if depth > 0 else "original"
         layers = (redesigned_head(channels, num_classes, width, depth, align_corners)
-                  if head == "redesigned" else original_head(channels, num_classes))
+                  if kind == "redesigned" else original_head(channels, num_classes))
         fused_hw = b.shapes[0][-2:]
         scale = None
         if tuple(fused_hw) != tuple(out_hw):
             scale = (out_hw[0] / fused_hw[0], out_hw[1] / fused_hw[1])
-        exits.append(Exit(layers, head, depth, align_corners, scale))
+        exits.append(Exit(layers, kind, depth, align_corners, scale))
         info.append({"name": b.name, "channels": b.channels, "stride": b.stride, "depth": depth})
     return exits, info
 
@@ -275,6 +335,7 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
 
     graphs = _mode_graphs(base, leaf_modules, autowrap_functions)
     root, tensors = _module_tree(base)  # the converted model's module tree: the base model's + exits
+    _keep_traced_constants(base, root, tensors, graphs)
     programs: Dict[bool, Program] = {}
     info: List[dict] = []
     divisor = 1
@@ -294,10 +355,13 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
             if task == "classification":
                 exit_modules, info = _make_classifier_exits(boundaries, out_shape[1])
             else:
+                native = native_size(base)
                 exit_modules, info = _make_exits(boundaries, out_shape[1], head, width, tuple(out_shape[-2:]),
-                                                 align_corners)
+                                                 align_corners, [native] if native else [])
             root.add_module("exits", exit_modules)
-            divisor = _input_divisor(base, gm, boundaries, [e["depth"] for e in info])
+            # a classifier's exits pool globally: only the base model limits its input sizes
+            divisor = (_input_divisor(base, gm, boundaries, [e["depth"] for e in info]) if task == "dense"
+                       else max(1, int(getattr(base, "input_divisor", 1) or 1)))
         graph = gm.graph
         graph.owning_module = root  # from here on the graph calls into the converted module tree
         exit_nodes = _insert_exit_nodes(graph, boundaries)

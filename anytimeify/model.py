@@ -313,8 +313,8 @@ class AnytimeModel(nn.Module):
         for name, tensor in (tensors or {}).items():
             if isinstance(tensor, nn.Parameter):
                 self.register_parameter(name, tensor)
-            else:
-                self.register_buffer(name, tensor)
+            else:  # constants the trace made (``_tensor_constant<k>``) are rebuilt, not saved
+                self.register_buffer(name, tensor, persistent=not name.startswith("_tensor_constant"))
         # the programs share this model's modules but must not register them a second time
         object.__setattr__(self, "_programs", programs)
         self.input_divisor = input_divisor

@@ -33,20 +33,28 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .boundary import Boundary, module_boundary, node_boundary
+from .boundary import Boundary, hoist, module_boundary, node_boundary
 from .registry import register_stage_adapter
 from .trace import LeafSpec, TraceError, register_leaf_module, trace
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["trace_for_conversion", "timm_feature_modules", "select_stage_levels", "MIN_STAGE_STRIDE"]
+__all__ = ["trace_for_conversion", "timm_feature_modules", "timm_feature_levels", "select_stage_levels",
+           "MIN_STAGE_STRIDE", "MAX_EARLY_EXITS"]
 
 #: Levels finer than this (the stride-2 stem) are not stages worth an exit.
 MIN_STAGE_STRIDE = 4
 
 
+#: most early exits ``exits="stages"`` places (the paper's networks have three); a network with
+#: more stage levels (a transformer's blocks, ConvMixer's 32 equal blocks) gets them at a quarter,
+#: a half and three quarters of its levels
+MAX_EARLY_EXITS = 3
+
+
 def select_stage_levels(boundaries: Sequence[Boundary]) -> List[str]:
-    """Names of the boundaries that get an exit: stride >= 4, deepest level left out, one per node.
+    """Names of the boundaries that get an exit: stride >= 4, deepest level left out, one per node,
+    at most :data:`MAX_EARLY_EXITS` (evenly spread over the levels where there are more).
 
     Args:
         boundaries: one boundary per reduction level, in execution order.
@@ -58,6 +66,10 @@ def select_stage_levels(boundaries: Sequence[Boundary]) -> List[str]:
         if kept and kept[-1].last is b.last:
             continue  # two levels that end at the same tensor are one stage
         kept.append(b)
+    if len(kept) - 1 > MAX_EARLY_EXITS:
+        n = len(kept)
+        picks = sorted({n * k // (MAX_EARLY_EXITS + 1) - 1 for k in range(1, MAX_EARLY_EXITS + 1)})
+        return [kept[i].name for i in picks]
     return [b.name for b in kept[:-1]]
 
 
@@ -79,16 +91,16 @@ def _hrnet_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
 # -- timm ------------------------------------------------------------------------------------------
 
 
-def _feature_levels(module: nn.Module) -> Optional[List[Tuple[str, int]]]:
-    """``(module name, reduction)`` per level of a timm ``feature_info``, or None if it has none."""
+def _feature_levels(module: nn.Module) -> Optional[List[Tuple[str, int, int]]]:
+    """``(module name, reduction, channels)`` per level of a timm ``feature_info``, or None if it has none."""
     info = getattr(module, "feature_info", None)
     if info is None:
         return None
     try:
         if hasattr(info, "module_name") and hasattr(info, "reduction"):  # timm.models.FeatureInfo
-            return list(zip(info.module_name(), info.reduction()))
+            return list(zip(info.module_name(), info.reduction(), info.channels()))
         if isinstance(info, (list, tuple)) and all(isinstance(d, dict) for d in info):
-            return [(d["module"], int(d["reduction"])) for d in info]
+            return [(d["module"], int(d["reduction"]), int(d.get("num_chs", 0))) for d in info]
     except (KeyError, TypeError, ValueError):
         return None
     return None
@@ -101,6 +113,35 @@ def _name_variants(name: str) -> Iterator[str]:
         yield "_".join(parts[:joined]) + ("." + ".".join(parts[joined:]) if joined < len(parts) else "")
 
 
+def timm_feature_levels(model: nn.Module) -> Optional[List[Tuple[str, int, int]]]:
+    """``(qualified module name, reduction, channels)`` of each ``feature_info`` level of the first
+    timm model in ``model`` whose levels all resolve to modules of ``model``.
+
+    A ``features_only`` wrapper's levels are the selected ones; their names resolve under the
+    wrapper itself (``FeatureListNet`` renames ``stages.0`` to ``stages_0``) or under the model it
+    wraps (``FeatureGetterNet.model``, a transformer's ``blocks.3``; ``FeatureGraphNet.graph_module``).
+    """
+    names = {name for name, _ in model.named_modules()}
+    for path, module in model.named_modules():
+        levels = _feature_levels(module)
+        if not levels:
+            continue
+        prefixes = [f"{path}." if path else ""]
+        for inner in ("model", "graph_module"):  # FeatureGetterNet.model, FeatureGraphNet.graph_module
+            if isinstance(getattr(module, inner, None), nn.Module):
+                prefixes.append(f"{path}.{inner}." if path else f"{inner}.")
+        resolved = []
+        for name, reduction, channels in levels:
+            real = next((p + v for p in prefixes for v in _name_variants(name) if p + v in names), None)
+            if real is None:
+                _logger.debug("feature_info level %r of %s resolves to no module", name, path or "<root>")
+                break
+            resolved.append((real, reduction, channels))
+        else:
+            return resolved
+    return None
+
+
 def timm_feature_modules(model: nn.Module) -> Optional[List[Tuple[str, int]]]:
     """The real module name and reduction of each ``feature_info`` level of the first timm model in ``model``.
 
@@ -108,31 +149,75 @@ def timm_feature_modules(model: nn.Module) -> Optional[List[Tuple[str, int]]]:
         ``(qualified module name, reduction)`` per level, or None when no module of ``model``
         carries a ``feature_info`` whose levels all resolve to modules of ``model``.
     """
-    names = {name for name, _ in model.named_modules()}
-    for path, module in model.named_modules():
-        levels = _feature_levels(module)
-        if not levels:
+    levels = timm_feature_levels(model)
+    return None if levels is None else [(name, reduction) for name, reduction, _ in levels]
+
+
+def _level_map(gm: fx.GraphModule, outputs: List[Optional[fx.Node]], index: int, channels: int,
+               reduction: int) -> Optional[fx.Node]:
+    """The first ``(B, channels, H/reduction, W/reduction)`` map computed from level ``index``'s
+    output and from no later level's (a transformer's tokens reshaped to a map, an NHWC stage
+    output permuted), or None."""
+    level_of: Dict[fx.Node, int] = {}
+    mark = {node: i for i, node in enumerate(outputs) if node is not None}
+    in_h, in_w = gm.meta["input_shape"][-2:]
+    area = in_h * in_w / float(reduction * reduction)
+    for node in gm.graph.nodes:
+        level = max((level_of.get(a, -1) for a in node.all_input_nodes), default=-1)
+        level_of[node] = mark.get(node, level)
+        if level_of[node] != index or node in mark or not _is_map(node, channels):
             continue
-        prefix = f"{path}." if path else ""
-        resolved = []
-        for name, reduction in levels:
-            real = next((prefix + v for v in _name_variants(name) if prefix + v in names), None)
-            if real is None:
-                _logger.debug("feature_info level %r of %s resolves to no module", name, path or "<root>")
-                break
-            resolved.append((real, reduction))
-        else:
-            return resolved
+        h, w = node.meta["tensor_meta"].shape[-2:]
+        if 0.5 * area <= h * w <= 2.0 * area:
+            return node
     return None
 
 
+def _is_map(node: fx.Node, channels: int) -> bool:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return shape is not None and len(shape) == 4 and shape[1] == channels
+
+
 def _timm_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
-    """timm: the module of each ``feature_info`` reduction level, as a boundary of the traced graph."""
-    levels = timm_feature_modules(model)
+    """timm: the module of each ``feature_info`` reduction level, as a boundary of the traced graph.
+
+    Where a level's module does not output a ``(B, C, H, W)`` map (a transformer's blocks output
+    tokens, Swin's and MambaOut's stages NHWC maps), the boundary is the map the model makes of
+    it (``forward_intermediates``' reshaped tokens, a permute), moved up in the graph to right
+    after the level (:func:`~anytimeify._fx.boundary.hoist`), so that its exit runs before the
+    later blocks.
+    """
+    levels = timm_feature_levels(model)
     if levels is None:
         return None
-    boundaries = [b for b in (module_boundary(gm, name) for name, _ in levels) if b is not None]
-    return select_stage_levels(boundaries) if boundaries else None
+    plain = [module_boundary(gm, name) for name, _, _ in levels]
+    if all(b is not None and b.shapes[0][1] == ch for b, (_, _, ch) in zip(plain, levels) if ch):
+        boundaries = [b for b in plain if b is not None]
+        return select_stage_levels(boundaries) if boundaries else None
+    outputs = [module_boundary(gm, name, ranks=(3, 4)) for name, _, _ in levels]
+    outputs = [b.last if b is not None else None for b in outputs]
+    boundaries = []
+    for i, ((name, reduction, channels), b) in enumerate(zip(levels, plain)):
+        if b is not None and b.shapes[0][1] == channels:
+            boundaries.append(b)
+            continue
+        if outputs[i] is None:
+            continue
+        node = _level_map(gm, outputs, i, channels, reduction)
+        if node is None:
+            _logger.debug("no (B, %d, H, W) map is made of level %s", channels, name)
+            continue
+        try:
+            hoist(gm.graph, node, outputs[i])
+        except ValueError as err:
+            _logger.debug("level %s: %s", name, err)
+            continue
+        boundaries.append(node_boundary(gm, node.name))
+    if not boundaries:
+        return None
+    gm.recompile()
+    return select_stage_levels(boundaries)
 
 
 def _token_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
@@ -140,9 +225,11 @@ def _token_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
     blocks at a quarter, a half and three quarters of the depth (their outputs are token sequences,
     which only classification exits take)."""
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential) or len(blocks) < 4 or getattr(model, "feature_info", None) is None:
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) < 4:
         return None
     if module_boundary(gm, "blocks.0") is not None:  # 4-D outputs: a convolutional network's blocks
+        return None
+    if module_boundary(gm, f"blocks.{len(blocks) - 1}", ranks=(3,)) is None:
         return None
     depth = len(blocks)
     return [f"blocks.{depth * k // 4 - 1}" for k in (1, 2, 3)]

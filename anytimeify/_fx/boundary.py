@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import torch.fx as fx
 
-__all__ = ["Boundary", "module_boundary", "node_boundary"]
+__all__ = ["Boundary", "module_boundary", "node_boundary", "hoist"]
 
 
 @dataclass
@@ -88,3 +88,41 @@ def _with_shapes(gm: fx.GraphModule, b: Boundary) -> Boundary:
     else:
         b.stride = in_h / b.shapes[0][-2]
     return b
+
+
+def hoist(graph: fx.Graph, node: fx.Node, after: fx.Node) -> None:
+    """Move ``node``, and those of its ancestors that come after ``after``, up to right after the
+    values they read.
+
+    A traced ``forward`` may compute a stage's feature map late: a transformer's
+    ``forward_intermediates`` collects the tokens of several blocks and reshapes them into maps
+    after the last block. An exit at such a map must run before the later blocks, so the map's
+    own computation moves up, each node right after its latest input (nodes only move earlier
+    and never above an input, so the order stays a valid execution order). Only pure nodes move.
+
+    Raises:
+        ValueError: a node to move is an in-place operation.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    limit = order[after]
+    chain, stack, seen = [], [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or order[n] <= limit or n.op in ("placeholder", "get_attr"):
+            continue
+        seen.add(n)
+        chain.append(n)
+        stack.extend(n.all_input_nodes)
+    chain.sort(key=order.__getitem__)
+    for n in chain:
+        name = str(getattr(n.target, "__name__", n.target))
+        if n.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__"):
+            raise ValueError(f"cannot move the in-place operation {n.name} ({name}) up to its stage")
+    for n in chain:
+        inputs = n.all_input_nodes
+        anchor = max(inputs, key=order.__getitem__) if inputs else after
+        if order[anchor] < limit:
+            anchor = after
+        if order[anchor] + 1 != order[n]:
+            anchor.append(n)
+            order = {m: i for i, m in enumerate(graph.nodes)}

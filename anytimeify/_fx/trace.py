@@ -1,7 +1,9 @@
 """torch.fx tracing with a leaf registry, and errors that say where tracing failed and what to do."""
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import traceback
 import types
 from typing import Any, Callable, Dict, Optional, Sequence, Set, Type, Union
@@ -69,6 +71,7 @@ class AnytimeTracer(fx.Tracer):
     def __init__(self, leaf_modules: Sequence[LeafSpec] = (), autowrap_functions: Sequence[Callable] = ()):
         fns = tuple(_AUTOWRAP_FUNCTIONS) + tuple(autowrap_functions)
         super().__init__(autowrap_functions=fns)
+        self._autowrap_functions = fns
         self._leaf_types = tuple(_LEAF_MODULES) + tuple(m for m in leaf_modules if isinstance(m, type))
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaves_used: dict = {}
@@ -82,6 +85,26 @@ class AnytimeTracer(fx.Tracer):
         if type(m).__module__.startswith("anytimeify.") and not type(m).__module__.startswith("anytimeify.models"):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args: Optional[Dict[str, Any]] = None) -> fx.Graph:
+        """torch.fx's trace, with the autowrap functions kept single calls wherever the model's code
+        calls them: torch.fx patches them only in the modules whose ``forward`` it calls, so a
+        method called directly (``self.model.forward_intermediates(x)``) would trace into them."""
+        wanted = {id(fn): fn for fn in self._autowrap_functions}
+        patched = []
+        if wanted and isinstance(root, nn.Module):
+            spaces = {id(vars(mod)): vars(mod) for mod in
+                      (sys.modules.get(type(m).__module__) for m in root.modules()) if mod is not None}
+            for space in spaces.values():
+                for name, value in list(space.items()):
+                    if id(value) in wanted:
+                        patched.append((space, name, value))
+                        space[name] = _as_node(self, value)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for space, name, value in reversed(patched):
+                space[name] = value
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args, kwargs):
         path = self.path_of_module(m) if m is not self.root else ""
@@ -112,22 +135,24 @@ class ReplayTracer(fx.Tracer):
                      if isinstance(value, (types.FunctionType, types.BuiltinFunctionType))
                      and not getattr(value, "__module__", "").startswith("torch")}
         for name, fn in originals.items():
-            code_globals[name] = self._as_node(fn)
+            code_globals[name] = _as_node(self, fn)
         try:
             return super().trace(root, concrete_args)
         finally:
             code_globals.update(originals)
 
-    def _as_node(self, fn: Callable) -> Callable:
-        """``fn`` recorded as one call_function node when an argument is a proxy, else called."""
-        def call(*args, **kwargs):
-            proxies = []
-            fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
-            if proxies:
-                return self.create_proxy("call_function", fn, args, kwargs)
-            return fn(*args, **kwargs)
 
-        return call
+def _as_node(tracer: fx.Tracer, fn: Callable) -> Callable:
+    """``fn`` recorded as one call_function node of ``tracer`` when an argument is a proxy, else called."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        proxies = []
+        fx.node.map_aggregate((args, kwargs), lambda a: proxies.append(a) if isinstance(a, fx.Proxy) else None)
+        if proxies:
+            return tracer.create_proxy("call_function", fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return call
 
 
 def _user_frame(tb) -> str:
@@ -138,12 +163,39 @@ def _user_frame(tb) -> str:
     return "unknown location"
 
 
+def _timm_notrace() -> tuple:
+    """timm's own registry of modules and functions torch.fx cannot trace (its feature extraction
+    keeps them opaque): ``(module classes, functions)``, empty without timm."""
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        return (), ()
+    try:
+        return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+    except AttributeError:  # an older timm without the getters
+        return tuple(getattr(timm_fx, "_leaf_modules", ())), tuple(getattr(timm_fx, "_autowrap_functions", ()))
+
+
+#: how many failing classes one trace collects before it reports them
+MAX_FAILURES = 16
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
           autowrap_functions: Sequence[Callable] = (), concrete_args: Optional[dict] = None) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule whose modules keep the model's qualified names.
 
+    Besides anytimeify's registry and ``leaf_modules``, the modules and free functions timm
+    registers as untraceable (``timm.layers.get_notrace_modules`` and ``get_notrace_functions``:
+    ``Conv2dSame``, attention with masks, padding helpers, ...) are kept as single calls.
+
     Raises:
-        TraceError: naming the module being traced and the source line that failed, with the remedy.
+        TraceError: naming every module class that fails (tracing goes on with each failing
+            class as a leaf to find the next one), where, and the remedy; whether the model traces
+            with all of them as leaves is checked, and said.
     """
     for name in (m for m in leaf_modules if isinstance(m, str)):
         try:
@@ -151,31 +203,94 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
         except AttributeError:
             raise ValueError(f"leaf_modules names {name!r}, which is not a submodule of "
                              f"{type(model).__name__}") from None
-    tracer = AnytimeTracer(leaf_modules, autowrap_functions)
-    try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError, ... here
-        where = tracer.failed_module or ""
-        failure = f"{_user_frame(err.__traceback__)}: {type(err).__name__}: {err}"
-        if not where:  # the root's own forward: it is what gets exits, so it cannot be a leaf
-            name = type(model).__name__
-            raise TraceError(
-                f"torch.fx could not trace the forward of the model itself ({name}) at {failure}\n"
-                f"Remedy: leaf_modules and @anytimeify.register_leaf_module cannot help here: they keep "
-                f"submodules opaque, and {name}'s own forward must be traced to place exits in it. Make its "
-                f"control flow static (decided by constructor arguments or input shapes, not by tensor "
-                f"values), or wrap the traceable part (the network from image to logits) in a module of "
-                f"its own, convert that, and keep the data-dependent logic outside the converted model; a "
-                f"free function that fails can be kept as one call with autowrap_functions=[fn]."
-            ) from err
-        kind = type(model.get_submodule(where)).__name__
-        raise TraceError(
-            f"torch.fx could not trace module {where!r} ({kind}) at {failure}\n"
-            f"Remedy: keep that module opaque with convert(..., leaf_modules=[{where!r}]) "
-            f"or decorate its class with @anytimeify.register_leaf_module; wrap a free function "
-            f"with autowrap_functions=[fn]."
-        ) from err
+    timm_modules, timm_functions = _timm_notrace()
+    autowrap = tuple(timm_functions) + tuple(autowrap_functions)
+    failures: list = []  # (qualified name, class, failure), one per failing class
+    extra: list = []
+    while True:
+        tracer = AnytimeTracer(tuple(timm_modules) + tuple(leaf_modules) + tuple(extra), autowrap)
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+        except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError, ... here
+            where = tracer.failed_module or ""
+            failure = f"{_user_frame(err.__traceback__)}: {type(err).__name__}: {err}"
+            if not where:  # the root's own forward: it is what gets exits, so it cannot be a leaf
+                raise _root_error(model, failure, failures) from err
+            cls = type(model.get_submodule(where))
+            failures.append((where, cls, failure))
+            if cls in extra or len(failures) >= MAX_FAILURES:
+                raise _module_error(model, failures, traces=False) from err
+            extra.append(cls)
+            continue
+        if failures:
+            raise _module_error(model, failures, traces=True)
+        break
+    _bind_defaults(graph, type(model).__name__)
     graph._tracer_cls = ReplayTracer  # what unpickling re-traces the converted graph with
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["leaves_used"] = dict(tracer.leaves_used)
     return gm
+
+
+def _bind_defaults(graph: fx.Graph, name: str) -> None:
+    """The image is the converted model's one input: every further parameter of ``forward`` (a
+    vision transformer's ``attn_mask=None``) is bound to its default in the graph.
+
+    Raises:
+        ValueError: a further parameter without a default.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders[1:]:
+        if str(node.target).startswith("*") and not node.users:  # an unused *args / **kwargs
+            graph.erase_node(node)
+            continue
+        if not node.args:
+            raise ValueError(f"{name}.forward takes {str(node.target)!r} besides the image, without a default; "
+                             f"anytimeify converts models called as model(x): wrap it in a module whose forward "
+                             f"passes that argument")
+        default = node.args[0]
+        for user in list(node.users):
+            user.args = fx.node.map_aggregate(user.args, lambda a: default if a is node else a)
+            user.kwargs = fx.node.map_aggregate(user.kwargs, lambda a: default if a is node else a)
+        graph.erase_node(node)
+
+
+def _root_error(model: nn.Module, failure: str, failures: list) -> TraceError:
+    name = type(model).__name__
+    also = ""
+    if failures:
+        also = ("\nBefore that, these modules failed too (kept as leaves to get this far): "
+                + "; ".join(f"{where!r} ({cls.__name__})" for where, cls, _ in failures)
+                + f"; keep them opaque with leaf_modules=[{', '.join(_class_name(c) for _, c, _ in failures)}].")
+    return TraceError(
+        f"torch.fx could not trace the forward of the model itself ({name}) at {failure}\n"
+        f"Remedy: leaf_modules and @anytimeify.register_leaf_module cannot help here: they keep "
+        f"submodules opaque, and {name}'s own forward must be traced to place exits in it. Make its "
+        f"control flow static (decided by constructor arguments or input shapes, not by tensor "
+        f"values), or wrap the traceable part (the network from image to logits) in a module of "
+        f"its own, convert that, and keep the data-dependent logic outside the converted model; a "
+        f"free function that fails can be kept as one call with autowrap_functions=[fn].{also}")
+
+
+def _module_error(model: nn.Module, failures: list, traces: bool) -> TraceError:
+    """The error for submodules that fail: the first one's place and reason in the first line (as
+    before), every failing class after it, and the ``leaf_modules`` that make the model trace."""
+    where, cls, failure = failures[0]
+    lines = [f"torch.fx could not trace module {where!r} ({cls.__name__}) at {failure}"]
+    if len(failures) > 1:
+        lines.append(f"With {cls.__name__} kept opaque, more modules fail the same way:")
+        lines += [f"  {w!r} ({c.__name__}) at {f.splitlines()[0]}" for w, c, f in failures[1:]]
+    classes = list(dict.fromkeys(c for _, c, _ in failures))
+    instances = {c: sum(isinstance(m, c) for m in model.modules()) for c in classes}
+    by_name = [w for w, _, _ in failures]
+    if all(instances[c] == 1 for c in classes):
+        fix = f"convert(..., leaf_modules={by_name!r})"
+    else:
+        fix = f"convert(..., leaf_modules=[{', '.join(_class_name(c) for c in classes)}]) (every module of those classes)"
+    checked = (" With all of them opaque the model traces." if traces else
+               " Tracing stopped there; more modules may fail after them.")
+    lines.append(f"Remedy: keep {'it' if len(classes) == 1 else 'them'} opaque with {fix}, or decorate "
+                 f"{'its class' if len(classes) == 1 else 'their classes'} with @anytimeify.register_leaf_module; "
+                 f"wrap a free function with autowrap_functions=[fn].{checked} Convolutions inside an opaque "
+                 f"module are not masked by confidence adaptivity.")
+    return TraceError("\n".join(lines))

@@ -89,7 +89,12 @@ def copy_aggregate(previous: torch.Tensor, new: torch.Tensor, masks: MaskSet) ->
     """Copy aggregation: confident positions keep the earlier prediction.
 
     ``out = previous * (1 - m) + new * m`` with ``m`` the computed mask at the logits' size.
+    Where an exit's logits come out a row or column off the next one's (an exit resized by a
+    fraction at an input size whose maps round differently), the earlier prediction is resized
+    bilinearly to the new one's size first.
     """
+    if previous.shape != new.shape and previous.dim() == 4 and previous.shape[:2] == new.shape[:2]:
+        previous = F.interpolate(previous, size=tuple(new.shape[-2:]), mode="bilinear", align_corners=False)
     if previous.shape != new.shape:
         raise ValueError(f"copy aggregation needs exits of equal shape, got {tuple(previous.shape)} "
                          f"and {tuple(new.shape)}")

@@ -55,19 +55,27 @@ class TimmSegmenter(nn.Module):
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
         probe = timm.create_model(backbone, pretrained=False, features_only=True, **timm_kwargs)
-        reductions = probe.feature_info.reduction()
-        indices = [i for i, r in enumerate(reductions) if r >= MIN_HEAD_STRIDE]
-        if not indices:
-            raise ValueError(f"timm model {backbone!r} has no feature level at stride >= {MIN_HEAD_STRIDE} "
-                             f"(reductions {reductions}); choose a backbone with a stride-4+ pyramid")
-        out_indices = tuple(probe.feature_info.out_indices[i] for i in indices)
+        out_indices = _head_levels(backbone, probe)
         del probe
         self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True,
                                           out_indices=out_indices, **timm_kwargs)
+        if type(self.backbone).__name__ == "FeatureHookNet" and "feature_cls" not in timm_kwargs:
+            # features collected by forward hooks do not exist in a traced graph (hooks do not run
+            # on proxies): timm's graph-based extraction gives the same maps as graph nodes
+            self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True,
+                                              out_indices=out_indices, feature_cls="fx", **timm_kwargs)
         channels: List[int] = self.backbone.feature_info.channels()
         self.strides: List[int] = list(self.backbone.feature_info.reduction())
         self.input_divisor = int(max(self.strides))
+        native = getattr(self.backbone, "pretrained_cfg", None) or {}
+        native = native.get("input_size") if isinstance(native, dict) else None
+        if native and (native[-1] % self.input_divisor or native[-2] % self.input_divisor):
+            # valid-padding networks (Inception at 299x299) take sizes that no stride divides
+            self.input_divisor = 1
         self.align_corners = align_corners
+        fmt = getattr(self.backbone, "output_fmt", "NCHW")
+        #: the backbone returns NHWC maps (Swin, MambaOut): the head permutes them
+        self.nhwc_features = str(getattr(fmt, "value", fmt)) == "NHWC"
         self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
         self.fuse = nn.Sequential(
             nn.Conv2d(width * len(channels), width, 1, bias=False),
@@ -78,12 +86,40 @@ class TimmSegmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
+        if self.nhwc_features:
+            features = [f.permute(0, 3, 1, 2) for f in features]
         size = features[0].shape[-2:]
         projected = [self.lateral[0](features[0])]
         for feature, lateral in zip(features[1:], self.lateral[1:]):
             projected.append(F.interpolate(lateral(feature), size=size, mode="bilinear",
                                            align_corners=self.align_corners))
         return self.classifier(self.fuse(torch.cat(projected, dim=1)))
+
+
+#: depth fractions of a plain transformer's taps (DPT's and ViTDet's: blocks 3, 6, 9 and 12 of 12)
+TOKEN_TAPS = (1, 2, 3, 4)
+
+
+def _head_levels(backbone: str, probe: nn.Module) -> tuple:
+    """The ``out_indices`` the head reads: every level at stride 4 or more; for a backbone whose
+    levels all have one stride (a plain vision transformer's blocks), the blocks at a quarter, a
+    half, three quarters and the end of its depth, so that early exits spread over it."""
+    reductions = probe.feature_info.reduction()
+    indices = [i for i, r in enumerate(reductions) if r >= MIN_HEAD_STRIDE]
+    if not indices:
+        raise ValueError(f"timm model {backbone!r} has no feature level at stride >= {MIN_HEAD_STRIDE} "
+                         f"(reductions {reductions}); choose a backbone with a stride-4+ pyramid")
+    every = getattr(getattr(probe, "model", None), "feature_info", None)  # FeatureGetterNet: every block
+    if hasattr(every, "reduction"):
+        every = every.reduction()
+    elif isinstance(every, (list, tuple)) and all(isinstance(d, dict) and "reduction" in d for d in every):
+        every = [d["reduction"] for d in every]
+    else:
+        every = None
+    if len(set(reductions)) == 1 and every and len(every) >= len(TOKEN_TAPS) and len(set(every)) == 1:
+        depth = len(every)
+        return tuple(sorted({depth * k // len(TOKEN_TAPS) - 1 for k in TOKEN_TAPS}))
+    return tuple(probe.feature_info.out_indices[i] for i in indices)
 
 
 def timm_segmenter(backbone: str, num_classes: int = 19, width: Optional[int] = None,

@@ -1,0 +1,224 @@
+"""How much of the public model zoo converts: one model per timm family, every smp architecture.
+
+For each timm architecture family (``timm.list_modules()``; the smallest variant of each, listed
+in ``benchmarks/zoo_families.json``, random weights) two checks, and for each smp architecture
+with five common encoders one:
+
+* **segmenter**: ``TimmSegmenter(model)`` converted with ``exits="stages"`` at the backbone's
+  native input size (timm's ``pretrained_cfg["input_size"]``); usable when it has at least one
+  early exit, runs at that size, its last exit equals the base model exactly, ``anytime()``
+  yields every exit, and under forced masks (confidence adaptivity) sparse execution equals
+  dense execution (max difference relative to the largest logit <= 1e-4);
+* **classifier**: the timm model converted with ``task="classification"`` at its native size;
+  usable when it has at least one early exit, its last exit equals the model exactly, and
+  ``anytime()`` and ``predict()`` run;
+* **smp**: the smp model (``encoder_weights=None``) converted with ``exits="stages"`` at 256x256
+  (a size every smp model takes), checked as a segmenter.
+
+Prints one JSON object per check (model, ok, exits, seconds, and the error's first line where it
+failed), then the counts::
+
+    HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py                  # everything (~15-25 min)
+    HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py --only vit deit  # some timm families
+    HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py --pick           # refresh zoo_families.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn as nn
+
+import anytimeify
+from anytimeify import Confidence, MaskedConv2d
+from anytimeify.bench import FixedMasks
+from anytimeify.models import TimmSegmenter
+
+FAMILIES_FILE = Path(__file__).with_name("zoo_families.json")
+SMP_ARCHS = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet",
+             "PAN", "UPerNet", "Segformer", "DPT")
+SMP_ENCODERS = ("resnet18", "mobilenet_v2", "efficientnet-b0", "tu-convnext_atto", "mit_b0")
+SMP_SIZE = (256, 256)
+CLASSES = 3
+TOLERANCE = 1e-4
+
+
+def pick_families() -> Dict[str, str]:
+    """The smallest model (fewest parameters, built on the meta device) of every timm module."""
+    import timm
+
+    picked = {}
+    for module in timm.list_modules():
+        best: Optional[Tuple[int, str]] = None
+        for name in timm.list_models(module=module):
+            try:
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    params = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+            except Exception:  # a model that needs arguments is not a family's default
+                continue
+            if best is None or params < best[0]:
+                best = (params, name)
+        if best is not None:
+            picked[module] = best[1]
+    return picked
+
+
+def native_size(name: str) -> Tuple[int, int]:
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name, allow_unregistered=True)
+    size = getattr(cfg, "input_size", None) or (3, 224, 224)
+    return int(size[-2]), int(size[-1])
+
+
+def _first_line(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def check_dense(net: nn.Module, size: Tuple[int, int], **convert_kwargs) -> dict:
+    """The segmenter contract; returns the facts (raises on the first broken one)."""
+    torch.manual_seed(0)
+    model = anytimeify.convert(net, exits="stages", input_size=size, **convert_kwargs).eval()
+    if model.num_exits < 2:
+        raise AssertionError(f"no early exit ({model.num_exits} exit)")
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = model(x)
+        streamed = list(model.anytime(x))
+        reference = net(x)
+    if len(streamed) != model.num_exits:
+        raise AssertionError(f"anytime() yielded {len(streamed)} of {model.num_exits} exits")
+    if not torch.equal(outs[-1], reference):
+        raise AssertionError("last exit differs from the base model")
+    skips = [0.2, 0.4, 0.6, 0.7, 0.8, 0.9][: model.num_exits - 1]
+    masked = anytimeify.convert(net, exits="stages", input_size=size,
+                                confidence=Confidence(criterion=FixedMasks(skips, seed=0, sigma=1.0),
+                                                      execution="dense"), **convert_kwargs).eval()
+    masked_convs = sum(isinstance(m, MaskedConv2d) for m in masked.modules())
+    with torch.no_grad():
+        dense = list(masked.anytime(x))
+        masked.set_execution("sparse")
+        sparse = list(masked.anytime(x))
+    err = max((s.logits - d.logits).abs().max().item() / max(1.0, d.logits.abs().max().item())
+              for s, d in zip(sparse, dense))
+    if err > TOLERANCE:
+        raise AssertionError(f"sparse differs from dense execution by {err:.2e}")
+    return {"exits": model.num_exits, "exit_names": [e["name"] for e in model.exit_info[:-1]],
+            "masked_convs": masked_convs}
+
+
+def check_classifier(net: nn.Module, size: Tuple[int, int]) -> dict:
+    torch.manual_seed(0)
+    model = anytimeify.convert(net, task="classification", input_size=size).eval()
+    if model.num_exits < 2:
+        raise AssertionError(f"no early exit ({model.num_exits} exit)")
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = model(x)
+        reference = net(x)
+        streamed = list(model.anytime(x))
+        model.predict(x, thresholds=[0.5] * (model.num_exits - 1))
+    if len(streamed) != model.num_exits:
+        raise AssertionError(f"anytime() yielded {len(streamed)} of {model.num_exits} exits")
+    if not torch.equal(outs[-1], reference):
+        raise AssertionError("last exit differs from the base model")
+    return {"exits": model.num_exits, "exit_names": [e["name"] for e in model.exit_info[:-1]]}
+
+
+def _run(kind: str, label: str, fn) -> dict:
+    start = time.perf_counter()
+    row = {"kind": kind, "model": label}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row.update(fn())
+        row["ok"] = True
+    except Exception as err:  # every failure is a row of the survey
+        row["ok"] = False
+        row["error"] = _first_line(err)
+        if os.environ.get("ZOO_TRACEBACK"):
+            traceback.print_exc()
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def survey_timm(families: Dict[str, str], kinds=("segmenter", "classifier")) -> List[dict]:
+    import timm
+
+    rows = []
+    for family, name in families.items():
+        size = native_size(name)
+        label = f"{family}:{name}@{size[0]}x{size[1]}"
+        if "segmenter" in kinds:
+            rows.append(_run("segmenter", label, lambda: check_dense(
+                TimmSegmenter(name, CLASSES, width=16).eval(), size)))
+        if "classifier" in kinds:
+            rows.append(_run("classifier", label, lambda: check_classifier(
+                timm.create_model(name, pretrained=False, num_classes=CLASSES).eval(), size)))
+    return rows
+
+
+def survey_smp(archs=SMP_ARCHS, encoders=SMP_ENCODERS) -> List[dict]:
+    import segmentation_models_pytorch as smp
+
+    rows = []
+    for arch in archs:
+        for encoder in encoders:
+            try:
+                torch.manual_seed(0)
+                net = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=CLASSES).eval()
+            except Exception as err:  # a combination smp itself does not build is not counted
+                print(json.dumps({"kind": "smp", "model": f"{arch}:{encoder}", "built": False,
+                                  "error": _first_line(err)}), flush=True)
+                continue
+            rows.append(_run("smp", f"{arch}:{encoder}", lambda: check_dense(net, SMP_SIZE)))
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", help="timm families (or model names) to check")
+    parser.add_argument("--kinds", default="segmenter,classifier,smp", help="comma-separated")
+    parser.add_argument("--pick", action="store_true", help="rewrite zoo_families.json and stop")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.pick:
+        picked = pick_families()
+        tmp = FAMILIES_FILE.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(picked, indent=1) + "\n")
+        tmp.replace(FAMILIES_FILE)
+        print(f"{len(picked)} families -> {FAMILIES_FILE}")
+        return 0
+    families = json.loads(FAMILIES_FILE.read_text())
+    if args.only:
+        families = {f: n for f, n in families.items() if f in args.only or n in args.only}
+    kinds = args.kinds.split(",")
+    rows = survey_timm(families, [k for k in kinds if k in ("segmenter", "classifier")])
+    if "smp" in kinds and not args.only:
+        rows += survey_smp()
+    summary = {}
+    for kind in ("segmenter", "classifier", "smp"):
+        done = [r for r in rows if r["kind"] == kind]
+        if done:
+            ok = sum(r["ok"] for r in done)
+            summary[kind] = {"usable": ok, "of": len(done), "share": round(ok / len(done), 3),
+                             "failed": [r["model"] for r in done if not r["ok"]]}
+    print(json.dumps({"summary": summary, "torch": torch.__version__}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Transformers, NHWC backbones and the rest of timm's zoo: what convert() does for them."""
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn as nn
+
+import anytimeify
+from anytimeify import Confidence, MaskedConv2d
+from anytimeify._fx.adapters import MAX_EARLY_EXITS, select_stage_levels
+from anytimeify._fx.boundary import Boundary
+from anytimeify.bench import FixedMasks
+from anytimeify.convert import _depth_cap
+from anytimeify.masking.masks import copy_aggregate
+from anytimeify.models import TimmSegmenter
+
+timm = pytest.importorskip("timm")
+
+CLASSES = 3
+
+
+def _segmenter(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TimmSegmenter(name, CLASSES, width=8).eval()
+
+
+def _sparse_equals_dense(net: nn.Module, x: torch.Tensor) -> None:
+    masks = FixedMasks([0.2, 0.4, 0.6], seed=0, sigma=1.0)
+    model = anytimeify.convert(net, input_size=tuple(x.shape[-2:]),
+                               confidence=Confidence(criterion=masks, execution="dense")).eval()
+    assert sum(isinstance(m, MaskedConv2d) for m in model.modules()) > 0
+    with torch.no_grad():
+        dense = list(model.anytime(x))
+        model.set_execution("sparse")
+        sparse = list(model.anytime(x))
+    for s, d in zip(sparse, dense):
+        err = (s.logits - d.logits).abs().max().item() / max(1.0, d.logits.abs().max().item())
+        assert err <= 1e-4, err
+
+
+def test_vision_transformer_segmenter_exits_at_quarters_of_its_depth():
+    net = _segmenter("test_vit")  # 6 blocks, patch 16, native 160x160
+    depth = len(net.backbone.model.blocks)
+    # the head reads the blocks at 1/4, 1/2, 3/4 and the end of the depth (DPT's taps)
+    assert net.backbone.feature_info.out_indices == tuple(depth * k // 4 - 1 for k in (1, 2, 3, 4))
+    model = anytimeify.convert(net).eval()  # at the backbone's native size
+    assert model.num_exits == 4
+    # 160 / 16 = 10 tokens a side halve once: every redesigned head takes one down step
+    assert [e["depth"] for e in model.exit_info[:-1]] == [1, 1, 1]
+    assert [e["stride"] for e in model.exit_info[:-1]] == [16, 16, 16]
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = model(x)
+        assert torch.equal(outs[-1], net(x))
+        streamed = list(model.anytime(x))
+    assert len(streamed) == 4
+    # each exit runs before the blocks after its tap: segment k calls only blocks up to its tap
+    taps = net.backbone.feature_info.out_indices
+    for k, segment in enumerate(model.program.segments[:3]):
+        called = {int(str(n.target).split(".")[3]) for n in segment.module.graph.nodes
+                  if n.op == "call_module" and str(n.target).startswith("backbone.model.blocks.")}
+        assert called and max(called) == taps[k], (k, sorted(called))
+    _sparse_equals_dense(net, x[:1])
+
+
+def test_nhwc_backbone_segmenter_reads_channels_first_maps():
+    net = _segmenter("test_mambaout")  # stages return (B, H, W, C)
+    assert net.nhwc_features
+    model = anytimeify.convert(net).eval()
+    assert model.num_exits == 4
+    assert [e["channels"][0] for e in model.exit_info[:-1]] == net.backbone.feature_info.channels()[:3]
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+    _sparse_equals_dense(net, x)
+
+
+def test_vision_transformer_classifier_streams_and_predicts():
+    torch.manual_seed(0)
+    net = timm.create_model("test_vit", pretrained=False, num_classes=CLASSES).eval()
+    model = anytimeify.convert(net, task="classification").eval()
+    assert [e["name"] for e in model.exit_info[:-1]] == ["blocks.0", "blocks.2", "blocks.3"]
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+        assert len(list(model.anytime(x))) == 4  # forward's attn_mask=None is bound, not an input
+        prediction = model.predict(x, thresholds=[0.5, 0.5, 0.5])
+    assert prediction.logits.shape == (2, CLASSES)
+
+
+def test_hook_based_features_become_graph_nodes():
+    net = _segmenter("pit_ti_224")  # timm collects PiT's features by forward hooks
+    assert type(net.backbone).__name__ == "FeatureGraphNet"
+    model = anytimeify.convert(net).eval()
+    assert model.num_exits >= 2
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+
+
+class _Gate(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+class _Flip(nn.Module):
+    def forward(self, x):
+        return x if x.mean() < 1 else x * 2
+
+
+class _TwoUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gates = nn.Sequential(_Gate(), _Gate())
+        self.flip = _Flip()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.flip(self.gates(self.conv(x))))
+
+
+def test_trace_error_names_every_failing_class_and_its_advice_works():
+    with pytest.raises(anytimeify.TraceError) as caught:
+        anytimeify.convert(_TwoUntraceable(), exits=["conv"], input_size=(16, 16))
+    message = str(caught.value)
+    assert message.startswith("torch.fx could not trace module 'gates.0' (_Gate)")
+    assert "'flip' (_Flip)" in message and "With all of them opaque the model traces" in message
+    # _Gate has two instances: the advice names the classes, which covers both
+    advice = f"leaf_modules=[{_Gate.__module__}._Gate, {_Flip.__module__}._Flip]"
+    assert advice in message
+    model = anytimeify.convert(_TwoUntraceable(), exits=["conv"], input_size=(16, 16),
+                               leaf_modules=[_Gate, _Flip]).eval()
+    assert model.num_exits == 2
+
+
+class _MadeConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        scale = torch.tensor([0.5, 1.0, 1.5, 2.0]).view(1, 4, 1, 1)  # a constant made in forward
+        return self.head(self.stem(x) * scale)
+
+
+def test_constants_made_in_forward_are_kept():
+    net = _MadeConstant().eval()
+    model = anytimeify.convert(net, exits=["stem"], input_size=(16, 16)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+    assert not [k for k in model.state_dict() if "_tensor_constant" in k]
+
+
+def test_many_levels_get_three_exits_spread_over_them():
+    graph = torch.fx.Graph()
+    node = graph.placeholder("x")
+    levels = []
+    for i in range(32):  # one node per level, like ConvMixer's 32 equal blocks
+        node = graph.call_function(torch.relu, (node,))
+        levels.append(Boundary(f"blocks.{i}", [node], [(1, 8, 14, 14)], 16.0))
+    picked = select_stage_levels(levels)
+    assert len(picked) == MAX_EARLY_EXITS == 3
+    assert picked == ["blocks.7", "blocks.15", "blocks.23"]
+    assert select_stage_levels(levels[:4]) == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+@pytest.mark.parametrize("stride, shape, sizes, cap", [
+    (16.0, (1, 8, 14, 14), [(224, 224)], 1),  # ViT at 224: 14 tokens a side halve once
+    (16.0, (1, 8, 16, 16), [(224, 224)], 1),  # converted at 256, native 224: both must work
+    (4.0, (1, 8, 64, 128), [], 6),  # HRNet's stride-4 branch at 256x512: no limit in practice
+    (8.5, (1, 8, 35, 35), [], 0),  # a valid-padding network: an original head
+])
+def test_redesigned_heads_halve_only_where_maps_do(stride, shape, sizes, cap):
+    assert _depth_cap(Boundary("b", [object()], [shape], stride), sizes) == cap
+
+
+def test_copy_aggregation_resizes_an_exit_a_row_off():
+    previous = torch.zeros(1, 3, 32, 32)
+    new = torch.ones(1, 3, 33, 33)
+    computed = torch.zeros(1, 1, 33, 33, dtype=torch.bool)
+    computed[..., :10] = True
+
+    class Masks:
+        def at(self, h, w, dtype):
+            assert (h, w) == (33, 33)
+            return computed
+
+    out = copy_aggregate(previous, new, Masks())
+    assert out.shape == new.shape
+    assert torch.equal(out[..., :10], new[..., :10]) and torch.equal(out[..., 10:], torch.zeros(1, 3, 33, 23))
