@@ -287,7 +287,7 @@ def _module_error(model: nn.Module, failures: list, traces: bool) -> TraceError:
         fix = f"convert(..., leaf_modules={by_name!r})"
     else:
         fix = f"convert(..., leaf_modules=[{', '.join(_class_name(c) for c in classes)}]) (every module of those classes)"
-    checked = (" With all of them opaque the model traces." if traces else
+    checked = (f" With {'it' if len(classes) == 1 else 'all of them'} opaque the model traces." if traces else
                " Tracing stopped there; more modules may fail after them.")
     lines.append(f"Remedy: keep {'it' if len(classes) == 1 else 'them'} opaque with {fix}, or decorate "
                  f"{'its class' if len(classes) == 1 else 'their classes'} with @anytimeify.register_leaf_module; "
