@@ -245,11 +245,14 @@ def _make_exits(boundaries: List[Boundary], num_classes: int, head: str, width: 
     return exits, info
 
 
-def _make_classifier_exits(boundaries: List[Boundary], num_classes: int) -> Tuple[nn.ModuleList, List[dict]]:
+def _make_classifier_exits(boundaries: List[Boundary], num_classes: int,
+                           channels_last: Sequence[str] = ()) -> Tuple[nn.ModuleList, List[dict]]:
+    """One pooling exit per boundary; ``channels_last``: names of boundaries whose 4-D tensors are
+    ``(B, H, W, C)`` (Swin's stages), pooled like tokens."""
     exits = nn.ModuleList()
     info = []
     for b in boundaries:
-        tokens = [len(shape) == 3 for shape in b.shapes]
+        tokens = [len(shape) == 3 or b.name in channels_last for shape in b.shapes]
         channels = [shape[-1] if token else shape[1] for shape, token in zip(b.shapes, tokens)]
         exits.append(ClassifierExit(channels, num_classes, tokens))
         info.append({"name": b.name, "channels": channels, "stride": b.stride, "depth": 0})
@@ -353,7 +356,8 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
         boundaries = resolve_exits(base, gm, exits, tokens=task == "classification")
         if not hasattr(root, "exits"):
             if task == "classification":
-                exit_modules, info = _make_classifier_exits(boundaries, out_shape[1])
+                exit_modules, info = _make_classifier_exits(boundaries, out_shape[1],
+                                                            sorted(gm.meta.get("channels_last", ())))
             else:
                 native = native_size(base)
                 exit_modules, info = _make_exits(boundaries, out_shape[1], head, width, tuple(out_shape[-2:]),

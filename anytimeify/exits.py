@@ -160,12 +160,14 @@ class ClassifierExit(nn.Module):
 
     Feature maps ``(B, C, H, W)`` are averaged over positions; token sequences ``(B, N, C)`` of
     vision transformers over tokens, after a LayerNorm of their channels (the transformer's own
-    final norm is not applied to intermediate blocks).
+    final norm is not applied to intermediate blocks), and channels-last maps ``(B, H, W, C)``
+    (Swin's stages) likewise over positions.
 
     Args:
         channels: channels of each input tensor.
         num_classes: classes of the linear layer.
-        tokens: per input, whether it is a token sequence ``(B, N, C)``.
+        tokens: per input, whether its channels are last: a token sequence ``(B, N, C)`` or a
+            channels-last map ``(B, H, W, C)``.
     """
 
     def __init__(self, channels: Sequence[int], num_classes: int, tokens: Optional[Sequence[bool]] = None):
@@ -178,5 +180,5 @@ class ClassifierExit(nn.Module):
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         pooled = []
         for x, norm, token in zip(features, self.norms, self.tokens):
-            pooled.append(norm(x).mean(dim=1) if token else x.mean(dim=(2, 3)))
+            pooled.append(norm(x).flatten(1, -2).mean(dim=1) if token else x.mean(dim=(2, 3)))
         return self.linear(pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1))

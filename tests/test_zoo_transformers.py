@@ -196,3 +196,18 @@ def test_copy_aggregation_resizes_an_exit_a_row_off():
     out = copy_aggregate(previous, new, Masks())
     assert out.shape == new.shape
     assert torch.equal(out[..., :10], new[..., :10]) and torch.equal(out[..., 10:], torch.zeros(1, 3, 33, 23))
+
+
+def test_nhwc_classifier_pools_its_stages_over_positions():
+    torch.manual_seed(0)  # a small Swin: its stages output (B, H, W, C) maps, its head pools them itself
+    net = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=CLASSES, embed_dim=24,
+                            depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)).eval()
+    model = anytimeify.convert(net, task="classification").eval()
+    assert [e["name"] for e in model.exit_info[:-1]] == ["layers.0", "layers.1", "layers.2"]
+    # each exit pools its stage over positions: its linear layer takes the stage's C features
+    assert [e.linear.in_features for e in model.exits] == [24, 48, 96]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+        outs = list(model.anytime(x))
+    assert len(outs) == 4 and all(o.logits.shape == (2, CLASSES) for o in outs)

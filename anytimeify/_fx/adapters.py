@@ -205,6 +205,13 @@ def _timm_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
         if outputs[i] is None:
             continue
         node = _level_map(gm, outputs, i, channels, reduction)
+        if node is None and gm.meta.get("accept_tokens"):  # a classifier pools tokens and NHWC maps as they are
+            b = module_boundary(gm, name, ranks=(3, 4))
+            if b is not None and len(b.shapes[0]) == 4 and b.shapes[0][-1] == channels != b.shapes[0][1]:
+                gm.meta.setdefault("channels_last", set()).add(name)
+            if b is not None and (len(b.shapes[0]) == 3 or name in gm.meta.get("channels_last", ())):
+                boundaries.append(b)
+            continue
         if node is None:
             _logger.debug("no (B, %d, H, W) map is made of level %s", channels, name)
             continue
@@ -232,7 +239,7 @@ def _token_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
     if module_boundary(gm, f"blocks.{len(blocks) - 1}", ranks=(3,)) is None:
         return None
     depth = len(blocks)
-    return [f"blocks.{depth * k // 4 - 1}" for k in (1, 2, 3)]
+    return [f"blocks.{i}" for i in sorted({depth * k // 4 - 1 for k in (1, 2, 3)})]
 
 
 # -- segmentation-models-pytorch -------------------------------------------------------------------

@@ -62,6 +62,7 @@ def resolve_exits(model: nn.Module, gm: fx.GraphModule, exits, tokens: bool = Fa
     if isinstance(exits, str):
         if exits != "stages":
             raise ValueError(f"exits must be 'stages' or a list of boundary names, got {exits!r}")
+        gm.meta["accept_tokens"] = tokens  # a classifier's exits also take tokens and NHWC maps
         _, names = stage_adapter_for(model, gm)
     else:
         names = list(exits)
