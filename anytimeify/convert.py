@@ -19,7 +19,8 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ._fx.adapters import trace_for_conversion
-from ._fx.stages import Boundary, candidate_boundaries, resolve_exits, spatial_divisor, stage_adapter_for
+from ._fx.stages import (Boundary, candidate_boundaries, node_boundary, resolve_exits, spatial_divisor,
+                         stage_adapter_for)
 from ._fx.trace import LeafSpec
 from .exits import HEAD_KINDS, ClassifierExit, Exit, original_head, redesigned_head
 from ._fx.confidence import apply_confidence
@@ -501,6 +502,14 @@ class Candidate:
         return f"{mark} {self.name:<40} {self.kind:<6} stride {self.stride:g}  [{shapes}]"
 
 
+def _map_like(b: Boundary, probe: Sequence[int]) -> bool:
+    """Whether a boundary's first tensor covers the image as a feature map does (its positions times
+    its stride squared about the input's area), not an attention map ``(B, heads, N, N)``."""
+    h, w = b.shapes[0][-2:]
+    area = h * w * b.stride * b.stride
+    return 0.5 * probe[-2] * probe[-1] <= area <= 2.0 * probe[-2] * probe[-1]
+
+
 def inspect(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, nodes: bool = False,
             leaf_modules: Sequence[LeafSpec] = (), autowrap_functions: Sequence[Callable] = ()) -> List[Candidate]:
     """List the stage boundaries of ``model`` in the names :func:`convert` accepts.
@@ -526,13 +535,18 @@ def inspect(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, nod
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     # execution order; modules that end at the same node (a stage and its last block) innermost first,
     # since the outer one's output is complete only when its last child's is
-    boundaries = sorted(candidate_boundaries(gm, include=picked), key=lambda b: (order[b.last], -b.name.count(".")))
-    found = [Candidate(b.name, "module", b.shapes, b.channels, b.stride, b.name in picked) for b in boundaries]
+    boundaries = [b for b in candidate_boundaries(gm, include=picked) if b.name in picked or _map_like(b, probe)]
+    # the adapters may pick graph nodes (a transformer's tokens reshaped to a map): listed as nodes
+    modules = {name for name, _ in gm.named_modules()}
+    picked_nodes = [node_boundary(gm, name) for name in picked if name not in modules]
+    boundaries += [b for b in picked_nodes if b is not None]
+    boundaries.sort(key=lambda b: (order[b.last], -b.name.count(".")))
+    found = [Candidate(b.name, "module" if b.name in modules else "node", b.shapes, b.channels, b.stride,
+                       b.name in picked) for b in boundaries]
     if nodes:
-        from ._fx.stages import node_boundary
-
+        listed = {c.name for c in found}
         for node in gm.graph.nodes:
             b = node_boundary(gm, node.name) if node.op not in ("placeholder", "output") else None
-            if b is not None:
+            if b is not None and b.name not in listed:
                 found.append(Candidate(b.name, "node", b.shapes, b.channels, b.stride, b.name in picked))
     return found

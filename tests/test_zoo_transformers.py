@@ -68,6 +68,24 @@ def test_vision_transformer_segmenter_exits_at_quarters_of_its_depth():
     _sparse_equals_dense(net, x[:1])
 
 
+def test_inspect_lists_a_transformers_maps_and_convert_takes_them_by_name():
+    net = _segmenter("test_vit")
+    found = anytimeify.inspect(net)
+    picked = [c for c in found if c.picked]
+    assert [c.kind for c in picked] == ["node"] * 3 and all(c.stride == 16 for c in picked)
+    # no attention tensor (B, heads, N, d) is offered as a feature map
+    assert all(c.shapes[0][-1] * c.shapes[0][-2] * c.stride ** 2 >= 0.5 * 160 * 160 for c in found)
+    model = anytimeify.convert(net, exits=[picked[0].name, picked[2].name]).eval()
+    taps = net.backbone.feature_info.out_indices
+    for k, segment in enumerate(model.program.segments[:2]):  # named by hand, they move up too
+        called = {int(str(n.target).split(".")[3]) for n in segment.module.graph.nodes
+                  if n.op == "call_module" and str(n.target).startswith("backbone.model.blocks.")}
+        assert max(called) == taps[2 * k]
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+
+
 def test_nhwc_backbone_segmenter_reads_channels_first_maps():
     net = _segmenter("test_mambaout")  # stages return (B, H, W, C)
     assert net.nhwc_features

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import torch.fx as fx
 
-__all__ = ["Boundary", "module_boundary", "node_boundary", "hoist"]
+__all__ = ["Boundary", "module_boundary", "node_boundary", "hoist", "view_anchor"]
 
 
 @dataclass
@@ -88,6 +88,41 @@ def _with_shapes(gm: fx.GraphModule, b: Boundary) -> Boundary:
     else:
         b.stride = in_h / b.shapes[0][-2]
     return b
+
+
+#: methods and functions that only re-view, reshape or measure a tensor (and integer arithmetic on shapes)
+_VIEW_METHODS = {"view", "reshape", "permute", "contiguous", "flatten", "unflatten", "transpose", "squeeze",
+                 "unsqueeze", "size", "expand", "chunk", "split", "__getitem__"}
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target) in _VIEW_METHODS
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if name in ("getitem", "getattr", "flatten", "permute", "reshape", "transpose", "unflatten"):
+            return True
+        return name in ("floordiv", "mul", "add", "sub", "truediv") and "tensor_meta" not in node.meta
+    return False
+
+
+def view_anchor(node: fx.Node) -> fx.Node:
+    """The latest computation ``node`` is a view or reshape of (through getitem, reshape, permute,
+    ... and shape arithmetic): where a map made of it can move up to (:func:`hoist`)."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    anchors, stack, seen = [], [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not node and not _is_view(n):
+            anchors.append(n)
+            continue
+        if n is node and not _is_view(n):
+            return node
+        stack.extend(n.all_input_nodes)
+    return max(anchors, key=order.__getitem__) if anchors else node
 
 
 def hoist(graph: fx.Graph, node: fx.Node, after: fx.Node) -> None:

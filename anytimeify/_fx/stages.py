@@ -21,7 +21,7 @@ import torch.nn as nn
 
 # the built-in adapters (HRNet, timm, segmentation-models-pytorch) register themselves on import
 from . import adapters  # noqa: F401
-from .boundary import Boundary, _is_tensor_node, module_boundary, node_boundary
+from .boundary import Boundary, _is_tensor_node, hoist, module_boundary, node_boundary, view_anchor
 from .registry import StageAdapter, register_stage_adapter, stage_adapter_for
 
 _logger = logging.getLogger(__name__)
@@ -73,6 +73,11 @@ def resolve_exits(model: nn.Module, gm: fx.GraphModule, exits, tokens: bool = Fa
         if not isinstance(name, str):
             raise TypeError(f"exit names must be strings, got {name!r}")
         b = module_boundary(gm, name, ranks) if _is_module(gm, name) else node_boundary(gm, name, ranks)
+        if b is not None and not _is_module(gm, name):  # a map computed late (reshaped tokens) runs at its stage
+            try:
+                hoist(gm.graph, b.nodes[0], view_anchor(b.nodes[0]))
+            except ValueError as err:
+                _logger.debug("exit %s stays where it is: %s", name, err)
         if b is None:
             valid = [c.name for c in candidate_boundaries(gm)]
             raise ValueError(
@@ -81,6 +86,7 @@ def resolve_exits(model: nn.Module, gm: fx.GraphModule, exits, tokens: bool = Fa
                 f"anytimeify.inspect(model) lists them with shapes."
             )
         boundaries.append(b)
+    gm.recompile()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     boundaries.sort(key=lambda b: order[b.last])
     for a, b in zip(boundaries, boundaries[1:]):
