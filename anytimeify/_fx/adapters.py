@@ -115,7 +115,8 @@ def _name_variants(name: str) -> Iterator[str]:
 
 def timm_feature_levels(model: nn.Module) -> Optional[List[Tuple[str, int, int]]]:
     """``(qualified module name, reduction, channels)`` of each ``feature_info`` level of the first
-    timm model in ``model`` whose levels all resolve to modules of ``model``.
+    timm model in ``model`` whose levels resolve to modules of ``model`` (at least two and half of
+    them; the others are left out, and a module listed twice counts once).
 
     A ``features_only`` wrapper's levels are the selected ones; their names resolve under the
     wrapper itself (``FeatureListNet`` renames ``stages.0`` to ``stages_0``) or under the model it
@@ -130,14 +131,18 @@ def timm_feature_levels(model: nn.Module) -> Optional[List[Tuple[str, int, int]]
         for inner in ("model", "graph_module"):  # FeatureGetterNet.model, FeatureGraphNet.graph_module
             if isinstance(getattr(module, inner, None), nn.Module):
                 prefixes.append(f"{path}.{inner}." if path else f"{inner}.")
-        resolved = []
+        resolved, seen = [], set()
         for name, reduction, channels in levels:
             real = next((p + v for p in prefixes for v in _name_variants(name) if p + v in names), None)
             if real is None:
                 _logger.debug("feature_info level %r of %s resolves to no module", name, path or "<root>")
-                break
-            resolved.append((real, reduction, channels))
-        else:
+                continue
+            if real not in seen:  # a level listed once per branch (CrossViT) is one stage
+                seen.add(real)
+                resolved.append((real, reduction, channels))
+        # a level that names no module (a placeholder such as MobileNetV5's 'bn1') is left out, as
+        # long as most levels are real modules
+        if resolved and len(resolved) >= max(2, (len(levels) + 1) // 2):
             return resolved
     return None
 
