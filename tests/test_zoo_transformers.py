@@ -229,3 +229,31 @@ def test_nhwc_classifier_pools_its_stages_over_positions():
         assert torch.equal(model(x)[-1], net(x))
         outs = list(model.anytime(x))
     assert len(outs) == 4 and all(o.logits.shape == (2, CLASSES) for o in outs)
+
+
+class _Lister(nn.Module):
+    def forward(self, x):
+        return [x, x * 2] if x.sum() > 0 else [x, x]
+
+
+class _ReadsTheList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.lister = _Lister()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        total = 0
+        for y in self.lister(self.conv(x)):  # iterates what the submodule returns
+            total = total + y
+        return self.head(total)
+
+
+def test_trace_error_blames_the_module_when_keeping_it_opaque_cannot_help():
+    with pytest.raises(anytimeify.TraceError) as caught:
+        anytimeify.convert(_ReadsTheList(), exits=["conv"], input_size=(16, 16))
+    message = str(caught.value)
+    assert message.startswith("torch.fx could not trace module 'lister' (_Lister)")
+    assert "Keeping it opaque does not help: _ReadsTheList's own forward then fails" in message
+    assert "Remedy: make _Lister traceable" in message

@@ -257,11 +257,17 @@ def _bind_defaults(graph: fx.Graph, name: str) -> None:
 
 def _root_error(model: nn.Module, failure: str, failures: list) -> TraceError:
     name = type(model).__name__
-    also = ""
-    if failures:
-        also = ("\nBefore that, these modules failed too (kept as leaves to get this far): "
-                + "; ".join(f"{where!r} ({cls.__name__})" for where, cls, _ in failures)
-                + f"; keep them opaque with leaf_modules=[{', '.join(_class_name(c) for _, c, _ in failures)}].")
+    if failures:  # a submodule failed first; with it opaque, the model's own forward cannot use its output
+        where, cls, first = failures[0]
+        lines = [f"torch.fx could not trace module {where!r} ({cls.__name__}) at {first}"]
+        lines += [f"  and {w!r} ({c.__name__}) at {f.splitlines()[0]}" for w, c, f in failures[1:]]
+        lines.append(
+            f"Keeping {'it' if len(failures) == 1 else 'them'} opaque does not help: {name}'s own forward then "
+            f"fails at {failure.splitlines()[0]}, since it iterates or inspects what the opaque module returns.\n"
+            f"Remedy: make {cls.__name__} traceable (static control flow: decided by constructor arguments or "
+            f"input shapes, not by tensor values), or convert a part of the model that does not depend on it; "
+            f"exits can only go where torch.fx sees the network's stages.")
+        return TraceError("\n".join(lines))
     return TraceError(
         f"torch.fx could not trace the forward of the model itself ({name}) at {failure}\n"
         f"Remedy: leaf_modules and @anytimeify.register_leaf_module cannot help here: they keep "
@@ -269,7 +275,7 @@ def _root_error(model: nn.Module, failure: str, failures: list) -> TraceError:
         f"control flow static (decided by constructor arguments or input shapes, not by tensor "
         f"values), or wrap the traceable part (the network from image to logits) in a module of "
         f"its own, convert that, and keep the data-dependent logic outside the converted model; a "
-        f"free function that fails can be kept as one call with autowrap_functions=[fn].{also}")
+        f"free function that fails can be kept as one call with autowrap_functions=[fn].")
 
 
 def _module_error(model: nn.Module, failures: list, traces: bool) -> TraceError:
