@@ -363,6 +363,9 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
                 native = native_size(base)
                 exit_modules, info = _make_exits(boundaries, out_shape[1], head, width, tuple(out_shape[-2:]),
                                                  align_corners, [native] if native else [])
+            param = next((p for p in base.parameters() if p.is_floating_point()), None)
+            if param is not None:  # the exits live where the base model does, in its dtype
+                exit_modules.to(device=param.device, dtype=param.dtype)
             root.add_module("exits", exit_modules)
             # a classifier's exits pool globally: only the base model limits its input sizes
             divisor = (_input_divisor(base, gm, boundaries, [e["depth"] for e in info]) if task == "dense"

@@ -257,3 +257,13 @@ def test_trace_error_blames_the_module_when_keeping_it_opaque_cannot_help():
     assert message.startswith("torch.fx could not trace module 'lister' (_Lister)")
     assert "Keeping it opaque does not help: _ReadsTheList's own forward then fails" in message
     assert "Remedy: make _Lister traceable" in message
+
+
+def test_exits_are_made_in_the_base_models_dtype():
+    net = _MadeConstant().double().eval()
+    model = anytimeify.convert(net, exits=["stem"], input_size=(16, 16)).eval()
+    assert all(p.dtype == torch.float64 for p in model.exits.parameters())
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        outs = model(x)
+    assert all(o.dtype == torch.float64 for o in outs) and torch.equal(outs[-1], net(x))
