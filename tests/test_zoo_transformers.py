@@ -267,3 +267,60 @@ def test_exits_are_made_in_the_base_models_dtype():
     with torch.no_grad():
         outs = model(x)
     assert all(o.dtype == torch.float64 for o in outs) and torch.equal(outs[-1], net(x))
+
+
+class _OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x, mask=None, scale: float = 2.0):
+        y = self.stem(x)
+        if mask is not None:  # Hiera's masked pre-training path: not taken when called as model(x)
+            y = y.view(mask.shape[0], -1) * 0
+        return self.head(y * scale)
+
+
+def test_forward_parameters_with_constant_defaults_are_traced_at_those_values():
+    net = _OptionalMask().eval()
+    model = anytimeify.convert(net, exits=["stem"], input_size=(16, 16)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+        assert len(list(model.anytime(x))) == 2
+
+
+class _PixelTokens(nn.Module):
+    """A stage that also returns a tensor with one row per patch, not per image (TNT's pixel tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, 1, c)
+        return x + 1, self.proj(pixels)
+
+
+class _TwoKinds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.stage = _PixelTokens()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y, pixels = self.stage(self.stem(x))
+        return self.head(y.mean(dim=(2, 3)) + pixels.reshape(x.shape[0], -1, 4).mean(dim=1))
+
+
+def test_a_boundary_keeps_only_tensors_with_one_entry_per_image():
+    net = _TwoKinds().eval()
+    model = anytimeify.convert(net, exits=["stage"], task="classification", input_size=(8, 8)).eval()
+    assert model.exit_info[0]["channels"] == [4]  # the (B, C, H, W) map, not the (B*H*W, 1, C) rows
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+        assert [o.logits.shape for o in model.anytime(x)] == [(3, 2), (3, 2)]

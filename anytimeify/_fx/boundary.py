@@ -56,13 +56,20 @@ def _inside(node: fx.Node, path: str) -> bool:
     return path in stack
 
 
+def _per_image(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the tensor has one entry per image of the batch (not TNT's pixel tokens ``(B*N, p, c)``)."""
+    shape = gm.meta.get("input_shape")
+    return shape is None or node.meta["tensor_meta"].shape[0] == shape[0]
+
+
 def module_boundary(gm: fx.GraphModule, path: str, ranks: Tuple[int, ...] = (4,)) -> Optional[Boundary]:
     """The tensors that leave module ``path`` (None if none does, or it is never called)."""
     outputs = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr") or not _inside(node, path):
             continue
-        if any(not _inside(user, path) for user in node.users) and _is_tensor_node(node, ranks):
+        if any(not _inside(user, path) for user in node.users) and _is_tensor_node(node, ranks) \
+                and _per_image(gm, node):
             outputs.append(node)
     if not outputs:
         return None

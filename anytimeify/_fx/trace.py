@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 import traceback
@@ -203,6 +204,8 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
         except AttributeError:
             raise ValueError(f"leaf_modules names {name!r}, which is not a submodule of "
                              f"{type(model).__name__}") from None
+    if concrete_args is None:
+        concrete_args = _default_args(model)
     timm_modules, timm_functions = _timm_notrace()
     autowrap = tuple(timm_functions) + tuple(autowrap_functions)
     failures: list = []  # (qualified name, class, failure), one per failing class
@@ -230,6 +233,21 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["leaves_used"] = dict(tracer.leaves_used)
     return gm
+
+
+def _default_args(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """``forward``'s parameters after the image whose defaults are plain constants (``mask=None``,
+    ``return_all=False``), traced at those values: code that branches on them (``if mask is not
+    None``) then takes the branch the model takes when called as ``model(x)``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    constants = {p.name: p.default for p in params[1:]
+                 if p.kind in kinds and p.default is not inspect.Parameter.empty
+                 and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
+    return constants or None
 
 
 def _bind_defaults(graph: fx.Graph, name: str) -> None:
