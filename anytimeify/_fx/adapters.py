@@ -152,7 +152,7 @@ def timm_feature_modules(model: nn.Module) -> Optional[List[Tuple[str, int]]]:
 
     Returns:
         ``(qualified module name, reduction)`` per level, or None when no module of ``model``
-        carries a ``feature_info`` whose levels all resolve to modules of ``model``.
+        carries a ``feature_info`` whose levels resolve (see :func:`timm_feature_levels`).
     """
     levels = timm_feature_levels(model)
     return None if levels is None else [(name, reduction) for name, reduction, _ in levels]
