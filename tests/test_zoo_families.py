@@ -32,7 +32,7 @@ FAMILIES = json.loads((ROOT / "benchmarks" / "zoo_families.json").read_text())
 #: families checked here (their models from zoo_families.json)
 CHECKED = [
     "byobnet", "convit", "convnext", "cpubone", "cspnext", "efficientnet", "efficientvit_msra", "fasternet",
-    "levit", "mambaout", "maxxvit", "mobilenetv3", "mobilevit", "nfnet", "pit", "pvt_v2", "regnet", "resnet",
+    "hiera", "levit", "mambaout", "maxxvit", "mobilenetv3", "mobilevit", "nfnet", "pit", "pvt_v2", "regnet", "resnet",
     "resnetv2", "vision_transformer",
 ]
 SMP = [("DeepLabV3", "tu-convnext_atto"), ("PAN", "tu-convnext_atto"), ("Unet", "mit_b0")]

@@ -397,6 +397,19 @@ def _register_smp_leaves() -> None:
 _register_smp_leaves()
 
 
+def _register_timm_leaves() -> None:
+    """Modules of timm that torch.fx cannot trace and timm's own registry does not list: Hiera's
+    ``Reroll`` (``len(x.shape)``). It holds no convolution, so a leaf costs nothing."""
+    try:
+        from timm.models.hiera import Reroll
+    except ImportError:
+        return
+    register_leaf_module(Reroll)
+
+
+_register_timm_leaves()
+
+
 # -- tracing ---------------------------------------------------------------------------------------
 
 
