@@ -18,7 +18,7 @@ with five common encoders one:
 Prints one JSON object per check (model, ok, exits, seconds, and the error's first line where it
 failed), then the counts::
 
-    HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py                  # everything (~15-25 min)
+    HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py                  # everything (about 15 min)
     HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py --only vit deit  # some timm families
     HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py --pick           # refresh zoo_families.json
 """
