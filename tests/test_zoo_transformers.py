@@ -324,3 +324,19 @@ def test_a_boundary_keeps_only_tensors_with_one_entry_per_image():
     with torch.no_grad():
         assert torch.equal(model(x)[-1], net(x))
         assert [o.logits.shape for o in model.anytime(x)] == [(3, 2), (3, 2)]
+
+
+def test_timms_norm_act_layers_are_traced_through_and_fold():
+    # timm lists BatchNormAct2d as untraceable for its own feature extraction; it traces, and as a
+    # leaf its batch norm would not fold into the conv at freeze()
+    net = _segmenter("regnetx_002")
+    assert any(type(m).__name__ == "BatchNormAct2d" for m in net.modules())
+    model = anytimeify.convert(net, input_size=(64, 64)).eval()
+    frozen = model.freeze()
+    left = [n.target for seg in frozen.program.segments for n in seg.module.graph.nodes
+            if n.op == "call_module" and isinstance(frozen.get_submodule(n.target), nn.BatchNorm2d)]
+    assert left == []
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        err = (frozen(x)[-1] - net(x)).abs().max().item() / max(1.0, net(x).abs().max().item())
+    assert err < 1e-4

@@ -189,9 +189,12 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
           autowrap_functions: Sequence[Callable] = (), concrete_args: Optional[dict] = None) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule whose modules keep the model's qualified names.
 
-    Besides anytimeify's registry and ``leaf_modules``, the modules and free functions timm
-    registers as untraceable (``timm.layers.get_notrace_modules`` and ``get_notrace_functions``:
-    ``Conv2dSame``, attention with masks, padding helpers, ...) are kept as single calls.
+    Besides anytimeify's registry and ``leaf_modules``, the free functions timm registers as
+    untraceable (``timm.layers.get_notrace_functions``: padding helpers, position-embedding
+    resampling, ...) are kept as single calls, and a module that fails whose class timm registers
+    (``get_notrace_modules``: ``Conv2dSame``, attention with masks, ...) is kept opaque and tracing
+    goes on; modules that trace (timm's norm + activation layers, which timm lists too) are traced
+    through, so that their batch norms fold into the convs at ``freeze()``.
 
     Raises:
         TraceError: naming every module class that fails (tracing goes on with each failing
@@ -209,9 +212,9 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
     timm_modules, timm_functions = _timm_notrace()
     autowrap = tuple(timm_functions) + tuple(autowrap_functions)
     failures: list = []  # (qualified name, class, failure), one per failing class
-    extra: list = []
+    extra: list = []  # classes kept opaque to get further: timm's known ones silently, others reported
     while True:
-        tracer = AnytimeTracer(tuple(timm_modules) + tuple(leaf_modules) + tuple(extra), autowrap)
+        tracer = AnytimeTracer(tuple(leaf_modules) + tuple(extra), autowrap)
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError, ... here
@@ -220,6 +223,9 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
             if not where:  # the root's own forward: it is what gets exits, so it cannot be a leaf
                 raise _root_error(model, failure, failures) from err
             cls = type(model.get_submodule(where))
+            if cls in timm_modules and cls not in extra:  # timm says it cannot be traced: opaque, silently
+                extra.append(cls)
+                continue
             failures.append((where, cls, failure))
             if cls in extra or len(failures) >= MAX_FAILURES:
                 raise _module_error(model, failures, traces=False) from err
