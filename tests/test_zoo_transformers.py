@@ -43,6 +43,12 @@ def _sparse_equals_dense(net: nn.Module, x: torch.Tensor) -> None:
         assert err <= 1e-4, err
 
 
+def _blocks_called(segment) -> set:
+    """Indices of the transformer blocks a segment of a converted TimmSegmenter calls."""
+    return {int(str(n.target).split(".")[3]) for n in segment.module.graph.nodes
+            if n.op == "call_module" and str(n.target).startswith("backbone.model.blocks.")}
+
+
 def test_vision_transformer_segmenter_exits_at_quarters_of_its_depth():
     net = _segmenter("test_vit")  # 6 blocks, patch 16, native 160x160
     depth = len(net.backbone.model.blocks)
@@ -62,8 +68,7 @@ def test_vision_transformer_segmenter_exits_at_quarters_of_its_depth():
     # each exit runs before the blocks after its tap: segment k calls only blocks up to its tap
     taps = net.backbone.feature_info.out_indices
     for k, segment in enumerate(model.program.segments[:3]):
-        called = {int(str(n.target).split(".")[3]) for n in segment.module.graph.nodes
-                  if n.op == "call_module" and str(n.target).startswith("backbone.model.blocks.")}
+        called = _blocks_called(segment)
         assert called and max(called) == taps[k], (k, sorted(called))
     _sparse_equals_dense(net, x[:1])
 
@@ -78,8 +83,7 @@ def test_inspect_lists_a_transformers_maps_and_convert_takes_them_by_name():
     model = anytimeify.convert(net, exits=[picked[0].name, picked[2].name]).eval()
     taps = net.backbone.feature_info.out_indices
     for k, segment in enumerate(model.program.segments[:2]):  # named by hand, they move up too
-        called = {int(str(n.target).split(".")[3]) for n in segment.module.graph.nodes
-                  if n.op == "call_module" and str(n.target).startswith("backbone.model.blocks.")}
+        called = _blocks_called(segment)
         assert max(called) == taps[2 * k]
     x = torch.randn(1, 3, 160, 160)
     with torch.no_grad():

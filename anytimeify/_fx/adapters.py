@@ -158,24 +158,27 @@ def timm_feature_modules(model: nn.Module) -> Optional[List[Tuple[str, int]]]:
     return None if levels is None else [(name, reduction) for name, reduction, _ in levels]
 
 
-def _level_map(gm: fx.GraphModule, outputs: List[Optional[fx.Node]], index: int, channels: int,
-               reduction: int) -> Optional[fx.Node]:
-    """The first ``(B, channels, H/reduction, W/reduction)`` map computed from level ``index``'s
-    output and from no later level's (a transformer's tokens reshaped to a map, an NHWC stage
-    output permuted), or None."""
+def _level_maps(gm: fx.GraphModule, outputs: List[Optional[fx.Node]],
+                levels: Sequence[Tuple[str, int, int]]) -> List[Optional[fx.Node]]:
+    """Per level, the first ``(B, channels, H/reduction, W/reduction)`` map computed from that
+    level's output and from no later level's (a transformer's tokens reshaped to a map, an NHWC
+    stage output permuted), or None; one pass over the graph."""
     level_of: Dict[fx.Node, int] = {}
     mark = {node: i for i, node in enumerate(outputs) if node is not None}
     in_h, in_w = gm.meta["input_shape"][-2:]
-    area = in_h * in_w / float(reduction * reduction)
+    found: List[Optional[fx.Node]] = [None] * len(levels)
     for node in gm.graph.nodes:
         level = max((level_of.get(a, -1) for a in node.all_input_nodes), default=-1)
         level_of[node] = mark.get(node, level)
-        if level_of[node] != index or node in mark or not _is_map(node, channels):
+        if level < 0 or node in mark or found[level] is not None:
             continue
-        h, w = node.meta["tensor_meta"].shape[-2:]
-        if 0.5 * area <= h * w <= 2.0 * area:
-            return node
-    return None
+        _, reduction, channels = levels[level]
+        if _is_map(node, channels):
+            h, w = node.meta["tensor_meta"].shape[-2:]
+            area = in_h * in_w / float(reduction * reduction)
+            if 0.5 * area <= h * w <= 2.0 * area:
+                found[level] = node
+    return found
 
 
 def _is_map(node: fx.Node, channels: int) -> bool:
@@ -200,21 +203,21 @@ def _timm_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
     if all(b is not None and b.shapes[0][1] == ch for b, (_, _, ch) in zip(plain, levels) if ch):
         boundaries = [b for b in plain if b is not None]
         return select_stage_levels(boundaries) if boundaries else None
-    outputs = [module_boundary(gm, name, ranks=(3, 4)) for name, _, _ in levels]
-    outputs = [b.last if b is not None else None for b in outputs]
+    tokens = [module_boundary(gm, name, ranks=(3, 4)) for name, _, _ in levels]  # what each level outputs
+    outputs = [b.last if b is not None else None for b in tokens]
+    maps = _level_maps(gm, outputs, levels)
     boundaries = []
-    for i, ((name, reduction, channels), b) in enumerate(zip(levels, plain)):
+    for i, ((name, _, channels), b) in enumerate(zip(levels, plain)):
         if b is not None and b.shapes[0][1] == channels:
             boundaries.append(b)
             continue
         if outputs[i] is None:
             continue
-        node = _level_map(gm, outputs, i, channels, reduction)
+        node, b = maps[i], tokens[i]
         if node is None and gm.meta.get("accept_tokens"):  # a classifier pools tokens and NHWC maps as they are
-            b = module_boundary(gm, name, ranks=(3, 4))
-            if b is not None and len(b.shapes[0]) == 4 and b.shapes[0][-1] == channels != b.shapes[0][1]:
+            if len(b.shapes[0]) == 4 and b.shapes[0][-1] == channels != b.shapes[0][1]:
                 gm.meta.setdefault("channels_last", set()).add(name)
-            if b is not None and (len(b.shapes[0]) == 3 or name in gm.meta.get("channels_last", ())):
+            if len(b.shapes[0]) == 3 or name in gm.meta.get("channels_last", ()):
                 boundaries.append(b)
             continue
         if node is None:

@@ -116,19 +116,19 @@ def _is_view(node: fx.Node) -> bool:
 def view_anchor(node: fx.Node) -> fx.Node:
     """The latest computation ``node`` is a view or reshape of (through getitem, reshape, permute,
     ... and shape arithmetic): where a map made of it can move up to (:func:`hoist`)."""
+    if not _is_view(node):
+        return node
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    anchors, stack, seen = [], [node], set()
+    anchors, stack, seen = [], list(node.all_input_nodes), {node}
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n is not node and not _is_view(n):
+        if _is_view(n):
+            stack.extend(n.all_input_nodes)
+        else:
             anchors.append(n)
-            continue
-        if n is node and not _is_view(n):
-            return node
-        stack.extend(n.all_input_nodes)
     return max(anchors, key=order.__getitem__) if anchors else node
 
 
