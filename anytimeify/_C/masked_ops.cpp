@@ -2,6 +2,7 @@
 //
 //   implicit_conv  the convolution at the kept output positions only, an implicit GEMM (no im2col
 //                  matrix) with register-blocked accumulators, writing straight into the output rows;
+//                  (outputs of 32 MiB and more with streaming stores: see stream_vec);
 //   implicit_rows  the same for thin outputs (few channels), vectorised over output positions;
 //   masked_output  allocates the channels-last output (huge pages where the kernel allows) and fills
 //                  only the rows that no kept conv output will overwrite (0, or the layer's shift,
@@ -25,15 +26,21 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <new>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <sys/mman.h>
+
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 
 // ------------------------------------------------------------------------------- vector ISA
 // The register blocking of the implicit GEMMs is sized by the target's vector width (AT_LANES
@@ -125,6 +132,34 @@ constexpr int kLanes = AT_LANES;
 typedef float vec __attribute__((vector_size(4 * AT_LANES)));
 typedef float vecu __attribute__((vector_size(4 * AT_LANES), aligned(4)));
 typedef int32_t veci __attribute__((vector_size(4 * AT_LANES)));
+
+// Non-temporal ("streaming") stores write a full cache line to memory without reading it first:
+// for outputs far larger than the caches, which the next layer reads from memory anyway, they
+// save the read of every written line. dst must be aligned to the vector's size. Where the
+// target has no such store (or lanes are overridden), a plain store.
+inline void stream_vec(float* dst, vec v) {
+#if defined(__AVX512F__) && AT_LANES == 16
+  _mm512_stream_ps(dst, (__m512)v);
+#elif defined(__AVX__) && AT_LANES == 8
+  _mm256_stream_ps(dst, (__m256)v);
+#elif defined(__SSE__) && AT_LANES == 4
+  _mm_stream_ps(dst, (__m128)v);
+#else
+  *(vec*)dst = v;
+#endif
+}
+
+// Orders the streaming stores of this thread before what follows (the end of a parallel task).
+inline void stream_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
+// Outputs of at least this many bytes are written with streaming stores by the implicit GEMMs
+// (default 32 MiB: far beyond what a core's L2 and its share of L3 keep; benchmarks/dense_epilogues.py
+// measures the whole models with and without); set_stream_min_bytes changes it.
+std::atomic<int64_t> g_stream_min_bytes{int64_t(32) << 20};
 
 void check_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
@@ -473,7 +508,8 @@ constexpr int kMaxGroups = 8;
 // it), then the residual and the ReLU; count: the block's real channels (the rest is padding).
 template <int NV>
 inline void store_block(vec* acc, int64_t row, int64_t c0, int64_t count, int64_t cout, float* out,
-                        const int32_t* slots, float* side, const float* res, bool relu, float* tail) {
+                        const int32_t* slots, float* side, const float* res, bool relu, float* tail,
+                        bool stream) {
   constexpr int VB = NV * kLanes;
   if (slots != nullptr && slots[row] >= 0) {
     float* keep = side + int64_t(slots[row]) * cout + c0;
@@ -496,7 +532,10 @@ inline void store_block(vec* acc, int64_t row, int64_t c0, int64_t count, int64_
     for (int v = 0; v < NV; ++v) acc[v] = acc[v] > zero ? acc[v] : zero;
   }
   float* dst = out + row * cout + c0;
-  if (count == VB) {
+  if (count == VB && stream) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) stream_vec(dst + v * kLanes, acc[v]);
+  } else if (count == VB) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) *(vecu*)(dst + v * kLanes) = acc[v];
   } else {
@@ -511,7 +550,7 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
                      int64_t taps, const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out,
                      int64_t oh, int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                      int64_t dh, int64_t dw, const float* zeros, bool relu, const int32_t* slots,
-                     float* side, const float* res) {
+                     float* side, const float* res, bool stream) {
   constexpr int VB = NV * kLanes;
   constexpr int QMAX = P * kMaxGroups;
   // groups of P positions per task: several share each run's weights while they are in L1, but
@@ -604,12 +643,13 @@ void implicit_kernel(const float* x, int64_t H, int64_t W, int64_t C, const floa
             for (int p = 0; p < P; ++p) {
               const int q = g * P + p;
               if (valid[q])
-                store_block<NV>(acc[p], kept[task * Q + q], cb * VB, count, cout, out, slots, side, res, relu, tail);
+                store_block<NV>(acc[p], kept[task * Q + q], cb * VB, count, cout, out, slots, side, res, relu, tail, stream);
             }
           }
         }
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -625,7 +665,7 @@ void implicit_kernel_regs(const float* x, int64_t H, int64_t W, int64_t C, const
                           int64_t taps, const float* bias, int64_t cout, const int64_t* kept, int64_t n, float* out,
                           int64_t oh, int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                           int64_t pw, int64_t dh, int64_t dw, const float* zeros, bool relu, const int32_t* slots,
-                          float* side, const float* res) {
+                          float* side, const float* res, bool stream) {
   constexpr int VB = NV * kLanes;
   const bool rows_contiguous = dw == 1;
   const int64_t runs = rows_contiguous ? kh : kh * kw;
@@ -692,9 +732,10 @@ void implicit_kernel_regs(const float* x, int64_t H, int64_t W, int64_t C, const
         }
         const int64_t count = std::min<int64_t>(VB, cout - cb * VB);
         for (int p = 0; p < P; ++p)
-          if (valid[p]) store_block<NV>(acc[p], kept[g * P + p], cb * VB, count, cout, out, slots, side, res, relu, tail);
+          if (valid[p]) store_block<NV>(acc[p], kept[g * P + p], cb * VB, count, cout, out, slots, side, res, relu, tail, stream);
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -740,11 +781,13 @@ void implicit_conv(const torch::Tensor& x, const torch::Tensor& packed, const to
   // stay in registers over all of them; a single run (1x1 convs) shares its weights in L1 across
   // groups of positions instead
   const bool regs = variant == 0 ? (dw == 1 ? kh : kh * kw) > 1 : variant == 2;
+  const bool stream = out.numel() * int64_t(sizeof(float)) >= g_stream_min_bytes.load() && cout % kLanes == 0 &&
+                      reinterpret_cast<uintptr_t>(out.data_ptr<float>()) % (sizeof(float) * kLanes) == 0;
 #define ANYTIMEIFY_IMPLICIT(NV, P)                                                                              \
   (regs ? implicit_kernel_regs<NV, P> : implicit_kernel<NV, P>)(x.data_ptr<float>(), H, W, C, packed.data_ptr<float>(), blocks, taps,                  \
                          bias.data_ptr<float>(), cout, kept_index.data_ptr<int64_t>(), kept_index.numel(),        \
                          out.data_ptr<float>(), oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, zeros.data(), relu, slot, \
-                         side_rows, res)
+                         side_rows, res, stream)
 #define ANYTIMEIFY_CASE(WIDTH, P) \
   case WIDTH: ANYTIMEIFY_IMPLICIT(WIDTH / AT_LANES, P); break;
   switch (VB) {
@@ -859,11 +902,14 @@ void rows_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* p
             }
           }
         }
-        for (int64_t c0 = 0; c0 < CP; c0 += NC) {
-          vec acc[NB][NC];
+        // a block whose kept positions all lie in its first vector computes that vector only
+        // (short runs of kept positions: half the multiply-adds)
+        auto compute = [&](int64_t c0, auto vectors) {
+          constexpr int NV = decltype(vectors)::value;
+          vec acc[NV][NC];
 #pragma GCC unroll 12
           for (int co = 0; co < NC; ++co)
-            for (int v = 0; v < NB; ++v) acc[v][co] = vec{} + bias[c0 + co];
+            for (int v = 0; v < NV; ++v) acc[v][co] = vec{} + bias[c0 + co];
           for (int64_t ky = 0; ky < kh; ++ky) {
             const float* p = planes[ky];
             if (p == nullptr) continue;
@@ -871,8 +917,8 @@ void rows_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* p
               const float* pr = p + ci * PW + x0;
               const float* wc = packed + (ky * kw * C + ci) * CP + c0;
               for (int64_t kx = 0; kx < kw; ++kx) {
-                vec in[NB];
-                for (int v = 0; v < NB; ++v) {
+                vec in[NV];
+                for (int v = 0; v < NV; ++v) {
                   in[v] = *(const vecu*)(pr + kx + kLanes * v);
                   ANYTIMEIFY_PIN(in[v]);
                 }
@@ -880,14 +926,19 @@ void rows_kernel(const float* x, int64_t H, int64_t W, int64_t C, const float* p
 #pragma GCC unroll 12
                 for (int co = 0; co < NC; ++co) {
                   const float w = wp[co];
-                  for (int v = 0; v < NB; ++v) acc[v][co] += in[v] * w;
+                  for (int v = 0; v < NV; ++v) acc[v][co] += in[v] * w;
                 }
               }
             }
           }
 #pragma GCC unroll 12
           for (int co = 0; co < NC; ++co)
-            for (int v = 0; v < NB; ++v) *(vec*)buf[v][co] = acc[v][co];
+            for (int v = 0; v < NV; ++v) *(vec*)buf[v][co] = acc[v][co];
+        };
+        const bool second = (lanes >> kLanes) != 0;
+        for (int64_t c0 = 0; c0 < CP; c0 += NC) {
+          if (second) compute(c0, std::integral_constant<int, NB>{});
+          else compute(c0, std::integral_constant<int, 1>{});
           const int64_t count = std::min<int64_t>(NC, cout - c0);
           for (uint64_t m = lanes; m; m &= m - 1) {
             const int lane = __builtin_ctzll(m);
@@ -1446,6 +1497,8 @@ pybind11::dict isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_output", &masked_output, "Output rows holding fill except the kept ones (left uninitialised)");
   m.def("fill_skipped", &fill_skipped, "Rows not kept set to fill, in place");
+  m.def("set_stream_min_bytes", [](int64_t bytes) { return g_stream_min_bytes.exchange(bytes); },
+        "Outputs of at least this many bytes get streaming stores from the implicit GEMMs; returns the previous value");
   m.def("halo_stencil", &halo_stencil, "RBF interpolation on the halo rows with the layer's shift, in place");
   m.def("add_residual", &add_residual, "out += residual, then an optional ReLU, in place");
   m.def("fuse_branches", &fuse_branches, "Bilinear resize of every branch to the first's size, concatenated (NHWC)");
