@@ -95,8 +95,8 @@ def fold_for_inference(model: nn.Module, engine_convs: bool = True) -> nn.Module
     """The base model as the engine runs it densely: every BN folded into its conv (torch.fx), the
     sums of upsampled branches (HRNet's fuse layers) in one pass each, every conv run by the
     engine's fastest dense kernel for its shape (:class:`~anytimeify.masking.conv.EngineConv2d`)
-    with a residual addition and a ReLU that only read it applied as its output is written,
-    channels-last memory format.
+    with a residual addition and a ReLU that only read it applied as its output is written (into
+    the residual's memory where nothing reads the residual afterwards), channels-last memory format.
 
     These are the rewrites :meth:`~anytimeify.AnytimeModel.freeze` applies to the unmasked parts of
     an anytime model, so the dense baseline gets them too. With ``engine_convs=False`` the convs
@@ -104,7 +104,7 @@ def fold_for_inference(model: nn.Module, engine_convs: bool = True) -> nn.Module
     """
     from torch.fx.experimental.optimization import fuse
 
-    from ._fx.fold import fuse_residuals, fuse_sums, use_engine_convs
+    from ._fx.fold import fuse_residuals, fuse_sums, mark_dead_residuals, use_engine_convs
 
     folded = fuse(model.eval())
     rewritten = 0
@@ -112,6 +112,8 @@ def fold_for_inference(model: nn.Module, engine_convs: bool = True) -> nn.Module
         use_engine_convs(folded, graph=folded.graph)  # ReLUs that only read a conv become its activation
         rewritten += fuse_residuals(folded, folded.graph)  # and residual additions move into the convs
     rewritten += fuse_sums(folded, folded.graph)
+    if engine_convs:
+        mark_dead_residuals(folded, folded.graph)  # after the rewrites that move nodes
     if rewritten:
         folded.recompile()
     return folded.to(memory_format=torch.channels_last)
@@ -245,7 +247,7 @@ def tune_for(size: Tuple[int, int], *models: nn.Module) -> int:
 
     if tune.tune_mode() == "off" or not _ext.available():
         return 0
-    return sum(len(tune.tune(m, size).layers) for m in models)
+    return len(tune.tune(list(models), size).layers)
 
 
 def _frozen_pair(name: str, size: Tuple[int, int], skips: Sequence[float], threads: int,

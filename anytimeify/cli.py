@@ -393,12 +393,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     model = anytimeify.convert(net, head=args.head, confidence=anytimeify.Confidence(
         criterion=FixedMasks(skips[:3]))).eval().freeze()
     model.check_input(torch.zeros(1, 3, *args.input))
-    reports = [tune.tune(model, args.input, force=args.force), tune.tune(fold_for_inference(net), args.input,
-                                                                         force=args.force)]
-    layers = {row["shape"]: row for report in reports for row in report.layers}
-    payload = {"model": args.model, "input": [1, 3, *args.input], "machine": reports[0].machine,
-               "cache": reports[0].cache, "seconds": round(sum(r.seconds for r in reports), 2),
-               "measured": sum(r.measured for r in reports), "layers": list(layers.values())}
+    # one call: a layer shape both models have is measured once, with every candidate either needs
+    report = tune.tune([model, fold_for_inference(net)], args.input, force=args.force)
+    payload = {"model": args.model, "input": [1, 3, *args.input], "machine": report.machine,
+               "cache": report.cache, "seconds": round(report.seconds, 2),
+               "measured": report.measured, "layers": report.layers}
     from rich.table import Table
 
     keeps = [str(k) for k in tune.TUNE_KEEPS]

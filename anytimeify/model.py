@@ -389,7 +389,8 @@ class AnytimeModel(nn.Module):
         the rows nobody reads unwritten. Its ``anytime()`` may report fewer executed ``macs`` for
         that reason; ``paper_macs`` do not change. ``train()`` on it raises RuntimeError.
         """
-        from ._fx.fold import fold_batch_norms, fuse_residuals, fuse_sums, mark_reader_radii, use_engine_convs
+        from ._fx.fold import (fold_batch_norms, fuse_residuals, fuse_sums, mark_dead_residuals, mark_reader_radii,
+                               use_engine_convs)
 
         frozen = copy.deepcopy(self).eval()
         # anytimeify.save writes a frozen model as the model it was frozen from (and the flag)
@@ -409,6 +410,8 @@ class AnytimeModel(nn.Module):
         rewritten += fuse_sums(program.graph_module, graph)
         if rewritten:
             program = _rebuild_program(program)
+        # an engine conv whose residual nothing reads afterwards writes into the residual's memory
+        mark_dead_residuals(frozen, program.graph_module.graph)
         # a masked conv read only by the next masked conv of the same mask leaves unread rows unwritten
         mark_reader_radii(frozen, program.graph_module.graph)
         for module in program.graph_module.modules():  # all kept: the same dense kernels as the rest

@@ -24,7 +24,7 @@ from ..masking.conv import EngineConv2d, MaskedConv2d
 from ..masking.fuse import FUSE_SUM_MODES, fuse_sum
 from ..masking.masks import mask_for_conv
 
-__all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals", "mark_reader_radii", "fuse_sums",
+__all__ = ["fold_batch_norms", "fold_sequential", "fuse_residuals", "mark_dead_residuals", "mark_reader_radii", "fuse_sums",
            "use_engine_convs"]
 
 
@@ -282,6 +282,56 @@ def fuse_residuals(root: nn.Module, graph: fx.Graph, barriers: Collection[str] =
         fused += 1
     graph.lint()
     return fused
+
+
+def _aliases(root: nn.Module, node: fx.Node) -> Tuple[fx.Node, List[fx.Node]]:
+    """The node that made ``node``'s tensor (back through identity modules, which return their
+    input) and every node whose value is that same tensor (it and the identity modules reading it)."""
+    def identity(n: fx.Node) -> bool:
+        return n.op == "call_module" and type(root.get_submodule(str(n.target))) is nn.Identity
+    source = node
+    while identity(source) and len(source.args) == 1 and isinstance(source.args[0], fx.Node):
+        source = source.args[0]
+    group, todo = [], [source]
+    while todo:
+        current = todo.pop()
+        group.append(current)
+        todo.extend(u for u in current.users if identity(u))
+    return source, group
+
+
+def mark_dead_residuals(root: nn.Module, graph: fx.Graph) -> int:
+    """Let engine convs write into residuals that nothing reads after them; returns how many.
+
+    An engine conv (:class:`~anytimeify.masking.conv.EngineConv2d`) called once with a
+    ``residual`` (:func:`fuse_residuals`) gets ``residual_dead = True`` where the residual's tensor
+    is the output of a masked or engine conv (a tensor of the engine's own, not a view of an input
+    or of a value the caller sees), every node reading that tensor (or an identity alias of it) runs
+    before this conv in the graph, and the conv's input is another tensor. The conv may then add
+    its result into the residual's memory in place (oneDNN's convolution with a sum post-op), which
+    saves the output allocation and one pass over memory. Run it after the rewrites that move
+    nodes (:func:`fuse_residuals`, :func:`fuse_sums`): it judges the graph's final order.
+    """
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    calls = _call_counts(graph)
+    marked = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or calls.get(node.target) != 1 or not isinstance(node.kwargs.get("residual"), fx.Node):
+            continue
+        conv = root.get_submodule(str(node.target))
+        if not isinstance(conv, EngineConv2d):
+            continue
+        source, group = _aliases(root, node.kwargs["residual"])
+        if source.op != "call_module" or not isinstance(root.get_submodule(str(source.target)), (EngineConv2d, MaskedConv2d)):
+            continue
+        if any(isinstance(a, fx.Node) and a in group for a in node.args):
+            continue
+        readers = [u for member in group for u in member.users if u is not node and u not in group]
+        if any(order[u] > order[node] for u in readers):
+            continue
+        conv.residual_dead = True
+        marked += 1
+    return marked
 
 
 def _sole_value_reader(node: fx.Node) -> fx.Node | None:

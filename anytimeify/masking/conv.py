@@ -480,6 +480,9 @@ class EngineConv2d(nn.Conv2d):
         #: None or ``"relu"``: applied as the output is written (set by the inference rewrites
         #: where a ReLU is the conv's only reader)
         self.activation: Optional[str] = None
+        #: nothing reads the residual passed to this conv after it, so the output may be written
+        #: into the residual's memory (set by the inference rewrites, which check it on the graph)
+        self.residual_dead: bool = False
 
     def __getstate__(self) -> dict:
         return _state_without_weights_cache(super().__getstate__())
@@ -517,9 +520,14 @@ class EngineConv2d(nn.Conv2d):
                 y = y + residual
             return torch.relu(y) if self.activation == "relu" else y
         weights = self._layer_weights()  # one cache lookup for the layouts and the kernel choice
+        if residual is not None and getattr(self, "residual_dead", False):
+            return dense_conv2d(x, self.weight, self.bias, self._geometry, weights=weights,
+                                kernel=weights.residual_kernel(self._geometry, x.shape, DEFAULT_COST_MODEL),
+                                activation=self.activation, residual=residual, into_residual=True)
         return dense_conv2d(x, self.weight, self.bias, self._geometry, weights=weights,
                             kernel=weights.dense_kernel(self._geometry, x.shape, DEFAULT_COST_MODEL),
                             activation=self.activation, residual=residual)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
+        return (super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
+                + (", residual_dead=True" if getattr(self, "residual_dead", False) else ""))

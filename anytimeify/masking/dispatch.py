@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
+
 from .cost import DEFAULT_COST_MODEL, CostModel
 from .geometry import ConvGeometry
 from .layout import rows_layout
 from .plans import MaskPlan
 
-__all__ = ["STRATEGIES", "DENSE_KERNELS", "choose_strategy", "resolve_strategy", "dense_kernel"]
+__all__ = ["STRATEGIES", "DENSE_KERNELS", "RESIDUAL_KERNELS", "INTO_KERNELS", "choose_strategy", "resolve_strategy",
+           "dense_kernel", "residual_kernel", "residual_candidates", "onednn_into_available"]
 
 
 #: execution strategies of the sparse engine ("auto": the measured choice of this machine, see
@@ -21,6 +24,24 @@ STRATEGIES = ("auto", "dense", "gather", "implicit", "implicit_rows", "pytorch")
 
 
 DENSE_KERNELS = ("onednn", "implicit", "implicit_rows")
+
+#: kernels of an unmasked conv with a residual that nothing reads after it (``act(conv(x) + r)``):
+#: oneDNN's convolution with the addition (and ReLU) as post-ops, written into the residual's own
+#: memory (``"onednn_into"``); the compiled implicit GEMMs writing into it (``"implicit_into"``,
+#: ``"implicit_rows_into"``); or adding the residual as they write a pooled output (``"implicit"``,
+#: ``"implicit_rows"``)
+RESIDUAL_KERNELS = ("onednn_into", "implicit_into", "implicit_rows_into", "implicit", "implicit_rows")
+#: the kernels of :data:`RESIDUAL_KERNELS` that write into the residual
+INTO_KERNELS = ("onednn_into", "implicit_into", "implicit_rows_into")
+
+
+def onednn_into_available() -> bool:
+    """Whether this PyTorch has oneDNN's in-place convolution with a binary post-op (x86 and
+    ARM builds with oneDNN; the op inductor's CPU fusions call)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def choose_strategy(geometry: ConvGeometry, positions: int, kept: int,
@@ -148,3 +169,38 @@ def _implicit_variant(geometry: ConvGeometry, in_height: int, in_width: int) -> 
     from . import tune
 
     return tune.implicit_variant(geometry, in_height, in_width)
+
+
+def residual_kernel(geometry: ConvGeometry, batch: int, in_height: int, in_width: int,
+                    cost_model: CostModel = DEFAULT_COST_MODEL) -> str:
+    """The fastest kernel for an unmasked conv whose residual is dead after it (one of
+    :data:`RESIDUAL_KERNELS`): measured on this machine where tuning is on (each candidate timed
+    with a residual), else the cost model's dense kernel (:func:`dense_kernel`) writing into the
+    residual."""
+    from . import tune
+
+    timing = tune.lookup(geometry, in_height, in_width, masked=False, residual=True)
+    allowed = residual_candidates(geometry)
+    if timing is not None and timing.residual:
+        best = timing.best_residual(allowed)
+        if best is not None:
+            return best
+    # not measured: the cost model's dense kernel, written into the residual
+    dense = dense_kernel(geometry, batch, in_height, in_width, cost_model)
+    into = dense + "_into"
+    if into in allowed:
+        return into
+    return allowed[0] if allowed else "implicit"
+
+
+def residual_candidates(geometry: ConvGeometry) -> list:
+    """The kernels of :data:`RESIDUAL_KERNELS` that can run a conv (oneDNN's where this PyTorch has
+    it; the implicit GEMMs for groups 1, the row kernel where its layout fits)."""
+    names = []
+    for name in RESIDUAL_KERNELS:
+        if name == "onednn_into":
+            if onednn_into_available():
+                names.append(name)
+        elif geometry.groups == 1 and (not name.startswith("implicit_rows") or rows_layout(geometry) is not None):
+            names.append(name)
+    return names

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .compiled import _ext_for, _kernel
 from .cost import DEFAULT_COST_MODEL, CostModel
-from .dispatch import DENSE_KERNELS, STRATEGIES, dense_kernel, resolve_strategy
+from .dispatch import DENSE_KERNELS, INTO_KERNELS, RESIDUAL_KERNELS, STRATEGIES, dense_kernel, onednn_into_available, resolve_strategy
 from .geometry import ConvGeometry
 from .layout import rows_layout
 from .packing import LayerWeights
@@ -237,15 +237,39 @@ def _every_row(positions: int) -> Tensor:
     return torch.arange(positions, dtype=torch.int64)
 
 
+def _onednn_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry, residual: Tensor,
+                 relu: bool) -> Optional[Tensor]:
+    """``act(conv(x) + residual)`` written into ``residual`` by oneDNN (the addition and the ReLU
+    as post-ops of its convolution: one pass, no fresh output), or None where it cannot run
+    (no such op, autograd, other dtypes, layouts or devices, ``residual`` sharing ``x``'s memory)."""
+    if not (onednn_into_available() and x.device.type == "cpu" and x.dtype == weight.dtype == residual.dtype == torch.float32
+            and residual.is_contiguous(memory_format=torch.channels_last)
+            and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or residual.requires_grad):
+        return None
+    with _kernel("onednn_into"):
+        torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, weight, bias, list(geometry.padding), list(geometry.stride), list(geometry.dilation),
+            geometry.groups, "add", 1.0, "relu" if relu else None, [], "" if relu else None)
+    return residual
+
+
 def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry,
                  weights: Optional[LayerWeights] = None, kernel: Optional[str] = None,
                  cost_model: CostModel = DEFAULT_COST_MODEL, activation: Optional[str] = None,
-                 residual: Optional[Tensor] = None) -> Tensor:
+                 residual: Optional[Tensor] = None, into_residual: bool = False) -> Tensor:
     """An unmasked conv (plus ``residual`` where given, then ``activation``: None or ``"relu"``)
     by the kernel :func:`dense_kernel` picks (or ``kernel``), for inference.
 
     A channels-last float32 ``residual`` of the output's shape is added by the implicit GEMMs as
     they write each output row; otherwise one more pass adds it (:func:`add_residual`).
+    ``into_residual``: nothing reads ``residual`` after this conv, so the result may be written
+    into its memory (and returned in its place); ``kernel`` may then be one of
+    :data:`~anytimeify.masking.dispatch.RESIDUAL_KERNELS` (``"onednn_into"``: oneDNN's
+    convolution with the addition and ReLU as post-ops, in place; ``"implicit_into"``: the
+    implicit GEMM writing into it). Where such a kernel cannot run it falls back to the implicit
+    GEMM into a fresh output.
 
     Without the compiled kernels, for other dtypes or devices and for grouped convs it is
     ``F.conv2d`` (the ReLU then in place on its output). The implicit GEMMs compute every output
@@ -258,8 +282,19 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: Co
     batch, _, in_height, in_width = x.shape
     if kernel is None:
         kernel = dense_kernel(geometry, batch, in_height, in_width, cost_model) if ext is not None else "onednn"
-    elif kernel not in DENSE_KERNELS:
-        raise ValueError(f"kernel must be one of {DENSE_KERNELS}, got {kernel!r}")
+    elif kernel not in DENSE_KERNELS + INTO_KERNELS:
+        raise ValueError(f"kernel must be one of {DENSE_KERNELS + INTO_KERNELS}, got {kernel!r}")
+    into = kernel in INTO_KERNELS
+    if into and (residual is None or not into_residual):
+        raise ValueError(f"kernel {kernel!r} writes into the residual: it needs a residual and into_residual=True")
+    if kernel == "onednn_into":
+        if tuple(residual.shape) == (batch, geometry.out_channels, *geometry.output_size(in_height, in_width)):
+            out = _onednn_into(x, weight, bias, geometry, residual, activation == "relu")
+            if out is not None:
+                return out
+        kernel = "implicit" if ext is not None and geometry.groups == 1 else "onednn"
+    elif into:
+        kernel = kernel[:-len("_into")]
     if kernel == "implicit_rows" and rows_layout(geometry) is None:
         kernel = "implicit"
     relu = activation == "relu"
@@ -283,7 +318,10 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: Co
     rows = _every_row(positions)
     none_i32, none_f32 = torch.empty(0, dtype=torch.int32), torch.empty(0)
     res_arg = res_rows if res_rows is not None else none_f32
-    out_flat = ext.masked_output(positions, out_channels, rows, none_f32, none_f32, False, False)  # no fill
+    if into and res_rows is not None and res_rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+        out_flat = res_rows  # each output row is read (the residual) before it is written
+    else:
+        out_flat = ext.masked_output(positions, out_channels, rows, none_f32, none_f32, False, False)  # no fill
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     if kernel == "implicit_rows":
         packed, padded_bias, chunk = weights.rows(*rows_layout(geometry))

@@ -10,7 +10,7 @@ from torch import Tensor
 from . import tune
 from .compiled import kernel_isa
 from .cost import CostModel
-from .dispatch import _implicit_variant, dense_kernel
+from .dispatch import _implicit_variant, dense_kernel, residual_kernel
 from .geometry import ConvGeometry
 from .layout import implicit_block
 
@@ -113,6 +113,16 @@ class LayerWeights:
         kernel = self._dense_kernels.get(key)
         if kernel is None:
             kernel = self._dense_kernels[key] = dense_kernel(geometry, key[1], key[2], key[3], cost_model)
+        return kernel
+
+    def residual_kernel(self, geometry: ConvGeometry, x_shape: Sequence[int], cost_model: "CostModel") -> str:
+        """:func:`residual_kernel` for an input of ``x_shape``, cached like :meth:`dense_kernel`."""
+        table = tune.active_table()
+        key = ("residual", geometry, int(x_shape[0]), int(x_shape[2]), int(x_shape[3]), id(cost_model),
+               id(table), table.generation if table is not None else 0)
+        kernel = self._dense_kernels.get(key)
+        if kernel is None:
+            kernel = self._dense_kernels[key] = residual_kernel(geometry, key[2], key[3], key[4], cost_model)
         return kernel
 
     def implicit_variant(self, geometry: ConvGeometry, in_height: int, in_width: int) -> int:

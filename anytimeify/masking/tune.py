@@ -6,7 +6,10 @@ another. So the engine times the candidates of every layer shape where it runs:
 
 * an unmasked conv (:class:`~anytimeify.masking.conv.EngineConv2d`, and a masked conv whose mask
   keeps everything): PyTorch's conv (``"onednn"``) and the compiled implicit GEMMs over every
-  position (``"implicit"``, ``"implicit_rows"``);
+  position (``"implicit"``, ``"implicit_rows"``); where its residual addition moved into it and
+  nothing reads the residual after it, also with that residual: oneDNN's convolution adding it in
+  place (``"onednn_into"``), the implicit GEMMs writing into it (``"implicit_into"``,
+  ``"implicit_rows_into"``) or into a pooled output (``"implicit"``, ``"implicit_rows"``);
 * a masked conv, at a few keep fractions (:data:`TUNE_KEEPS`, clustered masks): PyTorch's conv and
   blend (``"pytorch"``), the engine's fastest dense kernel plus the compiled blend (``"dense"``),
   the gathered conv (``"gather"``) and the implicit GEMMs over the kept positions.
@@ -50,7 +53,7 @@ from .compiled import _extension
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["TUNE_KEEPS", "MASKED_CANDIDATES", "DENSE_CANDIDATES", "LayerTiming", "TuningTable", "tune_mode",
+__all__ = ["TUNE_KEEPS", "MASKED_CANDIDATES", "DENSE_CANDIDATES", "RESIDUAL_CANDIDATES", "LayerTiming", "TuningTable", "tune_mode",
            "active_table", "shape_key", "measure_layer", "tune", "TuneReport", "cache_dir", "measuring_seconds"]
 
 #: keep fractions at which masked convs are timed
@@ -59,6 +62,8 @@ TUNE_KEEPS = (0.2, 0.45, 0.7, 0.9)
 MASKED_CANDIDATES = ("pytorch", "dense", "gather", "implicit", "implicit_rows")
 #: candidates of an unmasked conv
 DENSE_CANDIDATES = ("onednn", "implicit", "implicit_rows")
+#: candidates of an unmasked conv whose residual nothing reads after it (timed with the residual)
+RESIDUAL_CANDIDATES = ("onednn_into", "implicit_into", "implicit_rows_into", "implicit", "implicit_rows")
 #: most multiply-adds of one timed call (a crop of the layer's rows)
 CROP_MACS = 2.5e8
 #: outputs at least this large are fresh mmaps in glibc (its largest dynamic mmap threshold)
@@ -126,12 +131,20 @@ class LayerTiming:
         implicit_variant: the faster of the implicit GEMM's two kernels over every position (1:
             weights shared in L1 by groups of positions; 2: accumulators in registers over every
             kernel row; 0: not measured), which ``"implicit"`` then runs.
+        residual: per candidate of :data:`RESIDUAL_CANDIDATES` that can run it, timed with a
+            residual addition and a ReLU (empty: not measured).
     """
 
     dense: Dict[str, float] = field(default_factory=dict)
     masked: Dict[str, List[float]] = field(default_factory=dict)
     keeps: List[float] = field(default_factory=lambda: list(TUNE_KEEPS))
     implicit_variant: int = 0
+    residual: Dict[str, float] = field(default_factory=dict)
+
+    def best_residual(self, allowed: Iterable[str] = RESIDUAL_CANDIDATES) -> Optional[str]:
+        """The fastest candidate with a dead residual among ``allowed`` (None: none measured)."""
+        options = {k: v for k, v in self.residual.items() if k in allowed}
+        return min(options, key=options.__getitem__) if options else None
 
     def best_dense(self, allowed: Iterable[str] = DENSE_CANDIDATES) -> Optional[str]:
         """The fastest unmasked candidate among ``allowed`` (None: none measured)."""
@@ -150,13 +163,14 @@ class LayerTiming:
 
     def to_json(self) -> dict:
         return {"dense": self.dense, "masked": self.masked, "keeps": self.keeps,
-                "implicit_variant": self.implicit_variant}
+                "implicit_variant": self.implicit_variant, "residual": self.residual}
 
     @classmethod
     def from_json(cls, data: dict) -> "LayerTiming":
         return cls(dense={str(k): float(v) for k, v in data["dense"].items()},
                    masked={str(k): [float(x) for x in v] for k, v in data["masked"].items()},
-                   keeps=[float(k) for k in data["keeps"]], implicit_variant=int(data.get("implicit_variant", 0)))
+                   keeps=[float(k) for k in data["keeps"]], implicit_variant=int(data.get("implicit_variant", 0)),
+                   residual={str(k): float(v) for k, v in data.get("residual", {}).items()})
 
 
 class TuningTable:
@@ -354,7 +368,7 @@ def _crop_rows(geometry, in_height: int, in_width: int) -> int:
 def measure_layer(geometry, weight: Tensor, bias: Optional[Tensor], in_height: int, in_width: int, *,
                   masked: bool, lam: Optional[Tensor] = None, shift: Optional[Tensor] = None,
                   activation: Optional[str] = None, fresh_ns: float = 0.0,
-                  keeps: Sequence[float] = TUNE_KEEPS) -> LayerTiming:
+                  keeps: Sequence[float] = TUNE_KEEPS, residual: bool = False) -> LayerTiming:
     """Time every candidate of one conv shape (see the module docstring) on a crop of its rows.
 
     Args:
@@ -362,6 +376,8 @@ def measure_layer(geometry, weight: Tensor, bias: Optional[Tensor], in_height: i
         weight, bias: its parameters (float32 CPU); shift and activation: a masked conv's epilogue.
         in_height, in_width: the input size the layer runs at.
         masked: also time the masked candidates (a masked conv); lam: its interpolation lambda.
+        residual: also time the candidates with a residual nothing reads afterwards
+            (:data:`RESIDUAL_CANDIDATES`, with a ReLU).
         fresh_ns: page-fault cost per float of a fresh output (:func:`_fresh_ns`).
 
     Returns:
@@ -416,6 +432,9 @@ def measure_layer(geometry, weight: Tensor, bias: Optional[Tensor], in_height: i
             else:
                 spent = seconds[name]
             timing.dense[name] = spent / positions * 1e9 + (fresh if name == "onednn" else 0.0)
+        if residual:
+            timing.residual = _time_residual(x, weight, weights, geometry, timing.implicit_variant, with_variant,
+                                             positions)
         if masked:
             lam = torch.tensor(3.0) if lam is None else lam.detach().float()
             strategies = ["pytorch", "dense", "gather"] + [c for c in candidates if c != "onednn"]
@@ -434,6 +453,27 @@ def measure_layer(geometry, weight: Tensor, bias: Optional[Tensor], in_height: i
                     extra = fresh if name == "pytorch" else 0.0
                     timing.masked.setdefault(name, []).append(seconds[name] / positions * 1e9 + extra)
     return timing
+
+
+def _time_residual(x: Tensor, weight: Tensor, weights, geometry, variant: int, with_variant, positions: int) -> Dict[str, float]:
+    """ns per output position of each candidate of :data:`RESIDUAL_CANDIDATES` that can run
+    ``act(conv(x) + residual)`` with a dead residual (each call adds into its own buffer, which is
+    only ever timed, never read)."""
+    from .dispatch import INTO_KERNELS, residual_candidates
+    from .kernels import dense_conv2d
+
+    out_height, out_width = geometry.output_size(x.shape[2], x.shape[3])
+    names = residual_candidates(geometry)
+    buffers = {n: torch.zeros(1, geometry.out_channels, out_height, out_width).contiguous(memory_format=torch.channels_last)
+               for n in names}
+    calls = {}
+    for name in names:
+        def call(name=name):
+            return dense_conv2d(x, weight, weights.full_bias, geometry, weights, kernel=name, activation="relu",
+                                residual=buffers[name], into_residual=name in INTO_KERNELS)
+        calls[name] = with_variant(call, variant) if variant else call
+    seconds = _timed_rounds(calls)
+    return {name: seconds[name] / positions * 1e9 for name in names}
 
 
 _forced = threading.local()
@@ -466,20 +506,29 @@ def implicit_variant(geometry, in_height: int, in_width: int) -> int:
     return timing.implicit_variant if timing is not None else 0
 
 
-def lookup(geometry, in_height: int, in_width: int, masked: bool) -> Optional[LayerTiming]:
-    """The measured timing of a conv shape (with its masked candidates if ``masked``), measuring it
-    now where ``ANYTIMEIFY_TUNE=auto`` and it is new on this machine; None where tuning is off or
-    impossible, or the shape is not cached in ``cache`` mode."""
+def lookup(geometry, in_height: int, in_width: int, masked: bool, residual: bool = False) -> Optional[LayerTiming]:
+    """The measured timing of a conv shape (with its masked candidates if ``masked``, its
+    candidates with a dead residual if ``residual``), measuring it now where
+    ``ANYTIMEIFY_TUNE=auto`` and it is new on this machine; None where tuning is off or impossible,
+    or the shape is not cached in ``cache`` mode."""
     table = active_table()
     if table is None:
         return None
     key = shape_key(geometry, in_height, in_width)
     timing = table.get(key)
-    if timing is not None and (timing.masked or not masked):
+    if timing is not None and (timing.masked or not masked) and (not residual or _has_residual(timing, geometry)):
         return timing
     if tune_mode() != "auto":
         return timing if timing is not None and not masked else None
-    return _measure_into(table, key, geometry, in_height, in_width, masked=masked)
+    return _measure_into(table, key, geometry, in_height, in_width, masked=masked or bool(timing and timing.masked),
+                         residual=residual or bool(timing and timing.residual))
+
+
+def _has_residual(timing: LayerTiming, geometry) -> bool:
+    """Whether ``timing`` holds every candidate with a dead residual that can run ``geometry``."""
+    from .dispatch import residual_candidates
+
+    return bool(timing.residual) and set(residual_candidates(geometry)) <= set(timing.residual)
 
 
 _measuring = threading.local()
@@ -497,18 +546,20 @@ def measuring_seconds() -> float:
 
 
 def _measure_into(table: TuningTable, key: ShapeKey, geometry, in_height: int, in_width: int,
-                  module: Optional[torch.nn.Module] = None, masked: Optional[bool] = None) -> LayerTiming:
+                  module: Optional[torch.nn.Module] = None, masked: Optional[bool] = None,
+                  residual: Optional[bool] = None) -> LayerTiming:
     """Measure one shape (with ``module``'s epilogue and lambda, where given) into ``table``; the
     time it takes is added to :func:`measuring_seconds`."""
     start = time.perf_counter()
     try:
-        return _measure_shape(table, key, geometry, in_height, in_width, module, masked)
+        return _measure_shape(table, key, geometry, in_height, in_width, module, masked, residual)
     finally:
         _measuring.seconds = measuring_seconds() + (time.perf_counter() - start)
 
 
 def _measure_shape(table: TuningTable, key: ShapeKey, geometry, in_height: int, in_width: int,
-                   module: Optional[torch.nn.Module], masked: Optional[bool]) -> LayerTiming:
+                   module: Optional[torch.nn.Module], masked: Optional[bool],
+                   residual: Optional[bool] = None) -> LayerTiming:
     from .conv import MaskedConv2d
 
     if table.fresh_ns is None:
@@ -525,8 +576,10 @@ def _measure_shape(table: TuningTable, key: ShapeKey, geometry, in_height: int, 
     bias = 0.1 * torch.randn(geometry.out_channels, generator=generator)
     if masked is None:
         masked = isinstance(module, MaskedConv2d)
+    if residual is None:
+        residual = bool(getattr(module, "residual_dead", False))
     masked_module = module if isinstance(module, MaskedConv2d) else None
-    timing = measure_layer(geometry, weight, bias, in_height, in_width, masked=masked,
+    timing = measure_layer(geometry, weight, bias, in_height, in_width, masked=masked, residual=residual,
                            lam=getattr(masked_module, "interp_lambda", None), shift=getattr(masked_module, "shift", None),
                            activation=getattr(masked_module, "activation", None), fresh_ns=table.fresh_ns or 0.0)
     table.put(key, timing)
@@ -573,17 +626,22 @@ class TuneReport:
                 "measured": self.measured, "layers": self.layers}
 
 
-def _engine_layers(model: torch.nn.Module, x: Tensor) -> Dict[ShapeKey, Tuple[object, torch.nn.Module]]:
+def _engine_layers(model: torch.nn.Module, x: Tensor) -> Tuple[Dict[ShapeKey, Tuple[object, torch.nn.Module]], set]:
     """Every conv shape of ``model`` on ``x`` that the engine decides for (masked convs, engine
-    convs), with one module of that shape."""
+    convs), with one module of that shape, and the shapes some engine conv of which has a dead
+    residual."""
     from .conv import EngineConv2d, MaskedConv2d
 
     found: Dict[ShapeKey, Tuple[object, torch.nn.Module]] = {}
+    with_residual = set()
     hooks = []
 
     def record(module, args):
         inp = args[0]
-        found.setdefault(shape_key(module.geometry, inp.shape[2], inp.shape[3]), (module.geometry, module))
+        key = shape_key(module.geometry, inp.shape[2], inp.shape[3])
+        found.setdefault(key, (module.geometry, module))
+        if getattr(module, "residual_dead", False):
+            with_residual.add(key)
 
     for module in model.modules():
         if isinstance(module, (MaskedConv2d, EngineConv2d)):
@@ -605,17 +663,19 @@ def _engine_layers(model: torch.nn.Module, x: Tensor) -> Dict[ShapeKey, Tuple[ob
             del os.environ["ANYTIMEIFY_TUNE"]
         else:
             os.environ["ANYTIMEIFY_TUNE"] = previous
-    return found
+    return found, with_residual
 
 
-def tune(model: torch.nn.Module, input_size: Sequence[int], *, force: bool = False,
+def tune(model, input_size: Sequence[int], *, force: bool = False,
          progress: bool = True) -> TuneReport:
     """Measure the engine's candidates for every conv shape of ``model`` at ``input_size`` on this
     machine (cached; shapes already measured are skipped unless ``force``).
 
     Args:
         model: a frozen or sparse anytime model, or a module with engine convs
-            (:func:`anytimeify.bench.fold_for_inference`).
+            (:func:`anytimeify.bench.fold_for_inference`), or a sequence of them (their shapes
+            are collected first, so a shape two models share is measured once, with every
+            candidate either needs).
         input_size: ``(H, W)`` or ``(B, C, H, W)`` of the inputs it will run on.
         force: measure again what the cache holds.
         progress: show a progress bar on stderr.
@@ -629,18 +689,25 @@ def tune(model: torch.nn.Module, input_size: Sequence[int], *, force: bool = Fal
         raise RuntimeError("the compiled kernels are not available (no compiler, or ANYTIMEIFY_NO_EXT=1): "
                            "there is nothing to tune; PyTorch's ops run every layer")
     size = tuple(int(s) for s in input_size)
-    channels = getattr(model, "in_channels", 3)
-    shape = (1, channels) + size[-2:]
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
     previous = os.environ.get("ANYTIMEIFY_TUNE")
     if previous is not None and tune_mode() == "off":
         raise RuntimeError("ANYTIMEIFY_TUNE=off: unset it (or set it to auto) to tune")
     table = active_table()
     assert table is not None
     start = time.perf_counter()
-    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    layers = _engine_layers(model, x)
+    layers: Dict[ShapeKey, Tuple[object, torch.nn.Module]] = {}
+    with_residual: set = set()
+    for one in models:
+        x = torch.randn((1, getattr(one, "in_channels", 3)) + size[-2:]).contiguous(memory_format=torch.channels_last)
+        found, dead = _engine_layers(one, x)
+        for key, entry in found.items():  # a masked conv of a shape is the one measured (more candidates)
+            if key not in layers or (_is_masked(entry[1]) and not _is_masked(layers[key][1])):
+                layers[key] = entry
+        with_residual |= dead
     todo = [(k, g, m) for k, (g, m) in layers.items()
-            if force or table.get(k) is None or (_is_masked(m) and not table.get(k).masked)]
+            if force or table.get(k) is None or (_is_masked(m) and not table.get(k).masked)
+            or (k in with_residual and not _has_residual(table.get(k), g))]
     _warned["tuning"] = True  # the progress bar says it
     if progress and todo:
         from rich.console import Console
@@ -651,18 +718,20 @@ def tune(model: torch.nn.Module, input_size: Sequence[int], *, force: bool = Fal
             task = bar.add_task("", total=len(todo))
             for key, geometry, module in todo:
                 bar.update(task, description=_describe(key))
-                _measure_into(table, key, geometry, key[-2], key[-1], module)
+                _measure_into(table, key, geometry, key[-2], key[-1], module, residual=key in with_residual)
                 bar.advance(task)
     else:
         for key, geometry, module in todo:
-            _measure_into(table, key, geometry, key[-2], key[-1], module)
+            _measure_into(table, key, geometry, key[-2], key[-1], module, residual=key in with_residual)
     rows = []
     for key in layers:
         timing = table.get(key)
         rows.append({"shape": _describe(key), "dense": timing.best_dense(),
                      "masked": {str(k): timing.best_masked(k) for k in timing.keeps} if timing.masked else None,
                      "dense_ns": {k: round(v, 3) for k, v in timing.dense.items()},
-                     "masked_ns": {k: [round(x, 3) for x in v] for k, v in timing.masked.items()}})
+                     "masked_ns": {k: [round(x, 3) for x in v] for k, v in timing.masked.items()},
+                     **({"residual": timing.best_residual(),
+                         "residual_ns": {k: round(v, 3) for k, v in timing.residual.items()}} if timing.residual else {})})
     return TuneReport(machine=table.machine, cache=str(table.path) if table.path else None,
                       seconds=time.perf_counter() - start, measured=len(todo), layers=rows)
 
