@@ -15,7 +15,7 @@ from anytimeify._fx.fold import fuse_residuals, mark_dead_residuals, use_engine_
 from anytimeify.bench import PAPER_SKIPS, FixedMasks, fold_for_inference
 from anytimeify.masking import _ext, tune
 from anytimeify.masking.conv import EngineConv2d, conv_geometry
-from anytimeify.masking.dispatch import INTO_KERNELS, onednn_into_available, residual_candidates, residual_kernel
+from anytimeify.masking.dispatch import INTO_KERNELS, onednn_post_ops_available, residual_candidates, residual_kernel
 from anytimeify.masking.engine import DEFAULT_COST_MODEL, dense_conv2d
 from anytimeify.models import create_model
 
@@ -45,7 +45,7 @@ def test_into_kernels_write_the_result_into_the_residual(kernel, relu, cin, cout
                            activation="relu" if relu else None, residual=work, into_residual=True)
     assert (got - expected).abs().max() <= tolerance(expected)
     if kernel == "onednn_into":
-        in_place = onednn_into_available()
+        in_place = onednn_post_ops_available()
     else:  # the implicit GEMMs (the row kernel where its layout fits, else the channel-blocked one)
         in_place = _ext.available() and groups == 1
     if in_place:

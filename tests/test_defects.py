@@ -108,6 +108,21 @@ def test_non_finite_logits_are_computed_by_every_criterion(ca):
     assert first.mask[nan].all()
 
 
+def test_finite_logits_whose_sum_overflows_are_not_non_finite():
+    # the fast test sums the channels; a sum that overflows from finite logits goes to the exact test
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, :2, 0, 1] = 3e38  # finite, but their sum is inf in float32
+    logits[0, 2, 1, 1] = float("-inf")
+    confidence = Confidence(criterion=lambda lg: torch.zeros(lg.shape[0], 1, *lg.shape[-2:], dtype=torch.bool))
+    with pytest.warns(RuntimeWarning, match="non-finite logits"):
+        mask = computed_mask(logits, confidence, 0)
+    assert mask[0, 0].tolist() == [[False, False], [False, True]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all finite (one overflowing sum): no warning, nothing forced
+        mask = computed_mask(logits[..., :1, :], confidence, 0)
+    assert not mask.any()
+
+
 def test_convert_errors_say_what_works(net):
     converted = anytimeify.convert(net)
     with pytest.raises(TypeError, match="already converted"):

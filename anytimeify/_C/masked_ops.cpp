@@ -343,7 +343,15 @@ void fill_unlisted(float* dst, int64_t rows, int64_t channels, const int64_t* in
         if (fill == nullptr) {
           std::memset(dst + r * channels, 0, row_bytes * (stop - r));
         } else {
-          for (int64_t q = r; q < stop; ++q) std::memcpy(dst + q * channels, fill, row_bytes);
+          // a run of rows: the first one from fill, then the rows written so far copied onward,
+          // doubling (a few large copies instead of one small copy per row)
+          float* first = dst + r * channels;
+          std::memcpy(first, fill, row_bytes);
+          for (int64_t done = 1, total = stop - r; done < total;) {
+            const int64_t n = std::min(done, total - done);
+            std::memcpy(first + done * channels, first, row_bytes * n);
+            done += n;
+          }
         }
       }
       r = stop;
@@ -445,8 +453,8 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
   const int64_t* nbr = neighbours.data_ptr<int64_t>();
   const int64_t* rows = halo.data_ptr<int64_t>();
   const float* w = weights.data_ptr<float>();
-  // at least about 2^19 multiply-adds per task: a parallel region costs more than a small halo
-  const int64_t grain = std::max<int64_t>(64, (int64_t(1) << 19) / std::max<int64_t>(taps * channels, 1));
+  // at least about 2^17 multiply-adds per task: a parallel region costs more than a small halo
+  const int64_t grain = std::max<int64_t>(64, (int64_t(1) << 17) / std::max<int64_t>(taps * channels, 1));
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     std::vector<const float*> srcs(taps);
     std::vector<float> wts(taps);

@@ -137,8 +137,15 @@ def _non_finite(logits: torch.Tensor) -> torch.Tensor:
     """``(B, 1, h, w)``: True where some logit is NaN or infinite (warning once when there are)."""
     from .compiled import _traced
 
+    traced = _traced((logits,))  # (no data to look at while tracing)
+    # a finite sum over the channels means every logit there is finite (a NaN or an infinity makes
+    # the sum NaN or infinite): one reduction decides the usual case, the exact test runs only where
+    # some sum is not finite (a NaN, an infinity, or finite logits whose sum overflows)
+    total = logits.sum(dim=1, keepdim=True)
+    if not traced and bool(torch.isfinite(total).all()):
+        return torch.zeros(total.shape, dtype=torch.bool, device=logits.device)
     bad = ~torch.isfinite(logits).all(dim=1, keepdim=True)
-    if not _traced((logits,)) and bool(bad.any()):  # (no data to look at while tracing)
+    if not traced and bool(bad.any()):
         warnings.warn(NON_FINITE_WARNING, RuntimeWarning)
     return bad
 

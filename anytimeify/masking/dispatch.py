@@ -14,7 +14,7 @@ from .layout import rows_layout
 from .plans import MaskPlan
 
 __all__ = ["STRATEGIES", "DENSE_KERNELS", "RESIDUAL_KERNELS", "INTO_KERNELS", "choose_strategy", "resolve_strategy",
-           "dense_kernel", "residual_kernel", "residual_candidates", "onednn_into_available"]
+           "dense_kernel", "residual_kernel", "residual_candidates", "onednn_post_ops_available"]
 
 
 #: execution strategies of the sparse engine ("auto": the measured choice of this machine, see
@@ -35,11 +35,12 @@ RESIDUAL_KERNELS = ("onednn_into", "implicit_into", "implicit_rows_into", "impli
 INTO_KERNELS = ("onednn_into", "implicit_into", "implicit_rows_into")
 
 
-def onednn_into_available() -> bool:
-    """Whether this PyTorch has oneDNN's in-place convolution with a binary post-op (x86 and
-    ARM builds with oneDNN; the op inductor's CPU fusions call)."""
+def onednn_post_ops_available() -> bool:
+    """Whether this PyTorch has oneDNN's convolution with post-ops, out of place and in place
+    (x86 and ARM builds with oneDNN; the ops inductor's CPU fusions call)."""
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise_")
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+                and hasattr(torch.ops.mkldnn, "_convolution_pointwise_"))
     except (AttributeError, RuntimeError):
         return False
 
@@ -199,7 +200,7 @@ def residual_candidates(geometry: ConvGeometry) -> list:
     names = []
     for name in RESIDUAL_KERNELS:
         if name == "onednn_into":
-            if onednn_into_available():
+            if onednn_post_ops_available():
                 names.append(name)
         elif geometry.groups == 1 and (not name.startswith("implicit_rows") or rows_layout(geometry) is not None):
             names.append(name)

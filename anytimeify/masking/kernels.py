@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .compiled import _ext_for, _kernel
 from .cost import DEFAULT_COST_MODEL, CostModel
-from .dispatch import DENSE_KERNELS, INTO_KERNELS, RESIDUAL_KERNELS, STRATEGIES, dense_kernel, onednn_into_available, resolve_strategy
+from .dispatch import DENSE_KERNELS, INTO_KERNELS, RESIDUAL_KERNELS, STRATEGIES, dense_kernel, onednn_post_ops_available, resolve_strategy
 from .geometry import ConvGeometry
 from .layout import rows_layout
 from .packing import LayerWeights
@@ -237,16 +237,23 @@ def _every_row(positions: int) -> Tensor:
     return torch.arange(positions, dtype=torch.int64)
 
 
+def _onednn_fusable(x: Tensor, weight: Tensor) -> bool:
+    """Whether oneDNN's convolution with post-ops can run ``x`` (float32 CPU, 4-D, no autograd)."""
+    return (onednn_post_ops_available() and x.device.type == "cpu" and x.dim() == 4
+            and x.dtype == weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
 def _onednn_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: ConvGeometry, residual: Tensor,
                  relu: bool) -> Optional[Tensor]:
     """``act(conv(x) + residual)`` written into ``residual`` by oneDNN (the addition and the ReLU
     as post-ops of its convolution: one pass, no fresh output), or None where it cannot run
     (no such op, autograd, other dtypes, layouts or devices, ``residual`` sharing ``x``'s memory)."""
-    if not (onednn_into_available() and x.device.type == "cpu" and x.dtype == weight.dtype == residual.dtype == torch.float32
+    if not (_onednn_fusable(x, weight) and residual.dtype == torch.float32
             and residual.is_contiguous(memory_format=torch.channels_last)
             and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()):
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or residual.requires_grad):
+    if torch.is_grad_enabled() and residual.requires_grad:
         return None
     with _kernel("onednn_into"):
         torch.ops.mkldnn._convolution_pointwise_.binary(
@@ -308,6 +315,11 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: Co
     if ext is None or geometry.groups != 1 or kernel == "onednn" or (residual is not None and res_rows is None):
         if ext is not None and geometry.groups == 1 and kernel != "onednn":  # a residual the pass cannot read
             y = dense_conv2d(x, weight, bias, geometry, weights, kernel, cost_model)
+        elif relu and residual is None and _onednn_fusable(x, weight):
+            with _kernel("onednn_relu"):  # the ReLU as oneDNN's post-op: no second pass over the output
+                return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(geometry.padding),
+                                                               list(geometry.stride), list(geometry.dilation),
+                                                               geometry.groups, "relu", [], "")
         else:
             y = F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
         if residual is not None:
