@@ -16,11 +16,17 @@ with five common encoders one:
   (a size every smp model takes), checked as a segmenter.
 
 Prints one JSON object per check (model, ok, exits, seconds, and the error's first line where it
-failed), then the counts::
+failed), then the counts. A full run (no ``--only``) with ``--write`` also keeps its lines in
+``benchmarks/zoo_results.jsonl`` and regenerates the zoo tables of ``docs/model-table.md`` from
+them (the block between its ``zoo-table`` markers); ``--docs`` regenerates them from that file
+without running anything. ``tests/test_zoo_docs.py`` checks that the page is what the results
+give, and the thorough ``tests/test_zoo_families.py`` that a fixed list of families still gives
+the recorded results::
 
-    HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py                  # everything (about 15 min)
+    HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py --write          # everything (about 15 min)
     HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py --only vit deit  # some timm families
     HF_HUB_OFFLINE=1 python benchmarks/zoo_survey.py --pick           # refresh zoo_families.json
+    python benchmarks/zoo_survey.py --docs                            # the page from the results
 """
 from __future__ import annotations
 
@@ -45,6 +51,9 @@ from anytimeify.bench import FixedMasks
 from anytimeify.models import TimmSegmenter
 
 FAMILIES_FILE = Path(__file__).with_name("zoo_families.json")
+RESULTS_FILE = Path(__file__).with_name("zoo_results.jsonl")
+DOCS_FILE = Path(__file__).resolve().parents[1] / "docs" / "model-table.md"
+BEGIN, END = "<!-- zoo-table:begin (benchmarks/zoo_survey.py --docs) -->", "<!-- zoo-table:end -->"
 SMP_ARCHS = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet",
              "PAN", "UPerNet", "Segformer", "DPT")
 SMP_ENCODERS = ("resnet18", "mobilenet_v2", "efficientnet-b0", "tu-convnext_atto", "mit_b0")
@@ -171,9 +180,11 @@ def survey_timm(families: Dict[str, str], kinds=("segmenter", "classifier")) -> 
     return rows
 
 
-def survey_smp(archs=SMP_ARCHS, encoders=SMP_ENCODERS) -> List[dict]:
+def survey_smp(archs=SMP_ARCHS, encoders=SMP_ENCODERS, unbuilt: Optional[List[dict]] = None) -> List[dict]:
+    """The smp checks; combinations smp does not build go to ``unbuilt`` (not counted)."""
     import segmentation_models_pytorch as smp
 
+    unbuilt = [] if unbuilt is None else unbuilt
     rows = []
     for arch in archs:
         for encoder in encoders:
@@ -181,11 +192,103 @@ def survey_smp(archs=SMP_ARCHS, encoders=SMP_ENCODERS) -> List[dict]:
                 torch.manual_seed(0)
                 net = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=CLASSES).eval()
             except Exception as err:  # a combination smp itself does not build is not counted
-                print(json.dumps({"kind": "smp", "model": f"{arch}:{encoder}", "built": False,
-                                  "error": _first_line(err)}), flush=True)
+                row = {"kind": "smp", "model": f"{arch}:{encoder}", "built": False, "error": _first_line(err)}
+                print(json.dumps(row), flush=True)
+                unbuilt.append(row)
                 continue
             rows.append(_run("smp", f"{arch}:{encoder}", lambda: check_dense(net, SMP_SIZE)))
     return rows
+
+
+def summarize(rows: List[dict]) -> dict:
+    """The counts per kind of check: usable, of, share and the models that failed."""
+    summary = {}
+    for kind in ("segmenter", "classifier", "smp"):
+        done = [r for r in rows if r.get("kind") == kind and "ok" in r]
+        if done:
+            ok = sum(r["ok"] for r in done)
+            summary[kind] = {"usable": ok, "of": len(done), "share": round(ok / len(done), 3),
+                             "failed": [r["model"] for r in done if not r["ok"]]}
+    return summary
+
+
+def read_results(path: Path = RESULTS_FILE) -> List[dict]:
+    """The check rows of a results file (its summary line left out)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "kind" in r]
+
+
+def _cell(row: Optional[dict]) -> str:
+    if row is None or not row.get("built", True):
+        return "-"
+    if row["ok"]:
+        return f"{row['exits']} exits"  # the early exits and the last one
+    error = row["error"].replace("|", "\\|").replace("\n", " ")
+    return "fails: " + (error if len(error) <= 140 else error[:137] + "...")
+
+
+def render_markdown(rows: List[dict], versions: str) -> str:
+    """The zoo tables of docs/model-table.md: the counts, every timm family's two checks, every
+    smp architecture x encoder (exits, or the error's first line)."""
+    summary = summarize(rows)
+    names = {"segmenter": "timm family as a segmenter", "classifier": "timm family as a classifier",
+             "smp": "smp architecture x encoder (that smp builds)"}
+    lines = [f"Counts ({versions}; `python benchmarks/zoo_survey.py --write`, about 15 minutes on 2 cores):", "",
+             "| check | usable | of | share |", "|---|---|---|---|"]
+    for kind, counts in summary.items():
+        lines.append(f"| {names[kind]} | {counts['usable']} | {counts['of']} | {100 * counts['share']:.1f}% |")
+    lines += ["", "Every timm family (its smallest model, at its native size; exits: the early exits and the last one):",
+              "", "| family | model | segmenter | classifier |", "|---|---|---|---|"]
+    timm_rows: Dict[str, Dict[str, dict]] = {}
+    for r in rows:
+        if r["kind"] in ("segmenter", "classifier"):
+            timm_rows.setdefault(r["model"], {})[r["kind"]] = r
+    for label, checks in timm_rows.items():
+        family, model = label.split(":", 1)
+        lines.append(f"| {family} | `{model}` | {_cell(checks.get('segmenter'))} | {_cell(checks.get('classifier'))} |")
+    smp_rows = [r for r in rows if r["kind"] == "smp"]
+    if smp_rows:
+        encoders = list(dict.fromkeys(r["model"].split(":", 1)[1] for r in smp_rows))
+        by = {tuple(r["model"].split(":", 1)): r for r in smp_rows}
+        archs = list(dict.fromkeys(r["model"].split(":", 1)[0] for r in smp_rows))
+        lines += ["", f"smp models at {SMP_SIZE[0]}x{SMP_SIZE[1]} (\"-\": a combination smp itself does not build):", "",
+                  "| architecture | " + " | ".join(f"`{e}`" for e in encoders) + " |",
+                  "|---|" + "---|" * len(encoders)]
+        for arch in archs:
+            lines.append(f"| {arch} | " + " | ".join(_cell(by.get((arch, e))) for e in encoders) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> str:
+    import importlib.metadata as md
+
+    found = []
+    for dist in ("timm", "segmentation_models_pytorch", "torch"):
+        try:
+            found.append(f"{dist.replace('segmentation_models_pytorch', 'smp')} {md.version(dist).split('+')[0]}")
+        except md.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def write_docs(rows: List[dict], versions: str, path: Path = DOCS_FILE) -> None:
+    """Replace the block between the markers of ``path`` with :func:`render_markdown` (atomically)."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no zoo-table markers ({BEGIN} ... {END})")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = head + BEGIN + "\n" + render_markdown(rows, versions) + END + tail
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+
+
+def _write_results(rows: List[dict], versions: str, path: Path = RESULTS_FILE) -> None:
+    lines = [json.dumps(r) for r in rows] + [json.dumps({"summary": summarize(rows), "versions": versions})]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -193,7 +296,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--only", nargs="+", help="timm families (or model names) to check")
     parser.add_argument("--kinds", default="segmenter,classifier,smp", help="comma-separated")
     parser.add_argument("--pick", action="store_true", help="rewrite zoo_families.json and stop")
+    parser.add_argument("--write", action="store_true",
+                        help="keep a full run's lines in zoo_results.jsonl and regenerate docs/model-table.md's tables")
+    parser.add_argument("--docs", action="store_true",
+                        help="regenerate docs/model-table.md's tables from zoo_results.jsonl and stop")
     args = parser.parse_args(argv)
+    if args.docs:
+        lines = [json.loads(line) for line in RESULTS_FILE.read_text().splitlines() if line.strip()]
+        versions = next((r["versions"] for r in lines if "versions" in r), "")
+        write_docs([r for r in lines if "kind" in r], versions)
+        print(f"{DOCS_FILE}: tables from {RESULTS_FILE}")
+        return 0
+    if args.write and args.only:
+        parser.error("--write keeps a full run only: drop --only")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.pick:
         picked = pick_families()
@@ -207,16 +322,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         families = {f: n for f, n in families.items() if f in args.only or n in args.only}
     kinds = args.kinds.split(",")
     rows = survey_timm(families, [k for k in kinds if k in ("segmenter", "classifier")])
+    unbuilt: List[dict] = []
     if "smp" in kinds and not args.only:
-        rows += survey_smp()
-    summary = {}
-    for kind in ("segmenter", "classifier", "smp"):
-        done = [r for r in rows if r["kind"] == kind]
-        if done:
-            ok = sum(r["ok"] for r in done)
-            summary[kind] = {"usable": ok, "of": len(done), "share": round(ok / len(done), 3),
-                             "failed": [r["model"] for r in done if not r["ok"]]}
-    print(json.dumps({"summary": summary, "torch": torch.__version__}), flush=True)
+        rows += survey_smp(unbuilt=unbuilt)
+    print(json.dumps({"summary": summarize(rows), "torch": torch.__version__}), flush=True)
+    if args.write:
+        versions = _versions()
+        kept = [{k: v for k, v in r.items() if k != "seconds"} for r in rows + unbuilt]
+        _write_results(kept, versions)
+        write_docs(kept, versions)
+        print(f"results -> {RESULTS_FILE}, tables -> {DOCS_FILE}", file=sys.stderr)
     return 0
 
 

@@ -18,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+import anytimeify
+
 timm = pytest.importorskip("timm")
 smp = pytest.importorskip("segmentation_models_pytorch")
 
@@ -38,6 +40,15 @@ CHECKED = [
 SMP = [("DeepLabV3", "tu-convnext_atto"), ("PAN", "tu-convnext_atto"), ("Unet", "mit_b0")]
 
 
+RECORDED = {(r["kind"], r["model"]): r for r in zoo_survey.read_results()}
+
+
+def _recorded(kind: str, family: str) -> dict:
+    name = FAMILIES[family]
+    size = zoo_survey.native_size(name)
+    return RECORDED[(kind, f"{family}:{name}@{size[0]}x{size[1]}")]
+
+
 def test_the_checked_families_are_in_the_survey():
     assert set(CHECKED) <= set(FAMILIES)
     assert len(FAMILIES) >= 90  # one per timm module
@@ -52,11 +63,53 @@ def test_family_gives_an_anytime_segmenter_and_classifier(family):
     dense = zoo_survey.check_dense(net, size)
     assert 2 <= dense["exits"] <= 1 + 3
     classifier = timm.create_model(name, pretrained=False, num_classes=zoo_survey.CLASSES).eval()
-    assert 2 <= zoo_survey.check_classifier(classifier, size)["exits"] <= 1 + 3
+    checked = zoo_survey.check_classifier(classifier, size)
+    assert 2 <= checked["exits"] <= 1 + 3
+    # what the survey recorded (and docs/model-table.md shows) is what the code gives now
+    for kind, now in (("segmenter", dense), ("classifier", checked)):
+        recorded = _recorded(kind, family)
+        assert recorded["ok"] and (recorded["exits"], recorded["exit_names"]) == (now["exits"], now["exit_names"])
 
 
 @pytest.mark.parametrize("arch, encoder", SMP, ids=[f"{a}-{e}" for a, e in SMP])
 def test_smp_model_with_modules_timm_marks_untraceable(arch, encoder):
     torch.manual_seed(0)
     net = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=zoo_survey.CLASSES).eval()
-    assert zoo_survey.check_dense(net, zoo_survey.SMP_SIZE)["exits"] >= 2
+    now = zoo_survey.check_dense(net, zoo_survey.SMP_SIZE)
+    assert now["exits"] >= 2
+    recorded = RECORDED[("smp", f"{arch}:{encoder}")]
+    assert recorded["ok"] and (recorded["exits"], recorded["exit_names"]) == (now["exits"], now["exit_names"])
+
+
+def test_the_advice_for_a_family_without_stages_works():
+    """Twins' feature_info names modules it does not have, so no stage is found and convert says
+    to name the exits; the stage outputs ``inspect(..., nodes=True)`` lists (its channels-first
+    maps, ``contiguous*``) then give a segmenter and a classifier that meet the survey's checks."""
+    name = FAMILIES["twins"]
+    size = zoo_survey.native_size(name)
+    net = zoo_survey.TimmSegmenter(name, zoo_survey.CLASSES, width=16).eval()
+    with pytest.raises(ValueError, match=r"no stage adapter recognises .*exits=\[\.\.\.\].*anytimeify\.inspect"):
+        anytimeify.convert(net, exits="stages", input_size=size)
+    listed = [c.name for c in anytimeify.inspect(net, size, nodes=True) if c.kind == "node"]
+    exits = ["contiguous", "contiguous_1", "contiguous_2"]
+    assert set(exits) <= set(listed)
+    torch.manual_seed(0)
+    model = anytimeify.convert(net, exits=exits, input_size=size).eval()
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x)) and len(list(model.anytime(x))) == 4
+    masked = anytimeify.convert(net, exits=exits, input_size=size, confidence=anytimeify.Confidence(
+        criterion=zoo_survey.FixedMasks([0.2, 0.4, 0.6], seed=0, sigma=1.0), execution="dense")).eval()
+    with torch.no_grad():
+        dense = list(masked.anytime(x))
+        masked.set_execution("sparse")
+        sparse = list(masked.anytime(x))
+    for s, d in zip(sparse, dense):
+        assert (s.logits - d.logits).abs().max() <= zoo_survey.TOLERANCE * max(1.0, float(d.logits.abs().max()))
+    classifier = timm.create_model(name, pretrained=False, num_classes=zoo_survey.CLASSES).eval()
+    model = anytimeify.convert(classifier, task="classification", exits=exits, input_size=size).eval()
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], classifier(x))
+        assert len(list(model.anytime(x))) == 4
+        model.predict(x, thresholds=[0.5, 0.5, 0.5])
