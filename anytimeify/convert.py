@@ -355,6 +355,10 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
         if task == "classification" and len(out_shape) != 2:
             raise TypeError(f"a classifier's output must be (B, classes) logits, got shape {tuple(out_shape)}")
         boundaries = resolve_exits(base, gm, exits, tokens=task == "classification")
+        if not boundaries and exits == "stages" and not training:
+            warnings.warn(f"found no stage boundary before the output of {type(base).__name__}: the anytime model "
+                          f"has no early exit. Name the exits: convert(model, exits=[...]) with feature maps "
+                          f"from anytimeify.inspect(model, nodes=True)", UserWarning, stacklevel=2)
         if not hasattr(root, "exits"):
             if task == "classification":
                 exit_modules, info = _make_classifier_exits(boundaries, out_shape[1],
@@ -520,7 +524,8 @@ def inspect(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, nod
     Args:
         model: the base model.
         input_size: probe input size, as for :func:`convert`.
-        nodes: also list every 4-D tensor node of the graph (long for big models).
+        nodes: also list every graph node whose tensor is a feature map of the image (4-D, its
+            positions times its stride squared about the input's area; long for big models).
         leaf_modules: module classes or qualified names not to trace through.
         autowrap_functions: free functions to keep as single graph nodes.
 
@@ -550,6 +555,7 @@ def inspect(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, nod
         listed = {c.name for c in found}
         for node in gm.graph.nodes:
             b = node_boundary(gm, node.name) if node.op not in ("placeholder", "output") else None
-            if b is not None and b.name not in listed:
+            # feature maps only: not the (B, heads, N, d) tensors inside attention, which are 4-D too
+            if b is not None and b.name not in listed and (b.name in picked or _map_like(b, probe)):
                 found.append(Candidate(b.name, "node", b.shapes, b.channels, b.stride, b.name in picked))
     return found

@@ -78,8 +78,11 @@ def test_inspect_lists_a_transformers_maps_and_convert_takes_them_by_name():
     found = anytimeify.inspect(net)
     picked = [c for c in found if c.picked]
     assert [c.kind for c in picked] == ["node"] * 3 and all(c.stride == 16 for c in picked)
-    # no attention tensor (B, heads, N, d) is offered as a feature map
-    assert all(c.shapes[0][-1] * c.shapes[0][-2] * c.stride ** 2 >= 0.5 * 160 * 160 for c in found)
+    # no attention tensor (B, heads, N, d) is offered as a feature map, among the nodes either
+    everything = anytimeify.inspect(net, nodes=True)
+    assert len(everything) > len(found) and {c.name for c in found} <= {c.name for c in everything}
+    for c in everything:
+        assert 0.5 * 160 * 160 <= c.shapes[0][-1] * c.shapes[0][-2] * c.stride ** 2 <= 2 * 160 * 160, c
     model = anytimeify.convert(net, exits=[picked[0].name, picked[2].name]).eval()
     taps = net.backbone.feature_info.out_indices
     for k, segment in enumerate(model.program.segments[:2]):  # named by hand, they move up too
@@ -344,3 +347,12 @@ def test_timms_norm_act_layers_are_traced_through_and_fold():
     with torch.no_grad():
         err = (frozen(x)[-1] - net(x)).abs().max().item() / max(1.0, net(x).abs().max().item())
     assert err < 1e-4
+
+
+def test_a_model_whose_levels_share_one_module_is_told_it_has_no_early_exit():
+    # CoaT's feature_info names its parallel blocks for every level: one boundary, the output;
+    # convert says so, with the way out, instead of handing back a model without early exits
+    net = TimmSegmenter("coat_tiny", 3, width=16).eval()
+    with pytest.warns(UserWarning, match=r"no early exit.*exits=\[\.\.\.\].*inspect\(model, nodes=True\)"):
+        model = anytimeify.convert(net, exits="stages", input_size=(224, 224))
+    assert model.num_exits == 1
