@@ -78,7 +78,13 @@ def test_profile_names_the_compiled_kernels():
     ops = {entry["op"] for entry in result["anytime"]["top_ops"]}
     if _ext.available():
         assert "anytimeify::implicit_conv" in ops and "anytimeify::halo_stencil" in ops
-    assert "aten::mkldnn_convolution" in {entry["op"] for entry in result["dense"]["top_ops"]}
+    dense_ops = {entry["op"] for entry in result["dense"]["top_ops"]}
+    assert "aten::mkldnn_convolution" in dense_ops or "anytimeify::onednn_relu" in dense_ops
+    for label in ("dense", "anytime"):  # the time outside the operators: wall-clock less their self time
+        entry = result[label]
+        assert entry["wall_s"] > 0  # (each figure rounded on its own)
+        assert abs(entry["outside_ops_s"] - max(0.0, entry["wall_s"] - entry["total_s"])) <= 1.5e-3
+        assert 0.0 <= entry["outside_ops_share"] < 1.0
 
 
 def test_dense_baseline_gets_the_frozen_models_rewrites():

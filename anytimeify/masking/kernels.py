@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .compiled import _ext_for, _kernel
 from .cost import DEFAULT_COST_MODEL, CostModel
-from .dispatch import DENSE_KERNELS, INTO_KERNELS, RESIDUAL_KERNELS, STRATEGIES, dense_kernel, onednn_post_ops_available, resolve_strategy
+from .dispatch import (DENSE_KERNELS, INTO_KERNELS, STRATEGIES, dense_kernel, onednn_post_ops_available,
+                       resolve_strategy)
 from .geometry import ConvGeometry
 from .layout import rows_layout
 from .packing import LayerWeights
@@ -273,10 +274,11 @@ def dense_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], geometry: Co
     they write each output row; otherwise one more pass adds it (:func:`add_residual`).
     ``into_residual``: nothing reads ``residual`` after this conv, so the result may be written
     into its memory (and returned in its place); ``kernel`` may then be one of
-    :data:`~anytimeify.masking.dispatch.RESIDUAL_KERNELS` (``"onednn_into"``: oneDNN's
-    convolution with the addition and ReLU as post-ops, in place; ``"implicit_into"``: the
-    implicit GEMM writing into it). Where such a kernel cannot run it falls back to the implicit
-    GEMM into a fresh output.
+    :data:`~anytimeify.masking.dispatch.INTO_KERNELS` (``"onednn_into"``: oneDNN's convolution
+    with the addition and ReLU as post-ops, in place; ``"implicit_into"``,
+    ``"implicit_rows_into"``: the implicit GEMMs writing into it). Where such a kernel cannot run
+    it falls back to the implicit GEMM into a fresh output (or PyTorch's conv and one more pass).
+    A ReLU after PyTorch's conv is oneDNN's post-op where this PyTorch has it.
 
     Without the compiled kernels, for other dtypes or devices and for grouped convs it is
     ``F.conv2d`` (the ReLU then in place on its output). The implicit GEMMs compute every output
