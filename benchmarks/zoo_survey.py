@@ -49,6 +49,7 @@ import anytimeify
 from anytimeify import Confidence, MaskedConv2d
 from anytimeify.bench import FixedMasks
 from anytimeify.models import TimmSegmenter
+from anytimeify.train.checkpointing import atomic_write
 
 FAMILIES_FILE = Path(__file__).with_name("zoo_families.json")
 RESULTS_FILE = Path(__file__).with_name("zoo_results.jsonl")
@@ -212,10 +213,14 @@ def summarize(rows: List[dict]) -> dict:
     return summary
 
 
-def read_results(path: Path = RESULTS_FILE) -> List[dict]:
-    """The check rows of a results file (its summary line left out)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if "kind" in r]
+def read_results(path: Path = RESULTS_FILE) -> Tuple[List[dict], dict]:
+    """A results file's check rows and its last line (the summary and the package versions)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in lines if "kind" in r], lines[-1]
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _cell(row: Optional[dict]) -> str:
@@ -267,7 +272,7 @@ def _versions() -> str:
         try:
             found.append(f"{dist.replace('segmentation_models_pytorch', 'smp')} {md.version(dist).split('+')[0]}")
         except md.PackageNotFoundError:
-            pass
+            continue  # not installed: not named
     return ", ".join(found)
 
 
@@ -278,17 +283,12 @@ def write_docs(rows: List[dict], versions: str, path: Path = DOCS_FILE) -> None:
         raise SystemExit(f"{path} has no zoo-table markers ({BEGIN} ... {END})")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    new = head + BEGIN + "\n" + render_markdown(rows, versions) + END + tail
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
+    _write_text(path, head + BEGIN + "\n" + render_markdown(rows, versions) + END + tail)
 
 
 def _write_results(rows: List[dict], versions: str, path: Path = RESULTS_FILE) -> None:
     lines = [json.dumps(r) for r in rows] + [json.dumps({"summary": summarize(rows), "versions": versions})]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    _write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -302,9 +302,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="regenerate docs/model-table.md's tables from zoo_results.jsonl and stop")
     args = parser.parse_args(argv)
     if args.docs:
-        lines = [json.loads(line) for line in RESULTS_FILE.read_text().splitlines() if line.strip()]
-        versions = next((r["versions"] for r in lines if "versions" in r), "")
-        write_docs([r for r in lines if "kind" in r], versions)
+        rows, last = read_results()
+        write_docs(rows, last.get("versions", ""))
         print(f"{DOCS_FILE}: tables from {RESULTS_FILE}")
         return 0
     if args.write and args.only:
@@ -312,9 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.pick:
         picked = pick_families()
-        tmp = FAMILIES_FILE.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(picked, indent=1) + "\n")
-        tmp.replace(FAMILIES_FILE)
+        _write_text(FAMILIES_FILE, json.dumps(picked, indent=1) + "\n")
         print(f"{len(picked)} families -> {FAMILIES_FILE}")
         return 0
     families = json.loads(FAMILIES_FILE.read_text())

@@ -14,9 +14,7 @@ _spec = importlib.util.spec_from_file_location("zoo_survey_docs", ROOT / "benchm
 zoo_survey = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(zoo_survey)
 
-LINES = [json.loads(line) for line in zoo_survey.RESULTS_FILE.read_text().splitlines() if line.strip()]
-ROWS = [r for r in LINES if "kind" in r]
-SUMMARY_LINE = LINES[-1]
+ROWS, SUMMARY_LINE = zoo_survey.read_results()
 
 #: plain transformers and Swin-like backbones (the issue's "every plain-ViT and Swin-like family")
 TRANSFORMERS = ["vision_transformer", "deit", "beit", "eva", "cait", "xcit", "swin_transformer",

@@ -40,7 +40,7 @@ CHECKED = [
 SMP = [("DeepLabV3", "tu-convnext_atto"), ("PAN", "tu-convnext_atto"), ("Unet", "mit_b0")]
 
 
-RECORDED = {(r["kind"], r["model"]): r for r in zoo_survey.read_results()}
+RECORDED = {(r["kind"], r["model"]): r for r in zoo_survey.read_results()[0]}
 
 
 def _recorded(kind: str, family: str) -> dict:

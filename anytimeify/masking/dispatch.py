@@ -4,6 +4,7 @@ GEMM's variant. The timings measured on this machine decide where there are some
 (:mod:`anytimeify.masking.tune`), else the cost model (:mod:`anytimeify.masking.cost`)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -35,9 +36,11 @@ RESIDUAL_KERNELS = ("onednn_into", "implicit_into", "implicit_rows_into", "impli
 INTO_KERNELS = ("onednn_into", "implicit_into", "implicit_rows_into")
 
 
+@functools.lru_cache(maxsize=None)
 def onednn_post_ops_available() -> bool:
     """Whether this PyTorch has oneDNN's convolution with post-ops, out of place and in place
-    (x86 and ARM builds with oneDNN; the ops inductor's CPU fusions call)."""
+    (x86 and ARM builds with oneDNN; the ops inductor's CPU fusions call). Asked once: the engine
+    asks at every unmasked conv."""
     try:
         return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
                 and hasattr(torch.ops.mkldnn, "_convolution_pointwise_"))
