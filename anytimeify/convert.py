@@ -92,21 +92,23 @@ def _keep_traced_constants(base: nn.Module, root: nn.Module, tensors: Dict[str, 
                 tensors[target] = value
 
 
-def _traced(model: nn.Module, leaf_modules, autowrap_functions, training: bool) -> fx.GraphModule:
+def _traced(model: nn.Module, leaf_modules, autowrap_functions, training: bool,
+            probe: Optional[Tuple[int, ...]] = None) -> fx.GraphModule:
     was = model.training
     model.train(training)
     try:
-        return trace_for_conversion(model, leaf_modules, autowrap_functions)
+        return trace_for_conversion(model, leaf_modules, autowrap_functions, input_shape=probe)
     finally:
         model.train(was)
 
 
-def _mode_graphs(base: nn.Module, leaf_modules, autowrap_functions) -> Dict[bool, fx.GraphModule]:
+def _mode_graphs(base: nn.Module, leaf_modules, autowrap_functions,
+                 probe: Optional[Tuple[int, ...]] = None) -> Dict[bool, fx.GraphModule]:
     """The eval-mode graph, and the train-mode one where it differs: ``{training: graph}``."""
-    graphs = {False: _traced(base, leaf_modules, autowrap_functions, False)}
+    graphs = {False: _traced(base, leaf_modules, autowrap_functions, False, probe)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the eval trace has said whatever tracing had to say
-        graphs[True] = _traced(base, leaf_modules, autowrap_functions, True)
+        graphs[True] = _traced(base, leaf_modules, autowrap_functions, True, probe)
     if graphs[True].code == graphs[False].code:
         del graphs[True]
     else:
@@ -337,7 +339,7 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
         align_corners = bool(getattr(base, "align_corners", False))
     width = width or _default_width(base)
 
-    graphs = _mode_graphs(base, leaf_modules, autowrap_functions)
+    graphs = _mode_graphs(base, leaf_modules, autowrap_functions, probe)
     root, tensors = _module_tree(base)  # the converted model's module tree: the base model's + exits
     _keep_traced_constants(base, root, tensors, graphs)
     programs: Dict[bool, Program] = {}
@@ -356,9 +358,13 @@ def convert(model: nn.Module, exits: Union[str, Sequence[str]] = "stages", head:
             raise TypeError(f"a classifier's output must be (B, classes) logits, got shape {tuple(out_shape)}")
         boundaries = resolve_exits(base, gm, exits, tokens=task == "classification")
         if not boundaries and exits == "stages" and not training:
+            segmenter = type(base).__name__ == "TimmSegmenter"
+            hint = (" (a stage's map computed before the later stages: a TimmSegmenter's head reads only "
+                    "the levels in its out_indices, so for a backbone that makes maps only of its last "
+                    "blocks, such as CrossViT, build it with out_indices naming earlier ones)") if segmenter else ""
             warnings.warn(f"found no stage boundary before the output of {type(base).__name__}: the anytime model "
                           f"has no early exit. Name the exits: convert(model, exits=[...]) with feature maps "
-                          f"from anytimeify.inspect(model, nodes=True)", UserWarning, stacklevel=2)
+                          f"from anytimeify.inspect(model, nodes=True){hint}", UserWarning, stacklevel=2)
         if not hasattr(root, "exits"):
             if task == "classification":
                 exit_modules, info = _make_classifier_exits(boundaries, out_shape[1],
@@ -447,7 +453,7 @@ def from_exits(model: nn.Module, *, input_size: Optional[Sequence[int]] = None,
         fixed = (declared, declared) if isinstance(declared, int) else tuple(declared)
         input_size = input_size or fixed
     probe = _probe_shape(base, input_size)
-    graphs = _mode_graphs(base, leaf_modules, autowrap_functions)
+    graphs = _mode_graphs(base, leaf_modules, autowrap_functions, probe)
     root, tensors = _module_tree(base)
     programs: Dict[bool, Program] = {}
     count = 0
@@ -534,7 +540,7 @@ def inspect(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, nod
         ``picked`` marks what ``exits="stages"`` chooses.
     """
     probe = _probe_shape(model, input_size)
-    gm = _traced(model, leaf_modules, autowrap_functions, model.training)
+    gm = _traced(model, leaf_modules, autowrap_functions, model.training, probe)
     _propagate_shapes(model, gm, probe)
     try:
         _, picked = stage_adapter_for(model, gm)

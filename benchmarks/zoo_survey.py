@@ -8,7 +8,9 @@ with five common encoders one:
   native input size (timm's ``pretrained_cfg["input_size"]``); usable when it has at least one
   early exit, runs at that size, its last exit equals the base model exactly, ``anytime()``
   yields every exit, and under forced masks (confidence adaptivity) sparse execution equals
-  dense execution (max difference relative to the largest logit <= 1e-4);
+  dense execution (max difference relative to the largest logit <= 1e-4, or, where a deep
+  network's float32 rounding exceeds that, sparse as far from dense float64 under the same masks
+  as dense float32 is, twice over at most);
 * **classifier**: the timm model converted with ``task="classification"`` at its native size;
   usable when it has at least one early exit, its last exit equals the model exactly, and
   ``anytime()`` and ``predict()`` run;
@@ -31,6 +33,7 @@ the recorded results::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -97,10 +100,16 @@ def _first_line(err: BaseException) -> str:
     return text[0][:300] if text else type(err).__name__
 
 
-def check_dense(net: nn.Module, size: Tuple[int, int], **convert_kwargs) -> dict:
+def _max_relative(outs, refs) -> float:
+    """Largest difference of exit logits, relative to the largest logit of the reference (at least 1)."""
+    return max((o.logits.double() - r.logits.double()).abs().max().item()
+               / max(1.0, r.logits.abs().max().item()) for o, r in zip(outs, refs))
+
+
+def check_dense(net: nn.Module, size: Tuple[int, int], exits="stages", **convert_kwargs) -> dict:
     """The segmenter contract; returns the facts (raises on the first broken one)."""
     torch.manual_seed(0)
-    model = anytimeify.convert(net, exits="stages", input_size=size, **convert_kwargs).eval()
+    model = anytimeify.convert(net, exits=exits, input_size=size, **convert_kwargs).eval()
     if model.num_exits < 2:
         raise AssertionError(f"no early exit ({model.num_exits} exit)")
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
@@ -113,7 +122,7 @@ def check_dense(net: nn.Module, size: Tuple[int, int], **convert_kwargs) -> dict
     if not torch.equal(outs[-1], reference):
         raise AssertionError("last exit differs from the base model")
     skips = [0.2, 0.4, 0.6, 0.7, 0.8, 0.9][: model.num_exits - 1]
-    masked = anytimeify.convert(net, exits="stages", input_size=size,
+    masked = anytimeify.convert(net, exits=exits, input_size=size,
                                 confidence=Confidence(criterion=FixedMasks(skips, seed=0, sigma=1.0),
                                                       execution="dense"), **convert_kwargs).eval()
     masked_convs = sum(isinstance(m, MaskedConv2d) for m in masked.modules())
@@ -121,10 +130,17 @@ def check_dense(net: nn.Module, size: Tuple[int, int], **convert_kwargs) -> dict
         dense = list(masked.anytime(x))
         masked.set_execution("sparse")
         sparse = list(masked.anytime(x))
-    err = max((s.logits - d.logits).abs().max().item() / max(1.0, d.logits.abs().max().item())
-              for s, d in zip(sparse, dense))
+    err = _max_relative(sparse, dense)
     if err > TOLERANCE:
-        raise AssertionError(f"sparse differs from dense execution by {err:.2e}")
+        # a deep network's float32 rounding alone can exceed the fixed bound: then sparse must be
+        # as close to the float64 dense execution (the same masks) as dense float32 is, twice over at most
+        masked.set_execution("dense")
+        with torch.no_grad():
+            exact = list(copy.deepcopy(masked).double().anytime(x.double()))
+        rounding, sparse_err = _max_relative(dense, exact), _max_relative(sparse, exact)
+        if sparse_err > max(TOLERANCE, 2 * rounding):
+            raise AssertionError(f"sparse differs from dense execution by {err:.2e}, from float64 by "
+                                 f"{sparse_err:.2e} (dense float32 from float64: {rounding:.2e})")
     return {"exits": model.num_exits, "exit_names": [e["name"] for e in model.exit_info[:-1]],
             "masked_convs": masked_convs}
 

@@ -148,8 +148,36 @@ def test_leaf_hiding_convolutions_warns():
     assert not [w for w in caught if "hide convolutions" in str(w.message)]
 
 
+class _DataDependent(nn.Module):
+    """Branches on tensor values: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        return x if bool(x.sum() > 0) else -x
+
+
 def test_registered_leaf_makes_an_untraceable_encoder_convert():
-    # Mix Transformer's LayerNorm branches on x.ndim; anytimeify registers it as a leaf
+    from anytimeify._fx.trace import _LEAF_MODULES
+
+    net = _smp_net("Unet", "resnet18")
+    net.encoder.relu = nn.Sequential(nn.ReLU(), _DataDependent())
+    with pytest.raises(anytimeify.TraceError, match=r"(?s)'encoder\.relu\.1' \(_DataDependent\) at "
+                                                   r".*test_zoo\.py:\d+.*leaf_modules="):
+        anytimeify.convert(net, input_size=(SIZE, SIZE))
+    anytimeify.register_leaf_module(_DataDependent)
+    try:
+        model = anytimeify.convert(net, input_size=(SIZE, SIZE)).eval()
+    finally:
+        _LEAF_MODULES.discard(_DataDependent)
+    assert [e["name"] for e in model.exit_info] == ["encoder.layer1", "encoder.layer2", "encoder.layer3", "output"]
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net.eval()(x))
+
+
+def test_a_module_branching_on_the_rank_of_its_input_traces():
+    # Mix Transformer's LayerNorm branches on x.ndim: it traces at the probe's rank; registered as a
+    # leaf (as anytimeify does: it holds no convolution) its module is the boundary, traced through
+    # the map made of its output, with the same shapes
     from segmentation_models_pytorch.encoders.mix_transformer import LayerNorm
 
     from anytimeify._fx.trace import _LEAF_MODULES
@@ -157,13 +185,15 @@ def test_registered_leaf_makes_an_untraceable_encoder_convert():
     assert LayerNorm in _LEAF_MODULES
     _LEAF_MODULES.discard(LayerNorm)
     try:
-        with pytest.raises(anytimeify.TraceError, match=r"(?s)'encoder\.patch_embed1\.norm' \(LayerNorm\) at "
-                                                       r".*mix_transformer\.py:\d+.*leaf_modules="):
-            anytimeify.convert(_smp_net("Unet", "mit_b0"), input_size=(SIZE, SIZE))
+        traced = anytimeify.convert(_smp_net("Unet", "mit_b0"), input_size=(SIZE, SIZE))
     finally:
         anytimeify.register_leaf_module(LayerNorm)
     model = anytimeify.convert(_smp_net("Unet", "mit_b0"), input_size=(SIZE, SIZE))
     assert [e["name"] for e in model.exit_info] == ["encoder.norm1", "encoder.norm2", "encoder.norm3", "output"]
+    assert [e["channels"] for e in model.exit_info] == [e["channels"] for e in traced.exit_info]
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(traced.eval()(x)[-1], model.eval()(x)[-1])
 
 
 @pytest.mark.parametrize("net_factory, expected", [

@@ -356,3 +356,117 @@ def test_a_model_whose_levels_share_one_module_is_told_it_has_no_early_exit():
     with pytest.warns(UserWarning, match=r"no early exit.*exits=\[\.\.\.\].*inspect\(model, nodes=True\)"):
         model = anytimeify.convert(net, exits="stages", input_size=(224, 224))
     assert model.num_exits == 1
+
+
+class _Stage(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+        self.mix = nn.Conv2d(cout, cout, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return torch.relu(self.mix(y)).flatten(2).transpose(1, 2), y.shape[-2:]  # tokens and their grid, as MViTv2
+
+
+class _MisnamedLevels(nn.Module):
+    """timm-like: feature_info names modules the model does not have (MViTv2's and Twins' ``block.0``),
+    stages return tokens, forward_intermediates the maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stages = nn.ModuleList(_Stage(8 * 2 ** i, 8 * 2 ** (i + 1)) for i in range(4))
+        self.feature_info = [dict(module=f"block.{i}", reduction=2 ** (i + 2), num_chs=8 * 2 ** (i + 1))
+                             for i in range(4)]
+        self.head = nn.Linear(128, 5)
+
+    def _run(self, x):
+        x = self.stem(x)
+        maps = []
+        for stage in self.stages:
+            tokens, (h, w) = stage(x)
+            x = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+            maps.append(x)
+        return tokens, maps
+
+    def forward_intermediates(self, x, indices=None, intermediates_only=False):
+        tokens, maps = self._run(x)
+        return maps if intermediates_only else (tokens, maps)
+
+    def forward(self, x):
+        return self.head(self._run(x)[0].mean(dim=1))
+
+
+def test_levels_feature_info_misnames_are_found_by_value():
+    net = _MisnamedLevels().eval()
+    model = anytimeify.convert(net, task="classification", input_size=(64, 64)).eval()
+    # the maps forward_intermediates returns are made in forward too: one exit after each stage but the last
+    assert model.num_exits == 4
+    assert [e["channels"] for e in model.exit_info[:-1]] == [[16], [32], [64]]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+        assert len(list(model.anytime(x))) == 4
+
+
+class _RankChecks(nn.Module):
+    """Branches on ranks: of the input (an input check, as Gemma 4's encoder) and of an
+    intermediate tensor (a layout switch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        if x.ndim != 4:
+            raise ValueError("images only")
+        y = self.a(x)
+        if y.dim() == 3:  # never: y is a map
+            y = y.unsqueeze(0)
+        return self.c(torch.relu(self.b(torch.relu(y))))
+
+
+def test_code_branching_on_a_tensors_rank_traces():
+    net = _RankChecks().eval()
+    model = anytimeify.convert(net, exits=["a"], input_size=(32, 32)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+    # the ranks were decided while tracing: no node asks for them
+    code = "\n".join(seg.module.code for seg in model.program.segments)
+    assert "ndim" not in code and ".dim()" not in code
+
+
+class _HeadsInBatch(nn.Module):
+    """A conv on a map whose batch holds two entries per image (heads folded in, as MViTv2's
+    attention pooling), after the first stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage1 = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.pool = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = self.stage1(x)
+        b, c, h, w = y.shape
+        z = self.pool(y.reshape(b * 2, c // 2, h, w)).reshape(b, c, h, w)
+        return self.head(z)
+
+
+def test_convs_on_other_than_one_entry_per_image_are_not_masked():
+    net = _HeadsInBatch().eval()
+    with pytest.warns(UserWarning, match=r"cannot mask the convolutions \['pool'\].*one entry per image"):
+        model = anytimeify.convert(net, exits=["stage1"], input_size=(32, 32), confidence=Confidence(
+            criterion=FixedMasks([0.5], seed=0, sigma=1.0), execution="dense")).eval()
+    assert type(model.get_submodule("pool")) is nn.Conv2d and isinstance(model.get_submodule("head"), MaskedConv2d)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        dense = list(model.anytime(x))
+        model.set_execution("sparse")
+        sparse = list(model.anytime(x))
+    for s, d in zip(sparse, dense):
+        assert torch.allclose(s.logits, d.logits, rtol=1e-4, atol=1e-5)

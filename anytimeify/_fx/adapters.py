@@ -11,6 +11,9 @@ order they are tried in, first to last:
 3. **timm**: the first module carrying a ``feature_info`` (a timm classifier or a
    ``features_only`` backbone inside the model); each reduction level's module is resolved to
    the model's real module names (``features_only`` wrappers rename ``stages.0`` to ``stages_0``).
+4. **timm, by value**: where no ``feature_info`` level names a module (MViTv2, Twins), the maps
+   the timm model's ``forward_intermediates`` returns, found in the traced graph by value.
+5. **tokens**: a transformer's ``blocks`` at a quarter, a half and three quarters of its depth.
 
 Every adapter keeps the levels at stride 4 or more and leaves out the deepest one, whose output
 feeds the model's own head (the last exit): a four-stage trunk gets three early exits, as HRNet.
@@ -33,7 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .boundary import Boundary, hoist, module_boundary, node_boundary
+from .boundary import Boundary, _per_image, hoist, module_boundary, node_boundary
 from .registry import register_stage_adapter
 from .trace import LeafSpec, TraceError, register_leaf_module, trace
 
@@ -250,6 +253,83 @@ def _token_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
     return [f"blocks.{i}" for i in sorted({depth * k // 4 - 1 for k in (1, 2, 3)})]
 
 
+def _intermediates_owner(model: nn.Module) -> Optional[Tuple[str, nn.Module]]:
+    """The first timm model in ``model`` with a ``forward_intermediates`` (and a ``feature_info``)."""
+    for path, module in model.named_modules():
+        if callable(getattr(module, "forward_intermediates", None)) and hasattr(module, "feature_info"):
+            return path, module
+    return None
+
+
+def _intermediate_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
+    """timm models whose ``feature_info`` names no module of theirs (MViTv2's and Twins' levels are
+    ``block.0``, ...): the stage maps their ``forward_intermediates`` returns, found in the traced
+    graph by value.
+
+    One probe batch runs the model eagerly (recording the timm model's input), then
+    ``forward_intermediates`` on that input, then the graph; a level's boundary is the first node
+    whose value equals the level's ``(B, C, H, W)`` map (a ``features_only`` backbone returns these
+    very maps), or, for a classifier (whose exits take tokens), the ``(B, H*W, C)`` tokens the map
+    was made of. Levels that no node equals are left out.
+    """
+    found = _intermediates_owner(model)
+    if found is None:
+        return None
+    path, owner = found
+    param = next(model.parameters(), None)
+    probe = (2,) + tuple(gm.meta["input_shape"])[1:]
+    x = torch.randn(probe, generator=torch.Generator().manual_seed(0))
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype)
+    seen: List[object] = []  # the timm model's input: its forward's, or forward_intermediates' (features_only)
+    method = owner.forward_intermediates
+
+    def recording(inputs, *args, **kwargs):
+        seen.append(inputs)
+        return method(inputs, *args, **kwargs)
+
+    handle = owner.register_forward_pre_hook(lambda m, args: seen.append(args[0]) if args else None)
+    owner.forward_intermediates = recording  # an instance attribute over the method, removed below
+    try:
+        # eval mode: dropout and drop-path draw nothing, so the runs below compute the same values
+        with _probe_run(model, False):
+            model(x)
+            if not seen or not isinstance(seen[0], torch.Tensor):
+                return None
+            features = method(seen[0], intermediates_only=True)
+    except Exception as err:  # a model forward_intermediates does not serve: not this adapter's
+        _logger.debug("forward_intermediates of %s failed: %s", path or "<root>", err)
+        return None
+    finally:
+        handle.remove()
+        del owner.forward_intermediates
+    levels = [f for f in features if isinstance(f, torch.Tensor) and f.dim() == 4] \
+        if isinstance(features, (list, tuple)) else []
+    if not levels:
+        return None
+    forms = [[f] + ([f.flatten(2).transpose(1, 2)] if gm.meta.get("accept_tokens") else []) for f in levels]
+    matches: List[Optional[fx.Node]] = [None] * len(levels)
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor) and n.op != "placeholder":
+                for i, candidates in enumerate(forms):
+                    if matches[i] is None and any(result.shape == c.shape and torch.equal(result, c)
+                                                  for c in candidates):
+                        matches[i] = n
+            return result
+
+    with _probe_run(gm, False):
+        Recorder(gm).run(x)
+    boundaries = []
+    for node in matches:
+        b = node_boundary(gm, node.name, ranks=(3, 4)) if node is not None else None
+        if b is not None and _per_image(gm, node) and (not boundaries or b.nodes[0] is not boundaries[-1].nodes[0]):
+            boundaries.append(b)
+    return select_stage_levels(boundaries) if len(boundaries) > 1 else None
+
+
 # -- segmentation-models-pytorch -------------------------------------------------------------------
 
 
@@ -383,13 +463,15 @@ def _smp_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
 
 # registered last = tried first: HRNet, then smp, then timm
 register_stage_adapter("tokens")(_token_stages)  # tried last: timm's finds no 4-D stage outputs in a transformer
+register_stage_adapter("timm_intermediates")(_intermediate_stages)  # timm's feature_info names no module
 register_stage_adapter("timm")(_timm_stages)
 register_stage_adapter("smp")(_smp_stages)
 register_stage_adapter("hrnet")(_hrnet_stages)
 
 
 def _register_smp_leaves() -> None:
-    """Mix Transformer's LayerNorm branches on ``x.ndim``; it holds no convolution, so a leaf costs nothing."""
+    """Mix Transformer's LayerNorm (it branches on ``x.ndim``, which traces, but as a leaf its
+    module is the stage boundary, ``encoder.norm1``, ...); it holds no convolution, so a leaf costs nothing."""
     try:
         from segmentation_models_pytorch.encoders.mix_transformer import LayerNorm
     except ImportError:
@@ -451,13 +533,15 @@ def _hidden_convs(leaves: Dict[str, nn.Module]) -> Dict[str, int]:
 
 
 def trace_for_conversion(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
-                         autowrap_functions: Sequence[Callable] = ()) -> fx.GraphModule:
+                         autowrap_functions: Sequence[Callable] = (),
+                         input_shape: Optional[Sequence[int]] = None) -> fx.GraphModule:
     """Trace ``model`` as :func:`anytimeify.convert` needs it, with the model families' tracing fixes.
 
     An smp model is traced whole where it can be; where its decoder cannot be traced, the
     encoder is traced and the decoder kept as one leaf module, with a warning saying so. Any
     leaf that contains ``nn.Conv2d`` modules triggers a warning that those convolutions run
-    unmasked under confidence adaptivity.
+    unmasked under confidence adaptivity. ``input_shape``: the probe input's shape (code that
+    branches on a tensor's rank then traces).
 
     Raises:
         TraceError: the model (or, for smp, its encoder) cannot be traced; the message names the
@@ -467,7 +551,7 @@ def trace_for_conversion(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     with _smp_shape_check_off(model), _buffers_restored(model, buffers):
         try:
-            gm = trace(model, leaf_modules, autowrap_functions)
+            gm = trace(model, leaf_modules, autowrap_functions, input_shape=input_shape)
         except TraceError as err:
             failed = re.match(r"torch.fx could not trace module '([^']*)'", str(err))
             in_decoder = failed is not None and (failed.group(1) + ".").startswith("decoder.")
@@ -478,7 +562,7 @@ def trace_for_conversion(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()
                 f"({str(err).splitlines()[0]}); it is kept as one leaf module named 'decoder': exits "
                 f"go in the encoder and the decoder runs as one call",
                 UserWarning, stacklevel=4)
-            gm = trace(model, list(leaf_modules) + ["decoder"], autowrap_functions)
+            gm = trace(model, list(leaf_modules) + ["decoder"], autowrap_functions, input_shape=input_shape)
     hidden = _hidden_convs(gm.meta.get("leaves_used", {}))
     if hidden:
         listed = ", ".join(f"{name!r} ({n} Conv2d)" for name, n in hidden.items())

@@ -70,7 +70,8 @@ def apply_confidence(root: nn.Module, graph: fx.Graph, exit_nodes: List[fx.Node]
     # which MaskSet governs each node: the one decided last before it in execution order
     governing = None
     mask_at = {m: i for i, m in enumerate(mask_nodes)}
-    skipped_convs = []
+    skipped_convs, not_per_image = [], []
+    batch = _probe_batch(graph)
     for node in list(graph.nodes):
         if node in mask_at:
             governing = node
@@ -84,6 +85,9 @@ def apply_confidence(root: nn.Module, graph: fx.Graph, exit_nodes: List[fx.Node]
             for name, child in list(module.named_modules()):
                 if _maskable(child):
                     _set_module(module, name, MaskedConv2d.from_conv(child, execution=confidence.execution))
+            continue
+        if target not in replaced and _maskable(module) and not _per_image_input(node, batch):
+            not_per_image.append(target)  # e.g. MViTv2's attention pooling, on (B * heads, C, H, W)
             continue
         if target not in replaced and _maskable(module):
             replaced[target] = MaskedConv2d.from_conv(module, execution=confidence.execution)
@@ -102,5 +106,26 @@ def apply_confidence(root: nn.Module, graph: fx.Graph, exit_nodes: List[fx.Node]
         warnings.warn(
             f"confidence adaptivity cannot mask the convolutions inside {skipped_convs} (leaf modules or "
             f"convs with non-zero padding modes); they run densely.", stacklevel=3)
+    if not_per_image:
+        warnings.warn(
+            f"confidence adaptivity cannot mask the convolutions {not_per_image}: their input holds "
+            f"other than one entry per image (heads or windows folded into the batch), which a mask per "
+            f"image does not cover; they run densely.", stacklevel=3)
     graph.lint()
     return results, mask_nodes
+
+
+def _probe_batch(graph: fx.Graph):
+    """The batch size of the traced probe input (None where shapes were not propagated)."""
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+            return int(shape[0]) if shape is not None and len(shape) else None
+    return None
+
+
+def _per_image_input(node: fx.Node, batch) -> bool:
+    """Whether the conv ``node`` reads one entry per image (always where shapes are unknown)."""
+    x = node.args[0] if node.args else None
+    shape = getattr(x.meta.get("tensor_meta"), "shape", None) if isinstance(x, fx.Node) else None
+    return batch is None or shape is None or int(shape[0]) == batch

@@ -9,6 +9,7 @@ import traceback
 import types
 from typing import Any, Callable, Dict, Optional, Sequence, Set, Type, Union
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -61,15 +62,42 @@ class TraceError(RuntimeError):
 LeafSpec = Union[str, Type[nn.Module]]
 
 
+class _RankProxy(fx.Proxy):
+    """A proxy that answers its tensor's rank (``x.ndim``, ``x.dim()``) where the tracer can work
+    it out, so that code branching on the rank (``if x.ndim == 4``: an input check, a layout
+    switch) traces: the input's rank is fixed, so the branch taken is the one every call takes.
+    Elsewhere the rank stays symbolic, as torch.fx makes it."""
+
+    @property
+    def ndim(self):
+        rank = self.tracer.rank_of(self.node)
+        return rank if rank is not None else fx.proxy.Attribute(self, "ndim")
+
+    def dim(self):
+        rank = self.tracer.rank_of(self.node)
+        return rank if rank is not None else self.tracer.create_proxy("call_method", "dim", (self,), {})
+
+
+def _plain_function(fn: Callable) -> bool:
+    """A function of torch or of Python's operators, which calls no module (a call of a module
+    while tracing would be recorded in the graph)."""
+    module = getattr(fn, "__module__", None) or ""
+    return module.split(".")[0] in ("torch", "_operator", "operator", "math", "builtins")
+
+
 class AnytimeTracer(fx.Tracer):
     """fx tracer whose leaves are torch.nn built-ins, registered classes and user-named modules.
 
     Args:
         leaf_modules: module classes or qualified module names to keep as leaves.
         autowrap_functions: free functions to keep as single nodes.
+        input_shape: the shape of a probe input, where known: a proxy's rank (``x.ndim``,
+            ``x.dim()``) is then worked out from it (the graph so far run on the meta device), so
+            branches on the rank trace.
     """
 
-    def __init__(self, leaf_modules: Sequence[LeafSpec] = (), autowrap_functions: Sequence[Callable] = ()):
+    def __init__(self, leaf_modules: Sequence[LeafSpec] = (), autowrap_functions: Sequence[Callable] = (),
+                 input_shape: Optional[Sequence[int]] = None):
         fns = tuple(_AUTOWRAP_FUNCTIONS) + tuple(autowrap_functions)
         super().__init__(autowrap_functions=fns)
         self._autowrap_functions = fns
@@ -77,6 +105,64 @@ class AnytimeTracer(fx.Tracer):
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.leaves_used: dict = {}
         self.failed_module: Optional[str] = None
+        self._input_shape = tuple(int(v) for v in input_shape) if input_shape is not None else None
+        self._meta_values: Dict[fx.Node, Any] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _RankProxy(node, self)
+
+    def rank_of(self, node: fx.Node) -> Optional[int]:
+        """The rank of ``node``'s tensor, from the graph traced so far run on meta tensors (the
+        probe input's shape, the parameters' shapes); None where that cannot tell."""
+        if self._input_shape is None:
+            return None
+        value = self._meta_value(node)
+        return value.dim() if isinstance(value, torch.Tensor) else None
+
+    def _meta_value(self, node: fx.Node) -> Any:
+        """``node``'s value on the meta device (None where some operation cannot run there)."""
+        import torch.nn.utils.stateless as stateless
+
+        values = self._meta_values
+        if node in values:
+            return values[node]
+        placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
+        for n in node.graph.nodes:
+            if n in values:
+                continue
+            try:
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
+                leaked = []  # a proxy among the values would record the evaluation in the graph
+                fx.node.map_aggregate((args, kwargs), lambda a: leaked.append(a) if isinstance(a, fx.Proxy) else None)
+                if leaked:
+                    raise TypeError("a proxy among the meta values")
+                if n.op == "placeholder":
+                    result = torch.empty(self._input_shape, device="meta") if n is placeholders[0] else None
+                elif n.op == "get_attr":  # (not getattr: tracing has patched it to give parameters as proxies)
+                    prefix, _, name = str(n.target).rpartition(".")
+                    owner = self.root.get_submodule(prefix)
+                    attr = owner._parameters.get(name, owner._buffers.get(name, vars(owner).get(name)))
+                    result = torch.empty_like(attr, device="meta") if isinstance(attr, torch.Tensor) else None
+                elif n.op == "call_function" and _plain_function(n.target):
+                    result = n.target(*args, **kwargs)
+                elif n.op == "call_method" and isinstance(args[0], torch.Tensor):
+                    result = getattr(args[0], n.target)(*args[1:], **kwargs)
+                elif n.op == "call_module" and next(self.root.get_submodule(str(n.target)).children(), None) is None:
+                    # a module without children only: while tracing, a submodule's call would be recorded
+                    module = self.root.get_submodule(str(n.target))
+                    tensors = dict(module.named_parameters(remove_duplicate=False))
+                    tensors.update(module.named_buffers(remove_duplicate=False))
+                    meta = {k: torch.empty_like(t, device="meta") for k, t in tensors.items()}
+                    with torch.no_grad(), stateless._reparametrize_module(module, meta):
+                        result = module.forward(*args, **kwargs)  # (tracing has patched Module.__call__)
+                else:
+                    result = None
+            except Exception:  # an operation the meta device cannot run: nothing after it is known
+                result = None
+            values[n] = result
+            if n is node:
+                break
+        return values.get(node)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
@@ -186,7 +272,8 @@ def _class_name(cls: type) -> str:
 
 
 def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
-          autowrap_functions: Sequence[Callable] = (), concrete_args: Optional[dict] = None) -> fx.GraphModule:
+          autowrap_functions: Sequence[Callable] = (), concrete_args: Optional[dict] = None,
+          input_shape: Optional[Sequence[int]] = None) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule whose modules keep the model's qualified names.
 
     Besides anytimeify's registry and ``leaf_modules``, the free functions timm registers as
@@ -194,7 +281,8 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
     resampling, ...) are kept as single calls, and a module that fails whose class timm registers
     (``get_notrace_modules``: ``Conv2dSame``, attention with masks, ...) is kept opaque and tracing
     goes on; modules that trace (timm's norm + activation layers, which timm lists too) are traced
-    through, so that their batch norms fold into the convs at ``freeze()``.
+    through, so that their batch norms fold into the convs at ``freeze()``. With ``input_shape``
+    (the probe input's), code that branches on a tensor's rank traces (see :class:`AnytimeTracer`).
 
     Raises:
         TraceError: naming every module class that fails (tracing goes on with each failing
@@ -214,7 +302,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
     failures: list = []  # (qualified name, class, failure), one per failing class
     extra: list = []  # classes kept opaque to get further: timm's known ones silently, others reported
     while True:
-        tracer = AnytimeTracer(tuple(leaf_modules) + tuple(extra), autowrap)
+        tracer = AnytimeTracer(tuple(leaf_modules) + tuple(extra), autowrap, input_shape)
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError, ... here

@@ -37,7 +37,11 @@ class TimmSegmenter(nn.Module):
         pretrained: load timm's pretrained backbone weights (needs them in the local cache).
         align_corners: of the head's bilinear upsampling.
         **timm_kwargs: more arguments for ``timm.create_model`` (e.g. ``feature_location=""``
-            for HRNet's own branch outputs instead of its classification increments).
+            for HRNet's own branch outputs instead of its classification increments;
+            ``out_indices``: the backbone levels the head reads, default every level at stride
+            4 or more, or a plain transformer's blocks at quarters of its depth; exits can only go
+            at levels the head reads, so a backbone whose default reads its last blocks only
+            (CrossViT) gets early exits from ``out_indices`` that name earlier ones).
 
     Attributes:
         input_divisor: the backbone's largest reduction; input sizes must be multiples of it.
@@ -54,9 +58,14 @@ class TimmSegmenter(nn.Module):
                                    "kwargs": {"align_corners": align_corners, **timm_kwargs}}
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
-        probe = timm.create_model(backbone, pretrained=False, features_only=True, **timm_kwargs)
-        out_indices = _head_levels(backbone, probe)
-        del probe
+        out_indices = timm_kwargs.pop("out_indices", None)
+        if out_indices is None:
+            probe = timm.create_model(backbone, pretrained=False, features_only=True, **timm_kwargs)
+            out_indices = _head_levels(backbone, probe)
+            del probe
+        else:
+            out_indices = tuple(int(i) for i in out_indices)
+            self._anytimeify_source["kwargs"]["out_indices"] = list(out_indices)
         self.backbone = timm.create_model(backbone, pretrained=pretrained, features_only=True,
                                           out_indices=out_indices, **timm_kwargs)
         if type(self.backbone).__name__ == "FeatureHookNet" and "feature_cls" not in timm_kwargs:
