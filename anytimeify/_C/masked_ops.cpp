@@ -149,6 +149,33 @@ inline void stream_vec(float* dst, vec v) {
 #endif
 }
 
+// The first n (0 < n < AT_LANES) floats at p as a vector (the other lanes 0), and the first n
+// lanes of v stored at p: masked loads and stores where the target has them, else one lane at a
+// time. Neither touches memory past p + n (a tensor's last row has nothing after it).
+inline vec load_first(const float* p, int64_t n) {
+#if defined(__AVX512F__) && AT_LANES == 16
+  return (vec)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+#elif defined(__AVX2__) && AT_LANES == 8
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return (vec)_mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), lanes));
+#else
+  vec v = {};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
+inline void store_first(float* p, vec v, int64_t n) {
+#if defined(__AVX512F__) && AT_LANES == 16
+  _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1u), (__m512)v);
+#elif defined(__AVX2__) && AT_LANES == 8
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), lanes), (__m256)v);
+#else
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+#endif
+}
+
 // Orders the streaming stores of this thread before what follows (the end of a parallel task).
 inline void stream_fence() {
 #if defined(__SSE__)
@@ -485,7 +512,10 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
           *(vecu*)(dst + c0) = acc;
           continue;
         }
-        // the last channels (fewer than a vector): one scalar sum per channel
+        // the last channels (fewer than a vector: W18's 18, 36 and 72 leave 2, 4 and 8 of 16):
+        // the same sum in masked vectors (ANYTIMEIFY_SCALAR_TAIL: one scalar sum per channel, as
+        // before; benchmarks/halo_stencil.py compares the two builds)
+#if defined(ANYTIMEIFY_SCALAR_TAIL)
         for (int64_t c = 0; c < cn; ++c) {
           float v = 0.0f;
           for (int64_t k = 0; k < used; ++k) v += wts[k] * srcs[k][c0 + c];
@@ -493,6 +523,13 @@ void halo_stencil(torch::Tensor out, const torch::Tensor& halo, const torch::Ten
           if (r) v += r[c0 + c];
           dst[c0 + c] = relu ? std::max(v, 0.0f) : v;
         }
+#else
+        for (int64_t k = 0; k < used; ++k) acc += wts[k] * load_first(srcs[k] + c0, cn);
+        if (sh) acc += rest * load_first(sh + c0, cn);
+        if (r) acc += load_first(r + c0, cn);
+        if (relu) { const vec zero = {}; acc = acc > zero ? acc : zero; }
+        store_first(dst + c0, acc, cn);
+#endif
       }
     }
   });
