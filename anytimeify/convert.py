@@ -7,7 +7,9 @@ graph at the exits into segments for :meth:`AnytimeModel.anytime`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import warnings
 from dataclasses import dataclass
@@ -126,7 +128,10 @@ def _propagate_on_meta(gm: fx.GraphModule, probe: Tuple[int, ...], dtype: torch.
     try:
         from torch.nn.utils.stateless import _reparametrize_module  # torch's own functional_call uses it
 
-        with torch.no_grad(), warnings.catch_warnings(), _reparametrize_module(gm, meta, tie_weights=True):
+        # (ShapeProp prints the traceback of an operation that fails before raising: this try's
+        # failure is not the user's, the real probe below tells what fails for real)
+        with torch.no_grad(), warnings.catch_warnings(), _reparametrize_module(gm, meta, tie_weights=True), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             ShapeProp(gm).propagate(torch.empty(probe, device="meta", dtype=dtype))
         return True

@@ -44,7 +44,9 @@ SMP_MODELS = [
     ("UPerNet", "resnet18"), ("UPerNet", "tu-convnext_atto"),
     ("Segformer", "resnet18"), ("Segformer", "tu-mobilenetv3_small_050"),
 ]
-UNTRACEABLE_DECODERS = {"Linknet", "Segformer"}
+#: smp architectures whose decoder torch.fx cannot trace (Linknet's branches on its skips' channel
+#: counts and Segformer's iterates a shape: both trace now, and their convs are masked)
+UNTRACEABLE_DECODERS: set = set()
 
 
 def _timm_net(family: str) -> nn.Module:
@@ -126,13 +128,42 @@ def test_smp_model_converts(arch, encoder):
     assert "requires_divisible_input_shape" not in vars(net)
 
 
+class _ValueGate(nn.Module):
+    """A decoder block that branches on its input's values: torch.fx cannot trace it."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, skip=None):
+        y = self.block(x, skip)
+        return y if bool(y.mean() > -1e9) else -y
+
+
 def test_untraceable_decoder_is_named_with_its_source_line():
     net = _smp_net("Linknet", "resnet18")
+    net.decoder.blocks[0] = _ValueGate(net.decoder.blocks[0])
     with pytest.warns(UserWarning, match=r"(?s)decoder of Linknet cannot be traced.*'decoder\.blocks\.0' "
-                                         r"\(DecoderBlock\) at .*linknet/decoder\.py:\d+"):
+                                         r"\(_ValueGate\) at .*test_zoo\.py:\d+"):
         anytimeify.convert(net, exits="stages", input_size=(SIZE, SIZE))
     with pytest.warns(UserWarning, match=r"'decoder' \(\d+ Conv2d\).*will not mask them"):
-        anytimeify.convert(net, exits="stages", input_size=(SIZE, SIZE))
+        model = anytimeify.convert(net, exits="stages", input_size=(SIZE, SIZE))
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[-1], net(x))
+
+
+def test_decoders_branching_on_channels_or_iterating_shapes_trace_and_are_masked():
+    # Linknet's blocks add a skip when its channel count is not 0; Segformer's decoder iterates a shape
+    for arch in ("Linknet", "Segformer"):
+        net = _smp_net(arch, "resnet18")
+        model = anytimeify.convert(net, input_size=(SIZE, SIZE), confidence=Confidence(execution="dense")).eval()
+        assert any(isinstance(m, MaskedConv2d) for name, m in model.named_modules() if name.startswith("decoder."))
+        for size in ((SIZE, SIZE), (2 * SIZE, SIZE)):  # other sizes too: nothing was fixed to the probe's
+            x = torch.randn(2, 3, *size)
+            with torch.no_grad():
+                plain = anytimeify.convert(net, input_size=(SIZE, SIZE)).eval()
+                assert torch.equal(plain(x)[-1], net(x))
 
 
 def test_leaf_hiding_convolutions_warns():

@@ -18,7 +18,7 @@ ROWS, SUMMARY_LINE = zoo_survey.read_results()
 
 #: plain transformers and Swin-like backbones (the issue's "every plain-ViT and Swin-like family")
 TRANSFORMERS = ["vision_transformer", "deit", "beit", "eva", "cait", "xcit", "swin_transformer",
-                "swin_transformer_v2", "swin_transformer_v2_cr", "mvitv2", "twins", "hiera", "mambaout"]
+                "swin_transformer_v2", "swin_transformer_v2_cr", "mvitv2", "twins", "hiera", "mambaout", "gemma4_vit"]
 
 
 def test_the_page_shows_what_the_results_give():

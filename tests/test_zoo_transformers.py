@@ -470,3 +470,50 @@ def test_convs_on_other_than_one_entry_per_image_are_not_masked():
         sparse = list(model.anytime(x))
     for s, d in zip(sparse, dense):
         assert torch.allclose(s.logits, d.logits, rtol=1e-4, atol=1e-5)
+
+
+class _SizeDriven(nn.Module):
+    """Builds a validity mask and a grid from its input's size and branches on them (as Gemma 4's
+    encoder does for images, all of whose patches are valid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.c = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        padding = ~torch.ones(b, h * w, dtype=torch.bool, device=x.device)
+        y = self.a(x)
+        if padding.any():  # never for an image
+            y = y.masked_fill(padding[:, :1, None, None], 0.0)
+        rows = int(torch.arange(h, device=x.device).max().item()) + 1  # the input's height
+        return self.c(y) * (rows / 32)
+
+
+def test_conditions_and_numbers_decided_by_the_input_size_trace_with_a_check():
+    net = _SizeDriven().eval()
+    model = anytimeify.convert(net, exits=["a"], input_size=(32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x)[-1], net(x))
+        # the height is part of the graph as the probe's number: another one is refused, not misread
+        with pytest.raises(AssertionError, match=r"decided by the input's size.*convert the model at this size"):
+            model(torch.randn(1, 3, 64, 64))
+    code = "\n".join(seg.module.code for seg in model.program.segments)
+    assert "_comes_out" in code and "_assert" in code
+
+
+class _ValueDriven(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y if y.mean() > 0 else -y
+
+
+def test_a_condition_on_the_inputs_values_still_refuses_to_trace():
+    with pytest.raises(anytimeify.TraceError, match="control flow"):
+        anytimeify.convert(_ValueDriven().eval(), exits=["a"], input_size=(32, 32))

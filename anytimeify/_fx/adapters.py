@@ -484,12 +484,15 @@ _register_smp_leaves()
 
 def _register_timm_leaves() -> None:
     """Modules of timm that torch.fx cannot trace and timm's own registry does not list: Hiera's
-    ``Reroll`` (``len(x.shape)``). It holds no convolution, so a leaf costs nothing."""
-    try:
-        from timm.models.hiera import Reroll
-    except ImportError:
-        return
-    register_leaf_module(Reroll)
+    ``Reroll`` (``len(x.shape)``), Gemma 4's rotary embedding (a buffer's ``expand`` to the batch
+    size). They hold no convolution, so a leaf costs nothing."""
+    import importlib
+
+    for module, name in (("timm.models.hiera", "Reroll"), ("timm.models.gemma4_vit", "Gemma4RotaryEmbedding2D")):
+        try:
+            register_leaf_module(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # a timm without that model
+            continue
 
 
 _register_timm_leaves()

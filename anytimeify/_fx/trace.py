@@ -1,13 +1,15 @@
 """torch.fx tracing with a leaf registry, and errors that say where tracing failed and what to do."""
 from __future__ import annotations
 
+import bisect
+import dis
 import functools
 import inspect
 import logging
 import sys
 import traceback
 import types
-from typing import Any, Callable, Dict, Optional, Sequence, Set, Type, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.fx as fx
@@ -77,6 +79,101 @@ class _RankProxy(fx.Proxy):
         rank = self.tracer.rank_of(self.node)
         return rank if rank is not None else self.tracer.create_proxy("call_method", "dim", (self,), {})
 
+    def __iter__(self):
+        """A traced shape (``for d in x.shape[2:]``, ``h, w = x.shape[-2:]``) has as many entries
+        as the tensor has dimensions, which the rank tells: its entries, each still traced."""
+        length = self.tracer.length_of(self.node)
+        if length is None:
+            length = _unpacked_count(inspect.currentframe().f_back)  # torch.fx's own rule: ``a, b = proxy``
+        if length is None:
+            return self.tracer.iter(self)  # torch.fx's error
+        return iter([self[i] for i in range(length)])
+
+    def __len__(self):
+        length = self.tracer.length_of(self.node)
+        if length is None:
+            raise RuntimeError("'len' is not supported in symbolic tracing by default; a traced shape's "
+                               "length is known where the input's shape is")
+        return length
+
+    def __bool__(self):
+        """A condition computed from the input's size alone (``if padding.any():`` of a mask built
+        with ``torch.ones(x.shape[0], ...)``) takes the branch the probe input takes, and the graph
+        checks at run time that the condition comes out the same; anything else is torch.fx's
+        error (control flow on traced values)."""
+        value = self.tracer.size_determined_value(self.node) if self.tracer.by_size else None
+        if value is None:
+            return super().__bool__()
+        return self._specialised(bool(value), "the branch")
+
+    def item(self):
+        """A one-element tensor computed from the input's size alone (``int(coords.max().item())``
+        of a grid made with ``torch.arange``) is the probe's number, checked at run time as above;
+        anything else stays a traced ``item()`` call."""
+        value = self.tracer.size_determined_value(self.node) if self.tracer.by_size else None
+        if value is None:
+            return self.tracer.create_proxy("call_method", "item", (self,), {})
+        return self._specialised(value.item() if isinstance(value, torch.Tensor) else value, "the number")
+
+    def _specialised(self, value, what: str):
+        """``value``, with a check in the graph that this proxy comes out ``value`` at run time."""
+        where = _user_frame_here()
+        matches = self.tracer.create_proxy("call_function", _comes_out, (self, value), {})
+        self.tracer.create_proxy("call_function", torch._assert, (matches, (
+            f"the converted model took {what} at {where} that the input it was converted at gave "
+            f"({value!r}), a value decided by the input's size; this input's size gives another: convert "
+            f"the model at this size (input_size=...)")), {})
+        return value
+
+
+def _unpacked_count(frame) -> Optional[int]:
+    """How many values the instruction running in ``frame`` unpacks (``a, b = ...``), else None:
+    as ``torch.fx.Proxy.__iter__`` reads its caller."""
+    if frame is None:
+        return None
+    instructions = list(dis.get_instructions(frame.f_code))
+    if sys.version_info >= (3, 11):
+        index = bisect.bisect_left(instructions, frame.f_lasti, key=lambda i: i.offset)
+    else:
+        index = frame.f_lasti // 2
+    if index < len(instructions) and instructions[index].opname == "UNPACK_SEQUENCE":
+        return int(instructions[index].argval)
+    return None
+
+
+def _comes_out(value: Any, expected: Any) -> bool:
+    """Whether ``value`` (a Python number or bool, or a one-element tensor) comes out ``expected``."""
+    if isinstance(expected, bool):
+        return bool(value) == expected
+    return (value.item() if isinstance(value, torch.Tensor) else value) == expected
+
+
+def _user_frame_here() -> str:
+    """``file:line: code`` of the innermost frame of the model's code (not torch's, not ours)."""
+    for frame in reversed(traceback.extract_stack()):
+        if "/torch/" not in frame.filename and "/anytimeify/_fx/" not in frame.filename:
+            return f'{frame.filename}:{frame.lineno}: {(frame.line or "").strip()}'
+    return "unknown location"
+
+
+#: tensor factories whose sizes a model may take from its input's shape (``torch.ones(x.shape[0], n)``):
+#: torch.fx cannot record them with proxy arguments, so tracing records them as calls
+_FACTORIES = ("ones", "zeros", "empty", "full", "arange", "eye", "linspace")
+
+#: reading these of a tensor reads its size, not its values
+_SIZE_READS = {"shape", "size", "dim", "ndim", "device", "dtype"}
+
+#: a value the tracer cannot work out
+_UNKNOWN = object()
+
+
+def _reads_size(n: fx.Node) -> bool:
+    """``x.shape``, ``x.size(...)``, ``x.dim()``, ... of a traced tensor ``x``."""
+    if n.op == "call_function":
+        return (getattr(n.target, "__name__", "") == "getattr" and len(n.args) > 1
+                and isinstance(n.args[0], fx.Node) and n.args[1] in _SIZE_READS)
+    return n.op == "call_method" and n.target in _SIZE_READS and bool(n.args) and isinstance(n.args[0], fx.Node)
+
 
 def _plain_function(fn: Callable) -> bool:
     """A function of torch or of Python's operators, which calls no module (a call of a module
@@ -94,10 +191,15 @@ class AnytimeTracer(fx.Tracer):
         input_shape: the shape of a probe input, where known: a proxy's rank (``x.ndim``,
             ``x.dim()``) is then worked out from it (the graph so far run on the meta device), so
             branches on the rank trace.
+        by_size: with ``input_shape``, also record tensor factories whose sizes are traced
+            (``torch.ones(x.shape[0], n)``) as calls, and take a condition or number that the
+            input's size alone decides as the probe gives it, with a check in the graph that
+            refuses an input whose size gives another (:func:`trace` asks for it only where
+            tracing fails without).
     """
 
     def __init__(self, leaf_modules: Sequence[LeafSpec] = (), autowrap_functions: Sequence[Callable] = (),
-                 input_shape: Optional[Sequence[int]] = None):
+                 input_shape: Optional[Sequence[int]] = None, by_size: bool = False):
         fns = tuple(_AUTOWRAP_FUNCTIONS) + tuple(autowrap_functions)
         super().__init__(autowrap_functions=fns)
         self._autowrap_functions = fns
@@ -107,6 +209,10 @@ class AnytimeTracer(fx.Tracer):
         self.failed_module: Optional[str] = None
         self._input_shape = tuple(int(v) for v in input_shape) if input_shape is not None else None
         self._meta_values: Dict[fx.Node, Any] = {}
+        self._concrete_values: Dict[fx.Node, Any] = {}
+        #: record tensor factories with traced sizes as calls, and take conditions and numbers
+        #: decided by the input's size as at the probe, with a check in the graph
+        self.by_size = by_size and self._input_shape is not None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _RankProxy(node, self)
@@ -116,53 +222,95 @@ class AnytimeTracer(fx.Tracer):
         probe input's shape, the parameters' shapes); None where that cannot tell."""
         if self._input_shape is None:
             return None
-        value = self._meta_value(node)
+        value = self._value(node, self._meta_values, "meta")
         return value.dim() if isinstance(value, torch.Tensor) else None
 
-    def _meta_value(self, node: fx.Node) -> Any:
-        """``node``'s value on the meta device (None where some operation cannot run there)."""
+    def length_of(self, node: fx.Node) -> Optional[int]:
+        """The number of entries of a traced shape (``x.shape[2:]``), from the meta run; None for
+        anything else."""
+        if self._input_shape is None:
+            return None
+        value = self._value(node, self._meta_values, "meta")
+        return len(value) if isinstance(value, (torch.Size, tuple)) else None
+
+    def size_determined_value(self, node: fx.Node) -> Any:
+        """``node``'s value where it depends on the input through its size only (shapes, sizes,
+        tensors made from them; no parameter, buffer or input value), computed for the probe's
+        size; None elsewhere."""
+        if self._input_shape is None:
+            return None
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if _reads_size(n):
+                continue  # the size of whatever tensor: known from the meta run
+            if n.op in ("placeholder", "get_attr", "call_module"):
+                return None  # the input's values, a parameter's, a module's output
+            stack.extend(n.all_input_nodes)
+        value = self._value(node, self._concrete_values, "cpu")
+        if isinstance(value, torch.Tensor):
+            return value if value.numel() == 1 else None
+        return value if isinstance(value, (bool, int, float)) else None
+
+    def _value(self, node: fx.Node, values: Dict[fx.Node, Any], device: str) -> Any:
+        """``node``'s value for an input of the probe's shape, on ``device`` (``"meta"``: no data;
+        ``"cpu"``: for values that depend on the input's size only, whose size reads come from
+        the meta run); None where it cannot be known so."""
+        if node not in values:
+            placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
+            for n in node.graph.nodes:
+                if n not in values:
+                    try:
+                        values[n] = self._evaluate(n, values, device, n is placeholders[0])
+                    except Exception:  # an operation that cannot run so: nothing that reads it is known
+                        values[n] = _UNKNOWN
+                if n is node:
+                    break
+        value = values.get(node, _UNKNOWN)
+        return None if value is _UNKNOWN else value
+
+    def _evaluate(self, n: fx.Node, values: Dict[fx.Node, Any], device: str, is_input: bool) -> Any:
         import torch.nn.utils.stateless as stateless
 
-        values = self._meta_values
-        if node in values:
-            return values[node]
-        placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
-        for n in node.graph.nodes:
-            if n in values:
-                continue
-            try:
-                args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
-                leaked = []  # a proxy among the values would record the evaluation in the graph
-                fx.node.map_aggregate((args, kwargs), lambda a: leaked.append(a) if isinstance(a, fx.Proxy) else None)
-                if leaked:
-                    raise TypeError("a proxy among the meta values")
-                if n.op == "placeholder":
-                    result = torch.empty(self._input_shape, device="meta") if n is placeholders[0] else None
-                elif n.op == "get_attr":  # (not getattr: tracing has patched it to give parameters as proxies)
-                    prefix, _, name = str(n.target).rpartition(".")
-                    owner = self.root.get_submodule(prefix)
-                    attr = owner._parameters.get(name, owner._buffers.get(name, vars(owner).get(name)))
-                    result = torch.empty_like(attr, device="meta") if isinstance(attr, torch.Tensor) else None
-                elif n.op == "call_function" and _plain_function(n.target):
-                    result = n.target(*args, **kwargs)
-                elif n.op == "call_method" and isinstance(args[0], torch.Tensor):
-                    result = getattr(args[0], n.target)(*args[1:], **kwargs)
-                elif n.op == "call_module" and next(self.root.get_submodule(str(n.target)).children(), None) is None:
-                    # a module without children only: while tracing, a submodule's call would be recorded
-                    module = self.root.get_submodule(str(n.target))
-                    tensors = dict(module.named_parameters(remove_duplicate=False))
-                    tensors.update(module.named_buffers(remove_duplicate=False))
-                    meta = {k: torch.empty_like(t, device="meta") for k, t in tensors.items()}
-                    with torch.no_grad(), stateless._reparametrize_module(module, meta):
-                        result = module.forward(*args, **kwargs)  # (tracing has patched Module.__call__)
-                else:
-                    result = None
-            except Exception:  # an operation the meta device cannot run: nothing after it is known
-                result = None
-            values[n] = result
-            if n is node:
-                break
-        return values.get(node)
+        if device != "meta" and _reads_size(n):  # the size of any tensor, from the meta run
+            tensor = self._value(n.args[0], self._meta_values, "meta")
+            if not isinstance(tensor, torch.Tensor):
+                return _UNKNOWN
+            if n.op == "call_function":
+                return torch.device(device) if n.args[1] == "device" else getattr(tensor, n.args[1])
+            rest = fx.node.map_arg(n.args[1:], values.__getitem__)
+            return getattr(tensor, n.target)(*rest)
+        if any(values.get(i, _UNKNOWN) is _UNKNOWN for i in n.all_input_nodes):
+            return _UNKNOWN
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), values.__getitem__)
+        leaked = []  # a proxy among the values would record the evaluation in the graph
+        fx.node.map_aggregate((args, kwargs), lambda a: leaked.append(a) if isinstance(a, fx.Proxy) else None)
+        if leaked:
+            return _UNKNOWN
+        if n.op == "placeholder":
+            return torch.zeros(self._input_shape, device=device) if is_input and device == "meta" else _UNKNOWN
+        if n.op == "get_attr" and device == "meta":  # (not getattr: tracing has patched it to give proxies)
+            prefix, _, name = str(n.target).rpartition(".")
+            owner = self.root.get_submodule(prefix)
+            attr = owner._parameters.get(name, owner._buffers.get(name, vars(owner).get(name)))
+            return torch.empty_like(attr, device="meta") if isinstance(attr, torch.Tensor) else _UNKNOWN
+        if n.op == "call_function" and _plain_function(n.target):
+            return n.target(*args, **kwargs)
+        if n.op == "call_method" and isinstance(args[0], torch.Tensor):
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "call_module" and device == "meta" \
+                and next(self.root.get_submodule(str(n.target)).children(), None) is None:
+            # a module without children only: while tracing, a submodule's call would be recorded
+            module = self.root.get_submodule(str(n.target))
+            tensors = dict(module.named_parameters(remove_duplicate=False))
+            tensors.update(module.named_buffers(remove_duplicate=False))
+            meta = {k: torch.empty_like(t, device="meta") for k, t in tensors.items()}
+            with torch.no_grad(), stateless._reparametrize_module(module, meta):
+                return module.forward(*args, **kwargs)  # (tracing has patched Module.__call__)
+        return _UNKNOWN
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
@@ -178,7 +326,9 @@ class AnytimeTracer(fx.Tracer):
         calls them: torch.fx patches them only in the modules whose ``forward`` it calls, so a
         method called directly (``self.model.forward_intermediates(x)``) would trace into them."""
         wanted = {id(fn): fn for fn in self._autowrap_functions}
-        patched = []
+        patched = [(vars(torch), name, getattr(torch, name)) for name in (_FACTORIES if self.by_size else ())]
+        for space, name, value in patched:
+            space[name] = _as_node(self, value)
         if wanted and isinstance(root, nn.Module):
             spaces = {id(vars(mod)): vars(mod) for mod in
                       (sys.modules.get(type(m).__module__) for m in root.modules()) if mod is not None}
@@ -282,7 +432,9 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
     (``get_notrace_modules``: ``Conv2dSame``, attention with masks, ...) is kept opaque and tracing
     goes on; modules that trace (timm's norm + activation layers, which timm lists too) are traced
     through, so that their batch norms fold into the convs at ``freeze()``. With ``input_shape``
-    (the probe input's), code that branches on a tensor's rank traces (see :class:`AnytimeTracer`).
+    (the probe input's), code that branches on a tensor's rank traces, and where the model does
+    not trace otherwise, it is traced again taking what its input's size decides (tensor factories,
+    conditions, numbers) as at the probe, checked at run time (see :class:`AnytimeTracer`).
 
     Raises:
         TraceError: naming every module class that fails (tracing goes on with each failing
@@ -299,29 +451,42 @@ def trace(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (),
         concrete_args = _default_args(model)
     timm_modules, timm_functions = _timm_notrace()
     autowrap = tuple(timm_functions) + tuple(autowrap_functions)
-    failures: list = []  # (qualified name, class, failure), one per failing class
-    extra: list = []  # classes kept opaque to get further: timm's known ones silently, others reported
-    while True:
-        tracer = AnytimeTracer(tuple(leaf_modules) + tuple(extra), autowrap, input_shape)
-        try:
-            graph = tracer.trace(model, concrete_args=concrete_args)
-        except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError, ... here
-            where = tracer.failed_module or ""
-            failure = f"{_user_frame(err.__traceback__)}: {type(err).__name__}: {err}"
-            if not where:  # the root's own forward: it is what gets exits, so it cannot be a leaf
-                raise _root_error(model, failure, failures) from err
-            cls = type(model.get_submodule(where))
-            if cls in timm_modules and cls not in extra:  # timm says it cannot be traced: opaque, silently
+
+    def attempt(by_size: bool) -> Tuple[AnytimeTracer, fx.Graph]:
+        failures: list = []  # (qualified name, class, failure), one per failing class
+        extra: list = []  # classes kept opaque to get further: timm's known ones silently, others reported
+        while True:
+            tracer = AnytimeTracer(tuple(leaf_modules) + tuple(extra), autowrap, input_shape, by_size)
+            try:
+                graph = tracer.trace(model, concrete_args=concrete_args)
+            except Exception as err:  # torch.fx raises TraceError, TypeError, RuntimeError, ... here
+                where = tracer.failed_module or ""
+                failure = f"{_user_frame(err.__traceback__)}: {type(err).__name__}: {err}"
+                if not where:  # the root's own forward: it is what gets exits, so it cannot be a leaf
+                    raise _root_error(model, failure, failures) from err
+                cls = type(model.get_submodule(where))
+                if cls in timm_modules and cls not in extra:  # timm says it cannot be traced: opaque, silently
+                    extra.append(cls)
+                    continue
+                failures.append((where, cls, failure))
+                if cls in extra or len(failures) >= MAX_FAILURES:
+                    raise _module_error(model, failures, traces=False) from err
                 extra.append(cls)
                 continue
-            failures.append((where, cls, failure))
-            if cls in extra or len(failures) >= MAX_FAILURES:
-                raise _module_error(model, failures, traces=False) from err
-            extra.append(cls)
-            continue
-        if failures:
-            raise _module_error(model, failures, traces=True)
-        break
+            if failures:
+                raise _module_error(model, failures, traces=True)
+            return tracer, graph
+
+    try:
+        tracer, graph = attempt(by_size=False)
+    except TraceError:
+        if input_shape is None:
+            raise
+        # decided by the input's size: the probe's branches and numbers, checked in the graph (only
+        # where tracing fails without: a model that traces keeps every input size it takes)
+        tracer, graph = attempt(by_size=True)
+        _logger.info("%s traced with the branches its input's size decides taken as at %s, checked at run time",
+                     type(model).__name__, tuple(input_shape))
     _bind_defaults(graph, type(model).__name__)
     graph._tracer_cls = ReplayTracer  # what unpickling re-traces the converted graph with
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
