@@ -461,7 +461,7 @@ def _smp_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[str]]:
     return select_stage_levels(boundaries) if boundaries else None
 
 
-# registered last = tried first: HRNet, then smp, then timm
+# registered last = tried first: HRNet, smp, timm, timm by value, tokens
 register_stage_adapter("tokens")(_token_stages)  # tried last: timm's finds no 4-D stage outputs in a transformer
 register_stage_adapter("timm_intermediates")(_intermediate_stages)  # timm's feature_info names no module
 register_stage_adapter("timm")(_timm_stages)
