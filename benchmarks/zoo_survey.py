@@ -9,8 +9,8 @@ with five common encoders one:
   early exit, runs at that size, its last exit equals the base model exactly, ``anytime()``
   yields every exit, and under forced masks (confidence adaptivity) sparse execution equals
   dense execution (max difference relative to the largest logit <= 1e-4, or, where a deep
-  network's float32 rounding exceeds that, sparse as far from dense float64 under the same masks
-  as dense float32 is, twice over at most);
+  network's float32 rounding exceeds that, sparse equals dense execution in float64 within 1e-6
+  under the same masks, and sparse float32 is within 1e-3 of dense float64);
 * **classifier**: the timm model converted with ``task="classification"`` at its native size;
   usable when it has at least one early exit, its last exit equals the model exactly, and
   ``anytime()`` and ``predict()`` run;
@@ -64,6 +64,10 @@ SMP_ENCODERS = ("resnet18", "mobilenet_v2", "efficientnet-b0", "tu-convnext_atto
 SMP_SIZE = (256, 256)
 CLASSES = 3
 TOLERANCE = 1e-4
+#: sparse against dense execution, both in float64 (the interpolation's tap weights stay float32)
+SEMANTIC_TOLERANCE = 1e-6
+#: sparse execution in float32 against dense in float64, where float32 rounding exceeds TOLERANCE
+FLOAT32_BOUND = 1e-3
 
 
 def pick_families() -> Dict[str, str]:
@@ -132,15 +136,22 @@ def check_dense(net: nn.Module, size: Tuple[int, int], exits="stages", **convert
         sparse = list(masked.anytime(x))
     err = _max_relative(sparse, dense)
     if err > TOLERANCE:
-        # a deep network's float32 rounding alone can exceed the fixed bound: then sparse must be
-        # as close to the float64 dense execution (the same masks) as dense float32 is, twice over at most
+        # a deep network's float32 rounding alone can exceed the fixed bound (and how far dense
+        # float32 is from float64 depends on the kernels oneDNN picks): then sparse execution in
+        # float64 (the same masks and algorithm without float32 rounding; the compiled kernels,
+        # float32 only, are checked against PyTorch's ops by the kernel tests) must equal dense
+        # float64, and sparse float32 stay within FLOAT32_BOUND of it
         masked.set_execution("dense")
+        exact_model = copy.deepcopy(masked).double()
         with torch.no_grad():
-            exact = list(copy.deepcopy(masked).double().anytime(x.double()))
-        rounding, sparse_err = _max_relative(dense, exact), _max_relative(sparse, exact)
-        if sparse_err > max(TOLERANCE, 2 * rounding):
-            raise AssertionError(f"sparse differs from dense execution by {err:.2e}, from float64 by "
-                                 f"{sparse_err:.2e} (dense float32 from float64: {rounding:.2e})")
+            exact = list(exact_model.anytime(x.double()))
+            exact_model.set_execution("sparse")
+            sparse64 = list(exact_model.anytime(x.double()))
+        semantic, sparse_err = _max_relative(sparse64, exact), _max_relative(sparse, exact)
+        if semantic > SEMANTIC_TOLERANCE or sparse_err > FLOAT32_BOUND:
+            raise AssertionError(f"sparse differs from dense execution by {err:.2e}; in float64 by "
+                                 f"{semantic:.2e} (at most {SEMANTIC_TOLERANCE:g}), float32 sparse from float64 "
+                                 f"dense by {sparse_err:.2e} (at most {FLOAT32_BOUND:g})")
     return {"exits": model.num_exits, "exit_names": [e["name"] for e in model.exit_info[:-1]],
             "masked_convs": masked_convs}
 
