@@ -276,11 +276,7 @@ def _intermediate_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[
     if found is None:
         return None
     path, owner = found
-    param = next(model.parameters(), None)
-    probe = (2,) + tuple(gm.meta["input_shape"])[1:]
-    x = torch.randn(probe, generator=torch.Generator().manual_seed(0))
-    if param is not None:
-        x = x.to(device=param.device, dtype=param.dtype)
+    x = _probe_images(model, gm)
     seen: List[object] = []  # the timm model's input: its forward's, or forward_intermediates' (features_only)
     method = owner.forward_intermediates
 
@@ -308,24 +304,10 @@ def _intermediate_stages(model: nn.Module, gm: fx.GraphModule) -> Optional[List[
     if not levels:
         return None
     forms = [[f] + ([f.flatten(2).transpose(1, 2)] if gm.meta.get("accept_tokens") else []) for f in levels]
-    matches: List[Optional[fx.Node]] = [None] * len(levels)
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            result = super().run_node(n)
-            if isinstance(result, torch.Tensor) and n.op != "placeholder":
-                for i, candidates in enumerate(forms):
-                    if matches[i] is None and any(result.shape == c.shape and torch.equal(result, c)
-                                                  for c in candidates):
-                        matches[i] = n
-            return result
-
-    with _probe_run(gm, False):
-        Recorder(gm).run(x)
     boundaries = []
-    for node in matches:
-        b = node_boundary(gm, node.name, ranks=(3, 4)) if node is not None else None
-        if b is not None and _per_image(gm, node) and (not boundaries or b.nodes[0] is not boundaries[-1].nodes[0]):
+    for nodes in _nodes_by_value(gm, x, forms, training=False, keep=lambda n: n.op != "placeholder"):
+        b = node_boundary(gm, nodes[0].name, ranks=(3, 4)) if nodes else None  # the first node of that value
+        if b is not None and _per_image(gm, nodes[0]) and (not boundaries or b.nodes[0] is not boundaries[-1].nodes[0]):
             boundaries.append(b)
     return select_stage_levels(boundaries) if len(boundaries) > 1 else None
 
@@ -364,6 +346,34 @@ def _probe_run(module: nn.Module, training: bool) -> Iterator[None]:
                 b.copy_(buffers[name])
 
 
+def _probe_images(model: nn.Module, gm: fx.GraphModule) -> torch.Tensor:
+    """A batch of two random probe images of ``gm``'s input size, on ``model``'s device and dtype
+    (train-mode batch norm needs more than one value per channel)."""
+    param = next(model.parameters(), None)
+    x = torch.randn((2,) + tuple(gm.meta["input_shape"])[1:], generator=torch.Generator().manual_seed(0))
+    return x if param is None else x.to(device=param.device, dtype=param.dtype)
+
+
+def _nodes_by_value(gm: fx.GraphModule, x: torch.Tensor, forms: List[List[torch.Tensor]], training: bool,
+                    keep: Callable[[fx.Node], bool]) -> List[List[fx.Node]]:
+    """Per entry of ``forms``, the nodes (in graph order, among those ``keep`` accepts) whose value
+    on ``x`` equals one of its tensors: one run of ``gm`` in mode ``training``."""
+    matches: List[List[fx.Node]] = [[] for _ in forms]
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor) and keep(n):
+                for i, candidates in enumerate(forms):
+                    if any(result.shape == c.shape and torch.equal(result, c) for c in candidates):
+                        matches[i].append(n)
+            return result
+
+    with _probe_run(gm, training):
+        Recorder(gm).run(x)
+    return matches
+
+
 def _encoder_features(model: nn.Module, gm: fx.GraphModule) -> Tuple[torch.Tensor, List[torch.Tensor], Dict[int, str]]:
     """Run the smp encoder eagerly; return its input, its feature list, and which module made each tensor.
 
@@ -388,11 +398,7 @@ def _encoder_features(model: nn.Module, gm: fx.GraphModule) -> Tuple[torch.Tenso
 
     handles = [m.register_forward_hook(hook(f"encoder.{name}"))
                for name, m in encoder.named_modules() if name]
-    param = next(model.parameters(), None)
-    probe = (2,) + tuple(gm.meta["input_shape"])[1:]
-    x = torch.randn(probe, generator=torch.Generator().manual_seed(0))
-    if param is not None:
-        x = x.to(device=param.device, dtype=param.dtype)
+    x = _probe_images(model, gm)
     try:
         with _probe_run(model, gm.training):
             features = list(encoder(x))
@@ -409,19 +415,8 @@ def _makers_by_value(gm: fx.GraphModule, x: torch.Tensor, features: List[torch.T
     Used where no module returns the feature tensor itself (``norm(x).contiguous()``): a module
     whose only output node carries the same values is preferred, else the last such node.
     """
-    matches: List[List[fx.Node]] = [[] for _ in features]
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node):
-            result = super().run_node(n)
-            if isinstance(result, torch.Tensor) and "encoder" in (n.meta.get("nn_module_stack") or {}):
-                for i, feature in enumerate(features):
-                    if result.shape == feature.shape and torch.equal(result, feature):
-                        matches[i].append(n)
-            return result
-
-    with _probe_run(gm, gm.training):
-        Recorder(gm).run(x)
+    matches = _nodes_by_value(gm, x, [[f] for f in features], training=gm.training,
+                              keep=lambda n: "encoder" in (n.meta.get("nn_module_stack") or {}))
     names: List[Optional[str]] = []
     for nodes in matches:
         name = nodes[-1].name if nodes else None
